@@ -1,0 +1,3 @@
+from prunecli.cli import main
+
+main()

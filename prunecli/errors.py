@@ -1,0 +1,25 @@
+"""Domain errors. The CLI turns each into one line on stderr and exit code 1."""
+
+
+class PrunecliError(Exception):
+    """Base class: the message says what went wrong and what to do about it."""
+
+
+class CheckpointError(PrunecliError):
+    """A model file cannot be read, is unsafe to read, or does not match its architecture."""
+
+
+class ArchitectureError(PrunecliError):
+    """An architecture spec cannot be resolved or the model cannot be traced for pruning."""
+
+
+class BudgetError(PrunecliError):
+    """A FLOPs/params/ratio budget is malformed or cannot be reached."""
+
+
+class DataError(PrunecliError):
+    """Calibration or training data is missing, unreadable or of the wrong shape."""
+
+
+class ExportError(PrunecliError):
+    """An artifact cannot be written or verified."""

@@ -1,0 +1,172 @@
+"""Channel-dependency groups and their physical removal: the only module that imports torch_pruning.
+
+Torch-Pruning's ``DependencyGraph`` traces the model once and tells which channel dimensions are
+coupled (residual adds, concatenation, depthwise convs, squeeze-excite, flatten into Linear). We turn
+its groups into plain dataclasses that the rest of prunecli reads, and apply our own removal plans
+through it. Its pruners, importances and schedulers are not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import signal
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunecli.errors import ArchitectureError
+
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer dimension inside a group.
+
+    ``indices[i]`` is the layer's own channel index that moves with group channel ``root_indices[i]``
+    (a Linear after a flatten has several inputs per channel; a concat shifts the indices).
+    """
+
+    layer: str
+    dim: str  # "out" or "in"
+    indices: tuple[int, ...]
+    root_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A set of channels that must be removed together, named after its root layer's output."""
+
+    index: int
+    root: str
+    channels: int
+    blocks: int  # grouped convs / GroupNorm: the same positions must go from each of this many blocks
+    members: tuple[Member, ...]
+    prunable: bool
+    reason: str = ""
+
+    def layers(self, dim: str) -> list[str]:
+        return list(dict.fromkeys(m.layer for m in self.members if m.dim == dim))
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, stage: str) -> Iterator[None]:
+    """Raise ArchitectureError if the block runs longer than ``seconds`` (main thread, POSIX only)."""
+    usable = seconds and hasattr(signal, "SIGALRM")
+    if usable:
+        try:
+            previous = signal.signal(signal.SIGALRM, _raise_timeout(stage, seconds))
+        except ValueError:  # not in the main thread
+            usable = False
+    if not usable:
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _raise_timeout(stage: str, seconds: float):
+    def handler(signum, frame):
+        raise ArchitectureError(f"{stage} took longer than {seconds:g} s; raise --timeout or --ignore the slow part")
+
+    return handler
+
+
+def _channel_blocks(module: nn.Module) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups != module.in_channels:
+        return module.groups
+    if isinstance(module, nn.GroupNorm):
+        return module.num_groups
+    return 1
+
+
+class DependencyGraph:
+    """The channel groups of one model, and removal of channels from that model in place.
+
+    Args:
+        model: the model; ``prune`` mutates it, so pass a copy when the original must survive.
+        example_input: a batch the model accepts, used once to trace it.
+        ignore: glob patterns of layer names whose output channels must stay.
+        timeout: seconds allowed for tracing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor,
+        ignore: Sequence[str] = (),
+        timeout: float | None = None,
+    ):
+        import torch_pruning as tp
+
+        self.model = model
+        self._names = {module: name for name, module in model.named_modules()}
+        was_training = model.training
+        model.eval()
+        try:
+            with time_limit(timeout, "tracing the model's channel dependencies"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+                raw_groups = list(self._graph.get_all_groups(root_module_types=ROOT_TYPES))
+        except ArchitectureError:
+            raise
+        except Exception as exc:
+            raise ArchitectureError(
+                f"cannot trace the model's channel dependencies ({type(exc).__name__}: {exc}); "
+                "this architecture is not supported for pruning"
+            ) from exc
+        finally:
+            model.train(was_training)
+        self.groups = [self._describe(i, g, ignore) for i, g in enumerate(raw_groups)]
+
+    def _describe(self, index: int, raw, ignore: Sequence[str]) -> ChannelGroup:
+        members, blocks = [], 1
+        is_out = self._graph.is_out_channel_pruning_fn
+        for item in raw.items:
+            module = item.dep.target.module
+            name = self._names.get(module)
+            if name is None:  # a traced op (add, concat, reshape), not a layer
+                continue
+            dim = "out" if is_out(item.dep.handler) else "in"
+            members.append(Member(name, dim, tuple(item.idxs), tuple(item.root_idxs)))
+            blocks = math.lcm(blocks, _channel_blocks(module))
+        root_module = raw[0].dep.target.module
+        root = self._names[root_module]
+        channels = len(raw[0].idxs)
+        outs = [m.layer for m in members if m.dim == "out"]
+        ignored = next((p for p in ignore for layer in outs if fnmatch.fnmatchcase(layer, p)), None)
+        consumers = [m for m in members if m.dim == "in"]
+        reason = ""
+        if ignored is not None:
+            reason = f"ignored ({ignored})"
+        elif not consumers:
+            reason = "feeds the model output"
+        elif channels // blocks < 2:
+            reason = "too few channels"
+        return ChannelGroup(index, root, channels, blocks, tuple(members), not reason, reason)
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def prune(self, removal: Mapping[int, Sequence[int]]) -> None:
+        """Remove the given root-channel positions of each group (by group index), in place."""
+        by_index = {g.index: g for g in self.groups}
+        for index, positions in sorted(removal.items()):
+            if not positions:
+                continue
+            group = by_index[index]
+            root = self.module(group.root)
+            pruner = self._graph.get_pruner_of_module(root)
+            items = self._graph.get_pruning_group(root, pruner.prune_out_channels, sorted(int(p) for p in positions))
+            if not self._graph.check_pruning_group(items):
+                raise ArchitectureError(f"removing {len(positions)} channels would empty a layer in group {group.root}")
+            items.prune()

@@ -1,0 +1,228 @@
+"""Architecture specs -> freshly initialised ``nn.Module`` (never downloads weights).
+
+Spec forms: ``torchvision:<model>``, ``sample:<name>``, ``pkg.module:factory``, ``path/to/file.py:factory``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunecli.errors import ArchitectureError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build the base architecture of a model: a spec string plus factory keyword arguments."""
+
+    spec: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ArchSpec:
+        return cls(str(data["spec"]), dict(data.get("kwargs") or {}))
+
+
+def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
+    """Parse ``--arch-kwargs`` JSON into a dict, with an error a user can act on."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArchitectureError(f"--arch-kwargs is not valid JSON ({exc.msg}); example: '{{\"num_classes\": 10}}'") from exc
+    if not isinstance(value, dict):
+        raise ArchitectureError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
+def torchvision_classifiers() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _resolve_factory(spec: str, import_paths: tuple[Path, ...] = ()) -> Callable[..., nn.Module]:
+    kind, sep, name = spec.partition(":")
+    if not sep or not kind or not name:
+        raise ArchitectureError(
+            f"architecture {spec!r} is not of the form 'torchvision:resnet50', 'sample:resnet20', "
+            "'package.module:factory' or 'file.py:factory'"
+        )
+    if kind == "torchvision":
+        import torchvision
+
+        if name not in torchvision_classifiers():
+            raise ArchitectureError(
+                f"unknown torchvision classifier {name!r}; see torchvision.models.list_models() for the names"
+            )
+        return lambda **kw: torchvision.models.get_model(name, weights=None, **kw)
+    if kind == "sample":
+        from prunecli.samples import SAMPLE_ARCHITECTURES
+
+        if name not in SAMPLE_ARCHITECTURES:
+            raise ArchitectureError(f"unknown sample architecture {name!r}; choose one of {sorted(SAMPLE_ARCHITECTURES)}")
+        return SAMPLE_ARCHITECTURES[name]
+    if kind.endswith(".py"):
+        path = Path(kind)
+        if not path.is_file():
+            raise ArchitectureError(f"architecture file {path} not found; give the path of a .py file defining {name}()")
+        module_name = f"_prunecli_user_{abs(hash(path.resolve()))}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[module_name]
+                raise ArchitectureError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        with _extra_sys_path(import_paths):
+            try:
+                module = importlib.import_module(kind)
+            except ImportError as exc:
+                raise ArchitectureError(
+                    f"cannot import module {kind!r} ({exc}); install it or add its folder with --import-path"
+                ) from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ArchitectureError(f"{kind} has no callable {name!r}; the spec names a function or class after ':'")
+    return factory
+
+
+@contextlib.contextmanager
+def _extra_sys_path(paths: tuple[Path, ...]):
+    added = [str(p) for p in paths if str(p) not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for p in added:
+            sys.path.remove(p)
+
+
+def build_model(arch: ArchSpec, import_paths: tuple[Path, ...] = ()) -> nn.Module:
+    """Build the architecture with random weights, in eval mode."""
+    factory = _resolve_factory(arch.spec, import_paths)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = factory(**dict(arch.kwargs))
+    except TypeError as exc:
+        raise ArchitectureError(f"building {arch.spec} with {dict(arch.kwargs)} failed: {exc}; check --arch-kwargs") from exc
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(f"{arch.spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What an architecture expects as input: (C, H, W) and the normalisation, when known."""
+
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def default_input(arch: ArchSpec) -> InputInfo | None:
+    """Default input for known architectures (torchvision: the crop size of its reference weights)."""
+    kind, _, name = arch.spec.partition(":")
+    if kind == "sample":
+        from prunecli.samples import SAMPLE_INPUT_SHAPES
+
+        channels = int(arch.kwargs.get("in_channels", SAMPLE_INPUT_SHAPES[name][0]))
+        return InputInfo((channels, *SAMPLE_INPUT_SHAPES[name][1:]))
+    if kind == "torchvision":
+        import torchvision
+
+        size = 224
+        with contextlib.suppress(Exception):
+            size = int(torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size[0])
+        return InputInfo((3, size, size), IMAGENET_MEAN, IMAGENET_STD)
+    return None
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """'3x224x224' (or '3,224,224') -> (3, 224, 224)."""
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ArchitectureError(f"--input-shape {text!r} is not CxHxW with positive integers, e.g. 3x224x224")
+    return shape  # type: ignore[return-value]
+
+
+def _family_of(name: str) -> str:
+    import torchvision
+
+    return inspect.getmodule(torchvision.models.get_model_builder(name)).__name__
+
+
+def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _build_for_matching(name: str, num_classes: int) -> nn.Module | None:
+    import torchvision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for device in ("meta", "cpu"):
+            try:
+                with torch.device(device):
+                    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            except (NotImplementedError, RuntimeError):
+                continue
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def detect_torchvision_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec | None:
+    """Find the one torchvision classifier whose keys and shapes match ``state_dict`` exactly.
+
+    Candidates are narrowed by the top-level module names of the first model of each family, so only
+    the matching family is built in full (on the meta device where the builder allows it).
+    """
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items()}
+    top_level = {k.split(".")[0] for k in wanted}
+    matrices = [shape for shape in wanted.values() if len(shape) == 2]
+    num_classes = matrices[-1][0] if matrices else 1000
+    families: dict[str, list[str]] = {}
+    for name in torchvision_classifiers():
+        families.setdefault(_family_of(name), []).append(name)
+    matches = []
+    for names in families.values():
+        probe = _build_for_matching(names[0], num_classes)
+        if probe is None or {k.split(".")[0] for k in probe.state_dict()} != top_level:
+            continue
+        for name in names:
+            model = probe if name == names[0] else _build_for_matching(name, num_classes)
+            if model is not None and _signature(model) == wanted:
+                matches.append(name)
+    if len(matches) != 1:
+        return None
+    kwargs = {} if num_classes == 1000 else {"num_classes": num_classes}
+    return ArchSpec(f"torchvision:{matches[0]}", kwargs)

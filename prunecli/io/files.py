@@ -1,0 +1,59 @@
+"""Atomic output files: an artifact is either fully written or not there at all."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from prunecli.errors import ExportError
+
+
+def check_output_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse outputs that would clobber a file or land in a directory that is not there."""
+    if path.exists() and path.is_dir():
+        raise ExportError(f"output {path} is a directory; give a file name such as {path / 'model.safetensors'}")
+    for source in inputs:
+        if source.exists() and path.exists() and path.resolve() == source.resolve():
+            raise ExportError(f"output {path} is the input file; choose another -o path")
+    if path.exists() and not force:
+        raise ExportError(f"output {path} already exists; pass --force to overwrite it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"output directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"output directory {parent} is not writable; choose another -o path")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    Any exception (KeyboardInterrupt included) removes the temporary file, so readers never see a
+    half-written artifact and an existing file is replaced only by a complete one.
+    """
+    path = Path(path)
+    check_output_path(path, force=force, inputs=inputs)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ExportError(f"could not write {path}: {exc.strerror or exc}; check free space and permissions") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,193 @@
+"""The slim artifact: safetensors weights plus the JSON needed to rebuild the pruned architecture.
+
+Everything prunecli knows about a model travels in one ``prunecli`` metadata entry (one key, so the
+file bytes are deterministic: safetensors does not order several metadata keys stably). Rebuilding
+needs no pickle: the base architecture is built from its spec, every module attribute that pruning
+changed (channel counts, groups, feature sizes, ...) is set from the stored diff, every tensor is
+resized to its stored shape, and the weights load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunecli import __version__
+from prunecli.errors import CheckpointError
+from prunecli.io.arch import ArchSpec, build_model
+from prunecli.io.files import atomic_output
+
+FORMAT = "prunecli-slim"
+FORMAT_VERSION = 1
+METADATA_KEY = "prunecli"
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain_value(value: Any) -> Any:
+    """JSON form of a module attribute, or ``...`` when it is not a plain value we can restore."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, tuple | list | torch.Size) and all(isinstance(v, _PLAIN) for v in value):
+        return list(value)
+    return ...
+
+
+def attribute_changes(base: nn.Module, pruned: nn.Module) -> dict[str, dict[str, Any]]:
+    """Plain attributes (``in_channels``, ``groups``, ``normalized_shape``, ...) that differ from the base."""
+    base_modules = dict(base.named_modules())
+    changes: dict[str, dict[str, Any]] = {}
+    for name, module in pruned.named_modules():
+        reference = base_modules.get(name)
+        if reference is None:
+            raise CheckpointError(f"module {name!r} is not in the base architecture; cannot describe the slim model")
+        for attr, value in vars(module).items():
+            if attr.startswith("_"):
+                continue
+            plain = _plain_value(value)
+            if plain is not ... and plain != _plain_value(vars(reference).get(attr, ...)):
+                changes.setdefault(name, {})[attr] = plain
+    return changes
+
+
+def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Map each later name of a shared tensor to the first name, so the tensor is stored once."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    aliases = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def save_slim(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    arch: str | ArchSpec,
+    input_shape: tuple[int, ...],
+    arch_kwargs: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    base: nn.Module | None = None,
+    force: bool = False,
+    inputs: tuple[Path, ...] = (),
+) -> Path:
+    """Write ``model`` as a self-describing slim safetensors file, atomically.
+
+    Args:
+        arch: the spec of the unpruned base architecture (``ArchSpec`` or a spec string).
+        arch_kwargs: factory kwargs when ``arch`` is a string.
+        metadata: extra JSON-serialisable provenance (method, budget, achieved MACs, dataset, ...).
+        base: a freshly built base model, when the caller has one (saves building it again).
+        inputs: source files the output must not overwrite.
+    """
+    from safetensors.torch import save_file
+
+    spec = arch if isinstance(arch, ArchSpec) else ArchSpec(arch, dict(arch_kwargs or {}))
+    base = base if base is not None else build_model(spec)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    aliases = _tied_aliases(model.state_dict())
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "prunecli_version": __version__,
+        "arch": spec.to_dict(),
+        "input_shape": list(input_shape),
+        "modules": attribute_changes(base, model),
+        "tied": aliases,
+        **dict(metadata or {}),
+    }
+    tensors = {k: v for k, v in state.items() if k not in aliases}
+    path = Path(path)
+    with atomic_output(path, force=force, inputs=inputs) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(document, sort_keys=True)})
+    return path
+
+
+def read_slim_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The prunecli document of a safetensors file, or None for a plain safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: the prunecli metadata is not valid JSON; the file is damaged") from exc
+    if document.get("format") != FORMAT or int(document.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: slim format {document.get('format')} v{document.get('format_version')} is not readable by "
+            f"prunecli {__version__}; upgrade prunecli"
+        )
+    return document
+
+
+def rebuild(document: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Build the slim architecture described by ``document`` and load ``state`` strictly."""
+    model = build_model(ArchSpec.from_dict(document["arch"]))
+    modules = dict(model.named_modules())
+    for name, attrs in document.get("modules", {}).items():
+        if name not in modules:
+            raise CheckpointError(f"slim file names module {name!r}, which the architecture does not have")
+        for attr, value in attrs.items():
+            current = getattr(modules[name], attr, None)
+            setattr(modules[name], attr, tuple(value) if isinstance(current, tuple | torch.Size) else value)
+    full = dict(state)
+    for alias, target in document.get("tied", {}).items():
+        full[alias] = full[target]
+    _resize_tensors(model, full)
+    load_strict(model, full)
+    return model.eval()
+
+
+def _resize_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give every parameter and buffer the shape stored for it, so a strict load can fill it."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, param in list(module.named_parameters(recurse=False)):
+            stored = state.get(prefix + name)
+            if stored is not None and stored.shape != param.shape:
+                setattr(module, name, nn.Parameter(torch.empty(stored.shape, dtype=param.dtype), param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            stored = state.get(prefix + name)
+            if buffer is not None and stored is not None and stored.shape != buffer.shape:
+                module._buffers[name] = torch.empty(stored.shape, dtype=buffer.dtype)
+
+
+def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``load_state_dict(strict=True)`` with an error that names every missing and unexpected key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                parts.append(f"{len(keys)} {label}: {shown}")
+        raise CheckpointError("weights do not match the architecture: " + "; ".join(parts) + "; check --arch/--arch-kwargs")
+    model.load_state_dict(state, strict=True)
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load a prunecli slim safetensors file as a ready ``nn.Module`` in eval mode, without pickle."""
+    from safetensors.torch import load_file
+
+    document = read_slim_metadata(path)
+    if document is None:
+        raise CheckpointError(f"{path} is a plain safetensors file, not a prunecli slim model; load it with --arch")
+    return rebuild(document, load_file(str(path)))
