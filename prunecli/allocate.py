@@ -1,0 +1,155 @@
+"""Scores + budget -> which channels of each group to remove. Pure: tensors and dataclasses in and out.
+
+Every allocation is a one-parameter family of plans, monotone in its knob (a uniform ratio, a global
+score threshold, a dispersion scale). Bisection on the knob over the analytic cost model finds the
+plan whose cost is closest to the target; the model itself is never run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from prunecli.errors import BudgetError
+
+ALLOCATIONS = ("uniform", "global", "dispersion")
+
+
+@dataclass(frozen=True)
+class GroupLimits:
+    """What the allocator may do to one group."""
+
+    channels: int
+    blocks: int = 1
+    prunable: bool = True
+    max_ratio: float = 0.9
+    round_to: int = 1
+
+    def allowed_keeps(self) -> np.ndarray:
+        """Kept counts this group may end with, ascending."""
+        if not self.prunable:
+            return np.array([self.channels])
+        step = math.lcm(self.blocks, self.round_to)
+        floor = math.ceil(self.channels * (1 - self.max_ratio) - 1e-9)
+        return np.array([k for k in range(step, self.channels, step) if k >= floor] + [self.channels])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome: per group index, the channel positions to remove, and the predicted cost."""
+
+    removed: Mapping[int, tuple[int, ...]]
+    keep: Mapping[int, int]
+    cost: float
+    knob: float
+
+
+def _quantise(desired: float, allowed: np.ndarray) -> int:
+    """Nearest allowed keep count (ties to the larger, so the mapping is monotone)."""
+    position = int(np.searchsorted(allowed, desired))
+    if position == 0:
+        return int(allowed[0])
+    if position >= len(allowed):
+        return int(allowed[-1])
+    low, high = allowed[position - 1], allowed[position]
+    return int(low if desired - low < high - desired else high)
+
+
+def lowest_positions(scores: Tensor, remove: int, blocks: int) -> tuple[int, ...]:
+    """The ``remove`` lowest-scoring channels; with blocks, the same positions from every block."""
+    if remove <= 0:
+        return ()
+    per_block = scores.numel() // blocks
+    pooled = scores.double().reshape(blocks, per_block).mean(0)
+    order = torch.argsort(pooled, stable=True)[: remove // blocks]
+    return tuple(sorted(int(b * per_block + p) for b in range(blocks) for p in order.tolist()))
+
+
+def _plan(keep: dict[int, int], scores: Mapping[int, Tensor], limits: Mapping[int, GroupLimits], cost, knob):
+    removed = {
+        g: lowest_positions(scores[g], limits[g].channels - k, limits[g].blocks)
+        for g, k in keep.items()
+        if k < limits[g].channels
+    }
+    return Plan(removed, keep, cost, knob)
+
+
+def allocate(
+    scores: Mapping[int, Tensor],
+    limits: Mapping[int, GroupLimits],
+    cost: Callable[[Mapping[int, int]], float],
+    target: float,
+    allocation: str = "uniform",
+    dispersion: Mapping[int, float] | None = None,
+    iterations: int = 60,
+) -> Plan:
+    """Find the plan whose ``cost`` (a function of kept counts per group) is closest to ``target``.
+
+    Args:
+        scores: per group index, one score per channel (higher = keep). Groups without scores keep
+            everything.
+        limits: per group index, its size and constraints.
+        cost: kept counts -> cost (MACs, params, channels); must not increase when channels are removed.
+        target: the cost to reach.
+        allocation: ``uniform`` (the same ratio everywhere), ``global`` (one threshold on the
+            normalised scores across groups) or ``dispersion`` (ratio per group proportional to
+            ``1 - dispersion / max dispersion``, SFP's Kernel Dispersion).
+    """
+    candidates = [g for g in scores if limits[g].prunable and len(limits[g].allowed_keeps()) > 1]
+    allowed = {g: limits[g].allowed_keeps() for g in candidates}
+    fixed = {g: lim.channels for g, lim in limits.items()}
+
+    if allocation == "uniform":
+        def keep_at(r: float) -> dict[int, int]:
+            return {g: _quantise(limits[g].channels * (1 - r), allowed[g]) for g in candidates}
+        high = max((limits[g].max_ratio for g in candidates), default=0.0)
+    elif allocation == "global":
+        ordered = {g: torch.sort(scores[g].double()).values.numpy() for g in candidates}
+
+        def keep_at(t: float) -> dict[int, int]:
+            out = {}
+            for g in candidates:
+                below = int(np.searchsorted(ordered[g], t, side="left"))
+                out[g] = _quantise(limits[g].channels - below, allowed[g])
+            return out
+        high = float(max((o[-1] for o in ordered.values()), default=0.0)) + 1e-9
+    elif allocation == "dispersion":
+        if dispersion is None:
+            raise BudgetError("dispersion allocation needs per-group kernel dispersion values")
+        top = max((dispersion[g] for g in candidates), default=1.0) or 1.0
+
+        def keep_at(s: float) -> dict[int, int]:
+            out = {}
+            for g in candidates:
+                ratio = min(max(s * (1 - dispersion[g] / top), 0.0), limits[g].max_ratio)
+                out[g] = _quantise(limits[g].channels * (1 - ratio), allowed[g])
+            return out
+        high = 1.0 / max(min((1 - dispersion[g] / top for g in candidates if dispersion[g] < top), default=1.0), 1e-6)
+    else:
+        raise BudgetError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+
+    def total(keep: dict[int, int]) -> float:
+        return cost({**fixed, **keep})
+
+    low_knob, high_knob = 0.0, high
+    if total(keep_at(high_knob)) > target:
+        best = total(keep_at(high_knob))
+        raise BudgetError(
+            f"the budget cannot be reached: pruning as far as allowed still leaves {best:.4g} (target {target:.4g}); "
+            "raise --max-layer-ratio, remove --ignore patterns or ask for less"
+        )
+    for _ in range(iterations):
+        middle = (low_knob + high_knob) / 2
+        if total(keep_at(middle)) > target:
+            low_knob = middle
+        else:
+            high_knob = middle
+    options = [(abs(total(keep_at(k)) - target), k) for k in (low_knob, high_knob)]
+    _, knob = min(options)
+    keep = keep_at(knob)
+    return _plan(keep, scores, limits, total(keep), knob)

@@ -1,0 +1,117 @@
+"""Frozen configs for each command, and budget parsing ("0.5", "50%", "2.1G")."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunecli.errors import BudgetError
+
+_SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([%KMGT]?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What to keep: ``kind`` is "flops", "params" or "ratio" (share of each layer's channels removed).
+
+    For flops/params, ``value`` is a fraction of the original to keep when ``absolute`` is false, else
+    a count (MACs or parameters). For ratio it is the fraction removed.
+    """
+
+    kind: str
+    value: float
+    absolute: bool = False
+    text: str = ""
+
+    def target(self, original: float) -> float:
+        """The cost to reach, given the original model's cost."""
+        if self.absolute:
+            if self.value >= original:
+                raise BudgetError(
+                    f"--{self.kind}-target {self.text} is not below the model's own {original:.4g}; ask for less"
+                )
+            return self.value
+        return self.value * original if self.kind != "ratio" else (1 - self.value) * original
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_budget(kind: str, text: str) -> Budget:
+    """Parse a budget option. Fractions must lie strictly between 0 and 1."""
+    option = "--ratio" if kind == "ratio" else f"--{kind}-target"
+    match = _NUMBER.match(str(text))
+    if not match:
+        raise BudgetError(f"{option} {text!r} is not a number; use a fraction (0.5), a percentage (50%) or a count (2.1G)")
+    number, suffix = float(match.group(1)), match.group(2).upper()
+    if suffix == "%":
+        number, suffix = number / 100, ""
+    absolute = suffix != "" or number > 1
+    if kind == "ratio" and absolute:
+        raise BudgetError(f"{option} {text!r} must be a fraction of channels to remove, between 0 and 1 (e.g. 0.3)")
+    if absolute:
+        return Budget(kind, number * _SUFFIX[suffix], True, str(text))
+    if not 0 < number < 1:
+        raise BudgetError(f"{option} {text!r} must lie strictly between 0 and 1 (or be a count such as 2.1G)")
+    return Budget(kind, number, False, str(text))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from and how to read it."""
+
+    path: Path
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, int, int] | None = None
+    trust_pickle: bool = False
+    import_paths: tuple[Path, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        data["import_paths"] = [str(p) for p in self.import_paths]
+        return data
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    source: ModelSource
+    ignore: tuple[str, ...] = ()
+    timeout: float | None = 300.0
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything ``prune`` needs; embedded in the slim artifact as provenance."""
+
+    source: ModelSource
+    budget: Budget
+    method: str = "l1"
+    allocation: str = "uniform"
+    max_layer_ratio: float = 0.9
+    round_to: int = 1
+    ignore: tuple[str, ...] = ()
+    group_reduction: str = "mean"
+    output: Path | None = None
+    force: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    timeout: float | None = 300.0
+
+    def __post_init__(self):
+        if not 0 < self.max_layer_ratio < 1:
+            raise BudgetError(f"--max-layer-ratio {self.max_layer_ratio} must lie strictly between 0 and 1")
+        if self.round_to < 1:
+            raise BudgetError(f"--round-to {self.round_to} must be a positive integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["source"] = self.source.to_dict()
+        data["budget"] = self.budget.to_dict()
+        data["output"] = str(self.output) if self.output else None
+        return data

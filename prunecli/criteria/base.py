@@ -1,0 +1,214 @@
+"""What a criterion is, and the per-layer handling every criterion shares.
+
+A criterion only maps tensors to per-channel scores (higher = more important): filter weights to
+scores, or a batch of feature maps to a per-channel sum. Everything else lives here once: finding the
+layers of each channel group, slicing their weights or activations to the group's channels, one
+streaming pass over calibration data with hooks, normalising each layer's scores and reducing them to
+one score per group channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from prunecli.errors import DataError
+from prunecli.graph import ChannelGroup, DependencyGraph, Member
+
+CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+REDUCTIONS = ("mean", "max", "sum")
+
+
+class Criterion:
+    """Base class. Subclasses set the class attributes and override one of the scoring methods.
+
+    Attributes:
+        name: the ``--method`` value.
+        paper: citation of the method's source.
+        summary: one line for ``--help``; marks reconstructed parts as [INFERRED].
+        needs_data: scores come from feature maps of calibration images.
+        needs_labels: scores need a loss, hence labelled data and gradients.
+        scored_types: layer types whose output channels the criterion looks at.
+        hook: for data criteria, ``"output"`` (the layer's raw output, before any norm) or
+            ``"activation"`` (the channels as the next layer receives them: after norm, activation and
+            residual add).
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
+    scored_types: ClassVar[tuple[type[nn.Module], ...]] = CONV_LINEAR
+    hook: ClassVar[str] = "output"
+
+    def __init__(self, seed: int = 0, **options):
+        self.seed = seed
+        self.options = options
+
+    def weight_scores(self, weight: Tensor) -> Tensor:
+        """[n, ...] weights of n output channels -> [n] scores."""
+        raise NotImplementedError(f"{self.name} does not score weights")
+
+    def feature_statistic(self, features: Tensor) -> Tensor:
+        """[B, n, ...] feature maps of n channels -> [n], summed over the batch (averaged later)."""
+        raise NotImplementedError(f"{self.name} does not score feature maps")
+
+    def gradient_statistic(self, module: nn.Module, indices: Tensor) -> Tensor:
+        """After a backward pass: [n] scores of ``module``'s channels ``indices``, summed over the batch."""
+        raise NotImplementedError(f"{self.name} does not score gradients")
+
+
+def out_weight(module: nn.Module) -> Tensor | None:
+    """The module's weight with output channels first, or None when it has none."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return weight.transpose(0, 1)
+    return weight
+
+
+def to_root(member: Member, scores: Tensor, channels: int) -> Tensor:
+    """Scatter a member's per-index scores onto the group's channels (mean where several map to one)."""
+    roots = torch.as_tensor(member.root_indices, dtype=torch.long)
+    total = torch.zeros(channels, dtype=torch.float64).index_add_(0, roots, scores.double().cpu())
+    counts = torch.zeros(channels, dtype=torch.float64).index_add_(0, roots, torch.ones(len(roots), dtype=torch.float64))
+    return total / counts.clamp_min(1)
+
+
+def normalise(scores: Tensor) -> Tensor:
+    """Scale a layer's scores to mean magnitude 1, so layers of different scales can be combined."""
+    return scores / (scores.abs().mean() + 1e-12)
+
+
+def reduce_members(per_member: list[Tensor], reduction: str) -> Tensor:
+    stacked = torch.stack([normalise(s) for s in per_member])
+    if reduction == "max":
+        return stacked.max(0).values
+    if reduction == "sum":
+        return stacked.sum(0)
+    return stacked.mean(0)
+
+
+@dataclass(frozen=True)
+class ScoredMember:
+    group: ChannelGroup
+    member: Member
+
+
+def scored_members(criterion: Criterion, graph: DependencyGraph, groups: Iterable[ChannelGroup]) -> list[ScoredMember]:
+    """The (group, layer) pairs a criterion reads, by its hook point."""
+    chosen = []
+    for group in groups:
+        outs = [m for m in group.members if m.dim == "out" and isinstance(graph.module(m.layer), criterion.scored_types)]
+        if criterion.needs_data and criterion.hook == "activation":
+            consumers = [
+                m for m in group.members
+                if m.dim == "in" and isinstance(graph.module(m.layer), nn.modules.conv._ConvNd)
+                and len(m.indices) == group.channels
+            ]
+            outs = consumers[:1] or outs  # the channels as the next conv sees them; else the producers
+        chosen.extend(ScoredMember(group, m) for m in outs)
+    return chosen
+
+
+def score_weights(
+    criterion: Criterion, graph: DependencyGraph, groups: list[ChannelGroup], reduction: str = "mean"
+) -> dict[int, Tensor]:
+    """Weight-only scoring: one score per channel of each group."""
+    per_group: dict[int, list[Tensor]] = {}
+    for pair in scored_members(criterion, graph, groups):
+        weight = out_weight(graph.module(pair.member.layer))
+        if weight is None:
+            continue
+        rows = weight.detach()[torch.as_tensor(pair.member.indices, device=weight.device)].float()
+        scores = criterion.weight_scores(rows)
+        per_group.setdefault(pair.group.index, []).append(to_root(pair.member, scores, pair.group.channels))
+    return _finish(groups, per_group, reduction, criterion)
+
+
+def score_with_data(
+    criterion: Criterion,
+    graph: DependencyGraph,
+    groups: list[ChannelGroup],
+    batches: Iterable[tuple[Tensor, Tensor | None]],
+    reduction: str = "mean",
+    device: torch.device | str = "cpu",
+    progress=None,
+) -> dict[int, Tensor]:
+    """One streaming pass over ``batches``: hooks reduce each batch to per-channel sums at once."""
+    model = graph.model
+    pairs = scored_members(criterion, graph, groups)
+    by_layer: dict[str, list[tuple[int, ScoredMember]]] = {}
+    for i, pair in enumerate(pairs):
+        by_layer.setdefault(pair.member.layer, []).append((i, pair))
+    sums: list[Tensor | None] = [None] * len(pairs)
+    index_cache: dict[int, Tensor] = {}
+
+    def record(layer: str, tensor: Tensor) -> None:
+        for i, pair in by_layer[layer]:
+            idx = index_cache.setdefault(i, torch.as_tensor(pair.member.indices, device=tensor.device))
+            stat = criterion.feature_statistic(tensor.detach().index_select(1, idx).float())
+            if not torch.isfinite(stat).all():
+                raise DataError(f"non-finite activations in {layer}; check the data's normalisation (--mean/--std)")
+            sums[i] = stat if sums[i] is None else sums[i] + stat
+
+    handles = []
+    for layer in by_layer:
+        module = graph.module(layer)
+        if criterion.hook == "activation" and any(p.member.dim == "in" for _, p in by_layer[layer]):
+            handles.append(module.register_forward_pre_hook(lambda mod, inputs, layer=layer: record(layer, inputs[0])))
+        elif not criterion.needs_labels:
+            handles.append(module.register_forward_hook(lambda mod, inputs, out, layer=layer: record(layer, out)))
+    images = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            x = x.to(device)
+            if criterion.needs_labels:
+                if y is None:
+                    raise DataError(f"method {criterion.name} needs labelled data; the data has no labels")
+                model.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(x), y.to(device))
+                loss.backward()
+                for i, pair in enumerate(pairs):
+                    idx = index_cache.setdefault(i, torch.as_tensor(pair.member.indices, device=x.device))
+                    stat = criterion.gradient_statistic(graph.module(pair.member.layer), idx)
+                    sums[i] = stat if sums[i] is None else sums[i] + stat
+            else:
+                with torch.no_grad():
+                    model(x)
+            images += len(x)
+            if progress is not None:
+                progress(len(x))
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+        for handle in handles:
+            handle.remove()
+    if images == 0:
+        raise DataError("the calibration data is empty; give at least one batch of images")
+    per_group: dict[int, list[Tensor]] = {}
+    for total, pair in zip(sums, pairs, strict=True):
+        if total is not None:
+            per_group.setdefault(pair.group.index, []).append(
+                to_root(pair.member, total / images, pair.group.channels)
+            )
+    return _finish(groups, per_group, reduction, criterion)
+
+
+def _finish(
+    groups: list[ChannelGroup], per_group: Mapping[int, list[Tensor]], reduction: str, criterion: Criterion
+) -> dict[int, Tensor]:
+    scores = {}
+    for group in groups:
+        found = per_group.get(group.index)
+        if found:
+            scores[group.index] = reduce_members(found, reduction)
+    return scores

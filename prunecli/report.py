@@ -1,0 +1,102 @@
+"""The only module that renders: rich tables for people, one JSON document for pipelines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from prunecli.api import AnalyzeResult, PruneResult
+
+
+def human(number: float, digits: int = 2) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(number) >= scale:
+            return f"{number / scale:.{digits}f}{unit}"
+    return f"{number:.0f}" if float(number).is_integer() else f"{number:.{digits}f}"
+
+
+def print_json(result: Any) -> None:
+    """One JSON document on stdout, nothing else."""
+    sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _bar(fraction: float, width: int = 12) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "█" * filled + "·" * (width - filled)
+
+
+def render_analyze(result: AnalyzeResult, console: Console) -> None:
+    m = result.model
+    title = f"{m.source}  ({m.arch or 'custom'} · input {'x'.join(map(str, m.input_shape))})"
+    table = Table(title=title, title_justify="left")
+    for column, justify in (
+        ("layer", "left"), ("type", "left"), ("in", "right"), ("out", "right"), ("kernel", "right"),
+        ("params", "right"), ("MACs", "right"), ("% MACs", "right"), ("group", "left"), ("coupled", "right"),
+        ("prunable", "left"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in result.layers:
+        kernel = "x".join(map(str, row.kernel)) or "-"
+        if row.groups > 1:
+            kernel += f" g{row.groups}"
+        status = "[green]yes[/]" if row.prunable else f"[yellow]no[/] ({row.reason})"
+        table.add_row(
+            row.name, row.kind, str(row.in_channels), str(row.out_channels), kernel, human(row.params),
+            human(row.macs), f"{100 * row.macs_share:.1f}", row.group or "-", str(row.coupled_layers or "-"), status,
+        )
+    console.print(table)
+    prunable = sum(g.prunable for g in result.groups)
+    console.print(
+        f"[bold]total[/]: {human(m.params)} params, {human(m.macs)} MACs (conv + linear, thop convention) · "
+        f"{len(result.groups)} channel groups, {prunable} prunable, {result.prunable_channels} prunable channels"
+    )
+    for note in result.notes:
+        console.print(f"note: {note}")
+    if result.provenance:
+        p = result.provenance
+        if p.get("method"):
+            achieved, original = p.get("achieved", {}), p.get("original", {})
+            console.print(
+                f"pruned by prunecli {p.get('prunecli_version')} with {p['method']} ({p.get('allocation')}), "
+                f"from {human(original.get('macs', 0))} to {human(achieved.get('macs', 0))} MACs, seed {p.get('seed')}"
+            )
+
+
+def render_prune(result: PruneResult, console: Console) -> None:
+    table = Table(title=f"{result.model.source} → {result.output}", title_justify="left")
+    for column, justify in (
+        ("layer", "left"), ("type", "left"), ("out", "right"), ("in", "right"), ("MACs", "right"),
+        ("removed", "left"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in result.layers:
+        share = 1 - row.macs_after / row.macs_before if row.macs_before else 0.0
+        out = f"{row.out_before}→{row.out_after}" if row.out_after != row.out_before else str(row.out_before)
+        cin = f"{row.in_before}→{row.in_after}" if row.in_after != row.in_before else str(row.in_before)
+        table.add_row(row.name, row.kind, out, cin, f"{human(row.macs_before)}→{human(row.macs_after)}",
+                      f"{_bar(share)} {100 * share:4.1f}%")
+    console.print(table)
+    summary = Table(show_header=True, title="summary", title_justify="left")
+    for column in ("", "before", "after", "kept", "removed"):
+        summary.add_column(column, justify="right")
+    for label, before, after, kept in (
+        ("MACs", result.before.macs, result.after.macs, result.macs_kept),
+        ("params", result.before.params, result.after.params, result.params_kept),
+    ):
+        summary.add_row(label, human(before), human(after), f"{100 * kept:.2f}%", f"{100 * (1 - kept):.2f}%")
+    console.print(summary)
+    budget = result.budget
+    console.print(
+        f"method {result.method}, allocation {result.allocation}, budget --{budget['kind']}"
+        f"{'-target' if budget['kind'] != 'ratio' else ''} {budget['text']} → target {human(result.target)}; "
+        f"achieved {result.deviation_pp:+.2f} pp from target · {result.channels_removed} channels removed in "
+        f"{result.groups_pruned} groups · {result.seconds:.1f} s · seed {result.seed}"
+    )
+    for note in result.notes:
+        console.print(f"note: {note}")
