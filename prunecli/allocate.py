@@ -149,7 +149,21 @@ def allocate(
             low_knob = middle
         else:
             high_knob = middle
-    options = [(abs(total(keep_at(k)) - target), k) for k in (low_knob, high_knob)]
-    _, knob = min(options)
-    keep = keep_at(knob)
-    return _plan(keep, scores, limits, total(keep), knob)
+    keep = _closest_between(keep_at(low_knob), keep_at(high_knob), total, target)
+    return _plan(keep, scores, limits, total(keep), high_knob)
+
+
+def _closest_between(above: dict[int, int], below: dict[int, int], total, target: float) -> dict[int, int]:
+    """Step from the plan just above the target to the one just below, one group at a time.
+
+    Where quantisation makes many groups switch at the same knob value (equal widths, grouped convs),
+    the intermediate plans are much closer to the target than either end.
+    """
+    current = dict(above)
+    best, best_gap = dict(current), abs(total(current) - target)
+    for g in sorted(g for g in above if above[g] != below[g]):
+        current[g] = below[g]
+        gap = abs(total(current) - target)
+        if gap < best_gap:
+            best, best_gap = dict(current), gap
+    return best

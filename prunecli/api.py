@@ -23,7 +23,7 @@ from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.files import check_output_path
-from prunecli.measure import CostModel, LayerCost, Totals, layer_costs, totals
+from prunecli.measure import CostModel, LayerCost, Totals, costs_and_output, count_params
 
 Progress = Callable[[str], None]
 
@@ -63,10 +63,10 @@ def example_input(loaded: LoadedModel) -> torch.Tensor:
     return torch.randn((1, *loaded.input.shape), generator=generator)
 
 
-def _check_runs(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+def _profile(loaded: LoadedModel, x: torch.Tensor) -> tuple[list[LayerCost], torch.Tensor]:
+    """Run the model once on ``x``: the per-layer costs and the output, or a clear error if it cannot run."""
     try:
-        with torch.no_grad():
-            return loaded.model(x)
+        return costs_and_output(loaded.model, x)
     except Exception as exc:
         raise ArchitectureError(
             f"the model does not run on input {tuple(x.shape[1:])} "
@@ -169,8 +169,7 @@ def analyze_model(config: AnalyzeConfig) -> AnalyzeResult:
     """Layers, parameters, MACs and the prunable channel groups of a model."""
     loaded = open_model(config.source)
     x = example_input(loaded)
-    _check_runs(loaded, x)
-    costs = layer_costs(loaded.model, x)
+    costs, _ = _profile(loaded, x)
     graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
     groups = [
         GroupRow(g.root, g.channels, g.blocks, tuple(dict.fromkeys(m.layer for m in g.members)), g.prunable, g.reason)
@@ -281,9 +280,8 @@ def prune_model(config: PruneConfig, progress: Progress | None = None) -> PruneR
             "the slim file must name the base architecture to be rebuilt; pass --arch for this pickled model"
         )
     x = example_input(loaded)
-    reference = _check_runs(loaded, x)
+    costs, reference = _profile(loaded, x)
     say("tracing channel dependencies")
-    costs = layer_costs(loaded.model, x)
     graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
     cost_model = CostModel(loaded.model, costs, graph.groups)
     before = Totals(cost_model.base_params, cost_model.base_macs)
@@ -294,16 +292,15 @@ def prune_model(config: PruneConfig, progress: Progress | None = None) -> PruneR
     say("removing channels")
     graph.prune(plan.removed)
     pruned = graph.model.eval()
-    with torch.no_grad():
-        out = pruned(x)
+    pruned_costs, out = costs_and_output(pruned, x)
     if out.shape != reference.shape:
         raise ArchitectureError(f"pruning changed the output shape {tuple(reference.shape)} -> {tuple(out.shape)}")
-    after = totals(pruned, x)
+    after = Totals(count_params(pruned), sum(c.macs for c in pruned_costs))
     achieved = {"flops": after.macs, "params": after.params}.get(config.budget.kind)
     base_cost = {"flops": before.macs, "params": before.params}.get(config.budget.kind)
     deviation = 100 * (achieved - target) / base_cost if achieved is not None else 0.0
     removed = sum(len(v) for v in plan.removed.values())
-    result_layers = _layer_changes(costs, layer_costs(pruned, x))
+    result_layers = _layer_changes(costs, pruned_costs)
     notes = list(loaded.notes)
     say(f"writing {output}")
     metadata = {

@@ -50,9 +50,14 @@ def _layer_cost(name: str, module: nn.Module, output: torch.Tensor) -> LayerCost
     return LayerCost(name, type(module).__name__, cin, cout, kernel, groups, positions, params, macs)
 
 
-@torch.no_grad()
 def layer_costs(model: nn.Module, example_input: torch.Tensor) -> list[LayerCost]:
-    """Trace one forward pass of a single example and cost every conv/linear layer that ran."""
+    """Cost every conv/linear layer that runs on a single example."""
+    return costs_and_output(model, example_input)[0]
+
+
+@torch.no_grad()
+def costs_and_output(model: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerCost], torch.Tensor]:
+    """One forward pass of a single example: the cost of every conv/linear layer that ran, and the output."""
     records: dict[str, LayerCost] = {}
     handles = []
     for name, module in model.named_modules():
@@ -67,12 +72,12 @@ def layer_costs(model: nn.Module, example_input: torch.Tensor) -> list[LayerCost
     was_training = model.training
     model.eval()
     try:
-        model(example_input[:1])
+        output = model(example_input[:1])
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return list(records.values())
+    return list(records.values()), output
 
 
 def _add_calls(first: LayerCost, again: LayerCost) -> LayerCost:

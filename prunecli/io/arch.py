@@ -135,6 +135,15 @@ def build_model(arch: ArchSpec, import_paths: tuple[Path, ...] = ()) -> nn.Modul
     return model.eval()
 
 
+def build_skeleton(arch: ArchSpec) -> nn.Module:
+    """The architecture without initialised weights (on the meta device where the factory allows it)."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch)
+    except (NotImplementedError, RuntimeError):
+        return build_model(arch)
+
+
 @dataclass(frozen=True)
 class InputInfo:
     """What an architecture expects as input: (C, H, W) and the normalisation, when known."""

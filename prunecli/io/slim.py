@@ -19,7 +19,7 @@ from torch import nn
 
 from prunecli import __version__
 from prunecli.errors import CheckpointError
-from prunecli.io.arch import ArchSpec, build_model
+from prunecli.io.arch import ArchSpec, build_model, build_skeleton
 from prunecli.io.files import atomic_output
 
 FORMAT = "prunecli-slim"
@@ -91,7 +91,7 @@ def save_slim(
     from safetensors.torch import save_file
 
     spec = arch if isinstance(arch, ArchSpec) else ArchSpec(arch, dict(arch_kwargs or {}))
-    base = base if base is not None else build_model(spec)
+    base = base if base is not None else build_skeleton(spec)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     aliases = _tied_aliases(model.state_dict())
     document = {
@@ -133,7 +133,19 @@ def read_slim_metadata(path: str | Path) -> dict[str, Any] | None:
 
 def rebuild(document: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> nn.Module:
     """Build the slim architecture described by ``document`` and load ``state`` strictly."""
-    model = build_model(ArchSpec.from_dict(document["arch"]))
+    arch = ArchSpec.from_dict(document["arch"])
+    full = dict(state)
+    for alias, target in document.get("tied", {}).items():
+        full[alias] = full[target]
+    model = _shaped(build_skeleton(arch), document, full)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = _shaped(build_model(arch), document, full)  # a buffer the file does not hold needs real init
+    load_strict(model, full)
+    return model.eval()
+
+
+def _shaped(model: nn.Module, document: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Set the stored module attributes and give every stored tensor its stored shape (uninitialised)."""
     modules = dict(model.named_modules())
     for name, attrs in document.get("modules", {}).items():
         if name not in modules:
@@ -141,26 +153,17 @@ def rebuild(document: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> n
         for attr, value in attrs.items():
             current = getattr(modules[name], attr, None)
             setattr(modules[name], attr, tuple(value) if isinstance(current, tuple | torch.Size) else value)
-    full = dict(state)
-    for alias, target in document.get("tied", {}).items():
-        full[alias] = full[target]
-    _resize_tensors(model, full)
-    load_strict(model, full)
-    return model.eval()
-
-
-def _resize_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Give every parameter and buffer the shape stored for it, so a strict load can fill it."""
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for name, param in list(module.named_parameters(recurse=False)):
             stored = state.get(prefix + name)
-            if stored is not None and stored.shape != param.shape:
+            if stored is not None:
                 setattr(module, name, nn.Parameter(torch.empty(stored.shape, dtype=param.dtype), param.requires_grad))
         for name, buffer in list(module.named_buffers(recurse=False)):
             stored = state.get(prefix + name)
-            if buffer is not None and stored is not None and stored.shape != buffer.shape:
+            if buffer is not None and stored is not None:
                 module._buffers[name] = torch.empty(stored.shape, dtype=buffer.dtype)
+    return model
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

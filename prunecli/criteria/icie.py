@@ -1,0 +1,93 @@
+"""ICIE: filter pruning based on information capacity and information independence.
+
+Tang, Ye, Shi, Hu, Peng, You, "Filter Pruning Based on Information Capacity and Independence", IEEE
+TNNLS 36(5):8401-8413, 2025, doi 10.1109/TNNLS.2024.3415068; arXiv 2303.03645. METHODS.md section 3.
+
+Confirmed (abstracts only, no code published): two per-filter metrics, an entropy-based information
+capacity computed from the filter itself (the paper's "feature-guided approximation" makes it
+data-free) and an inter-filter independence, fused with a balancing parameter; the lowest fused scores
+are pruned.
+
+[INFERRED] (every formula below, METHODS.md 3(c)):
+    IC_i = entropy (bits) of filter i's weights quantised into Q bins with edges shared by the layer,
+        over [min W, max W];
+    II_i = 1 - mean over j != i of |Pearson correlation(w_i, w_j)|;
+    S_i = minmax(IC)_i + lambda * minmax(II)_i, min-max normalised per layer; higher = kept.
+
+Edge case [INFERRED]: the Pearson correlation of a constant filter (zero variance, e.g. an all-zero,
+already pruned filter) is undefined. The formula would give it II = 1, the most independent filter of
+the layer; prunecli gives it II = 0 instead (it carries no information of its own), and counts its
+correlation with the others as 0. A zero filter then has the lowest IC (entropy 0) and the lowest II.
+
+Not implemented: the optional data-driven capacity mode (entropy of the post-ReLU feature maps), which
+the weight entropy approximates.
+
+Options:
+    icie_lambda: the balancing parameter lambda (default 1.0; the paper's value is unknown).
+    icie_bins: the number of quantisation bins Q (default 256).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prunecli.criteria import register_criterion
+from prunecli.criteria.base import Criterion
+from prunecli.errors import PrunecliError
+
+EPS = 1e-12
+
+
+def _minmax(values: Tensor) -> Tensor:
+    return (values - values.min()) / (values.max() - values.min() + EPS)
+
+
+def information_capacity(weight: Tensor, bins: int = 256) -> Tensor:
+    """[n, ...] -> [n]: entropy in bits of each filter's weights over ``bins`` layer-wide equal bins."""
+    flat = weight.flatten(1).double()
+    lo, hi = flat.min(), flat.max()
+    index = ((flat - lo) / (hi - lo + EPS) * bins).long().clamp_(0, bins - 1)
+    counts = torch.zeros(flat.shape[0], bins, dtype=flat.dtype, device=flat.device)
+    p = counts.scatter_add_(1, index, torch.ones_like(flat)) / flat.shape[1]
+    return -(p * torch.log2(p.clamp_min(EPS))).sum(1)
+
+
+def information_independence(weight: Tensor) -> Tensor:
+    """[n, ...] -> [n]: one minus the mean absolute Pearson correlation with the layer's other filters."""
+    flat = weight.flatten(1).double()
+    n = flat.shape[0]
+    centred = flat - flat.mean(1, keepdim=True)
+    spread = centred.norm(dim=1)
+    constant = spread <= 1e-9 * flat.norm(dim=1)  # zero variance: correlation undefined
+    unit = centred / spread.clamp_min(EPS)[:, None]
+    unit[constant] = 0
+    corr = (unit @ unit.T).abs()
+    corr.fill_diagonal_(0)
+    independence = 1 - corr.sum(1) / max(n - 1, 1)
+    independence[constant] = 0
+    return independence
+
+
+def icie_scores(weight: Tensor, bins: int = 256, lam: float = 1.0) -> Tensor:
+    """[n, ...] -> [n]: minmax(IC) + lam * minmax(II); the lowest are pruned."""
+    return _minmax(information_capacity(weight, bins)) + lam * _minmax(information_independence(weight))
+
+
+@register_criterion
+class ICIE(Criterion):
+    name = "icie"
+    paper = "Tang et al., Filter Pruning Based on Information Capacity and Independence, IEEE TNNLS 2025"
+    summary = "[INFERRED] weight entropy + lambda * (1 - mean |correlation| with the other filters)"
+
+    def __init__(self, seed: int = 0, **options):
+        super().__init__(seed, **options)
+        self.lam = float(self.options.get("icie_lambda", 1.0))
+        self.bins = int(self.options.get("icie_bins", 256))
+        if not self.lam >= 0:
+            raise PrunecliError(f"icie_lambda must be a number >= 0, got {self.lam}")
+        if self.bins < 2:
+            raise PrunecliError(f"icie_bins must be at least 2, got {self.bins}")
+
+    def weight_scores(self, weight: Tensor) -> Tensor:
+        return icie_scores(weight, self.bins, self.lam)
