@@ -82,7 +82,15 @@ def _raise_timeout(stage: str, seconds: float):
 
 
 def _channel_blocks(module: nn.Module) -> int:
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups != module.in_channels:
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        if module.groups == module.in_channels == module.out_channels:
+            return 1  # depthwise: its input channels follow its output channels one to one
+        if module.groups == module.out_channels:
+            # Torch-Pruning resizes any conv with groups == out_channels as if it were depthwise, which is
+            # wrong when in_channels differs: blocks of one channel pin both of its groups
+            return max(module.in_channels, module.out_channels)
+        # grouped, including depthwise with a channel multiplier (groups == in_channels < out_channels):
+        # every group must keep the same number of channels
         return module.groups
     if isinstance(module, nn.GroupNorm):
         return module.num_groups

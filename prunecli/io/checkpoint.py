@@ -22,7 +22,7 @@ from torch import nn
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, InputInfo, build_model, default_input, detect_torchvision_arch
 from prunecli.io.files import sha256_file
-from prunecli.io.slim import load_strict, read_slim_metadata, rebuild
+from prunecli.io.slim import load_strict, read_sidecar, read_slim_metadata, rebuild
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema", "ema", "net", "module")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
@@ -218,7 +218,12 @@ def load_model(
             obj = _torch_load(path, trust_pickle)
         finally:
             del sys.path[: len(import_paths)]
-        if isinstance(obj, nn.Module):
+        sidecar = read_sidecar(path)
+        if sidecar is not None and not isinstance(obj, nn.Module):
+            document = sidecar
+            model = rebuild(document, unwrap_state_dict(obj))
+            arch = ArchSpec.from_dict(document["arch"])
+        elif isinstance(obj, nn.Module):
             model = obj.eval()
             if arch is None and type(model).__module__.startswith("torchvision.models"):
                 arch = detect_torchvision_arch(model.state_dict())

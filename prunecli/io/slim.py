@@ -25,6 +25,7 @@ from prunecli.io.files import atomic_output
 FORMAT = "prunecli-slim"
 FORMAT_VERSION = 1
 METADATA_KEY = "prunecli"
+TORCH_SUFFIXES = (".pt", ".pth")
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -67,6 +68,30 @@ def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
+def describe(
+    model: nn.Module,
+    spec: ArchSpec,
+    input_shape: tuple[int, ...],
+    metadata: Mapping[str, Any] | None = None,
+    base: nn.Module | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The prunecli document of a model and the tensors to store (each shared tensor once)."""
+    base = base if base is not None else build_skeleton(spec)
+    aliases = _tied_aliases(model.state_dict())
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "prunecli_version": __version__,
+        "arch": spec.to_dict(),
+        "input_shape": list(input_shape),
+        "modules": attribute_changes(base, model),
+        "tied": aliases,
+        **dict(metadata or {}),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    return document, tensors
+
+
 def save_slim(
     model: nn.Module,
     path: str | Path,
@@ -79,7 +104,8 @@ def save_slim(
     force: bool = False,
     inputs: tuple[Path, ...] = (),
 ) -> Path:
-    """Write ``model`` as a self-describing slim safetensors file, atomically.
+    """Write ``model`` self-describing and atomically: ``.safetensors``, or for ``.pt``/``.pth`` a plain
+    state dict with the same document in a ``<file>.json`` sidecar.
 
     Args:
         arch: the spec of the unpruned base architecture (``ArchSpec`` or a spec string).
@@ -88,27 +114,37 @@ def save_slim(
         base: a freshly built base model, when the caller has one (saves building it again).
         inputs: source files the output must not overwrite.
     """
+    spec = arch if isinstance(arch, ArchSpec) else ArchSpec(arch, dict(arch_kwargs or {}))
+    document, tensors = describe(model, spec, input_shape, metadata, base)
+    text = json.dumps(document, sort_keys=True)
+    path = Path(path)
+    if path.suffix in TORCH_SUFFIXES:
+        sidecar = sidecar_path(path)
+        with atomic_output(path, force=force, inputs=inputs) as tmp, atomic_output(sidecar, force=force) as tmp_json:
+            torch.save(tensors, tmp)
+            tmp_json.write_text(text + "\n")
+        return path
     from safetensors.torch import save_file
 
-    spec = arch if isinstance(arch, ArchSpec) else ArchSpec(arch, dict(arch_kwargs or {}))
-    base = base if base is not None else build_skeleton(spec)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    aliases = _tied_aliases(model.state_dict())
-    document = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "prunecli_version": __version__,
-        "arch": spec.to_dict(),
-        "input_shape": list(input_shape),
-        "modules": attribute_changes(base, model),
-        "tied": aliases,
-        **dict(metadata or {}),
-    }
-    tensors = {k: v for k, v in state.items() if k not in aliases}
-    path = Path(path)
     with atomic_output(path, force=force, inputs=inputs) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(document, sort_keys=True)})
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
     return path
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """The document beside a ``.pt`` state dict written by prunecli, if there is one."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        document = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{sidecar} is not valid JSON; delete it or restore it") from exc
+    return _checked(document, sidecar)
 
 
 def read_slim_metadata(path: str | Path) -> dict[str, Any] | None:
@@ -123,7 +159,13 @@ def read_slim_metadata(path: str | Path) -> dict[str, Any] | None:
         document = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: the prunecli metadata is not valid JSON; the file is damaged") from exc
-    if document.get("format") != FORMAT or int(document.get("format_version", 0)) > FORMAT_VERSION:
+    return _checked(document, path)
+
+
+def _checked(document: Any, path: str | Path) -> dict[str, Any]:
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: the metadata is not a prunecli slim document; the file is damaged")
+    if int(document.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: slim format {document.get('format')} v{document.get('format_version')} is not readable by "
             f"prunecli {__version__}; upgrade prunecli"

@@ -1,0 +1,45 @@
+"""HRank: filter pruning by the rank of feature maps.
+
+Lin, Ji, Wang, Zhang, Zhang, Tian, Shao, "HRank: Filter Pruning using High-Rank Feature Map", CVPR 2020
+(code: lmbxmu/HRank, ``rank_generation.py::get_feature_hook``). METHODS.md section 6.
+
+[CODE]-confirmed: the hook sits on the channels as the next layer receives them (after BN, ReLU and the
+residual add); the score of a channel is the matrix rank of its H x W map, averaged over the calibration
+images, computed in float32 with the default SVD tolerance (as ``torch.matrix_rank`` did); the highest
+ranks are kept.
+
+Departures: one shared calibration pass instead of re-drawn batches per layer; channels of a residual
+group are scored together instead of independently per block; Linear outputs count as 1x1 maps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prunecli.criteria import register_criterion
+from prunecli.criteria.base import Criterion
+from prunecli.criteria.dctbasis import as_maps, batch_chunk
+
+
+def rank_statistic(features: Tensor) -> Tensor:
+    """[B, n, H, W] -> [n]: each channel's map rank, summed over the images."""
+    maps = as_maps(features).float()
+    batch, n, height, width = maps.shape
+    total = torch.zeros(n, dtype=torch.float64, device=maps.device)
+    step = batch_chunk(n * height * width)  # bound the batched SVD's workspace
+    for start in range(0, batch, step):
+        total += torch.linalg.matrix_rank(maps[start : start + step]).double().sum(0)
+    return total
+
+
+@register_criterion
+class HRank(Criterion):
+    name = "hrank"
+    paper = "Lin et al., HRank: Filter Pruning using High-Rank Feature Map, CVPR 2020"
+    summary = "average matrix rank of the channel's activation maps"
+    needs_data = True
+    hook = "activation"
+
+    def feature_statistic(self, features: Tensor) -> Tensor:
+        return rank_statistic(features)
