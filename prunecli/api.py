@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,14 +16,15 @@ import torch
 
 from prunecli import __version__
 from prunecli.allocate import GroupLimits, Plan, allocate
-from prunecli.config import AnalyzeConfig, ModelSource, PruneConfig
+from prunecli.config import AnalyzeConfig, ModelSource, PruneConfig, ScoreConfig, ScoringOptions
 from prunecli.criteria import get_criterion
-from prunecli.criteria.base import score_weights
-from prunecli.errors import ArchitectureError, BudgetError, PrunecliError
+from prunecli.criteria.base import Criterion, score_weights, score_with_data
+from prunecli.errors import ArchitectureError, BudgetError, DataError, PrunecliError
 from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
-from prunecli.io.files import check_output_path
+from prunecli.io.data import DataSpec, iterate_batches, open_images
+from prunecli.io.files import atomic_output, check_output_path
 from prunecli.measure import CostModel, LayerCost, Totals, costs_and_output, count_params
 
 Progress = Callable[[str], None]
@@ -187,6 +189,158 @@ def analyze_model(config: AnalyzeConfig) -> AnalyzeResult:
     )
 
 
+# ----------------------------------------------------------------------------- score
+
+
+def _check_scoring(scoring: ScoringOptions) -> Criterion:
+    """Build the criterion, failing early when it needs data the user did not give."""
+    criterion = get_criterion(scoring.method)(seed=scoring.seed, **scoring.options)
+    if criterion.needs_data and scoring.data is None:
+        raise DataError(
+            f"method {scoring.method} scores feature maps and needs calibration data: pass --data "
+            "(an image folder, a tensor file such as sample_models/fmnist_calib.safetensors, or fashion-mnist)"
+        )
+    return criterion
+
+
+def compute_scores(
+    scoring: ScoringOptions, loaded: LoadedModel, graph: DependencyGraph, say: Progress, batch_progress=None
+) -> dict[int, torch.Tensor]:
+    """Per-channel scores of every prunable group, on ``scoring.device``."""
+    criterion = _check_scoring(scoring)
+    groups = [g for g in graph.groups if g.prunable]
+    if not criterion.needs_data:
+        return score_weights(criterion, graph, groups, scoring.group_reduction)
+    options = scoring.data
+    images = open_images(
+        DataSpec(options.source, options.root, tuple(loaded.input.shape), options.mean or loaded.input.mean,
+                 options.std or loaded.input.std),
+        limit=options.calib_images,
+        seed=scoring.seed,
+    )
+    if len(images) < options.batch_size and len(images) < options.calib_images:
+        raise DataError(
+            f"--data {options.source} has {len(images)} images, fewer than one batch of {options.batch_size}; "
+            "give more images or a smaller --batch-size"
+        )
+    if criterion.needs_labels and images.labels is None:
+        raise DataError(f"method {scoring.method} needs labelled data; {options.source} has no labels")
+    say(f"scoring {len(images)} images with {scoring.method} on {scoring.device}")
+    device = torch.device(scoring.device)
+    graph.model.to(device)
+    try:
+        return score_with_data(
+            criterion, graph, groups, iterate_batches(images, options.batch_size), scoring.group_reduction, device,
+            batch_progress,
+        )
+    except torch.cuda.OutOfMemoryError as exc:
+        raise PrunecliError(
+            f"CUDA ran out of memory while scoring; try --batch-size {max(1, options.batch_size // 2)}"
+        ) from exc
+    finally:
+        graph.model.to("cpu")
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    root: str
+    channels: int
+    blocks: int
+    layers: tuple[str, ...]
+    scores: list[float]
+    ranking: list[int]  # channel positions, first to prune first
+    preview_removed: int | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    model: ModelSummary
+    method: str
+    options: dict[str, Any]
+    data: dict[str, Any] | None
+    group_reduction: str
+    seed: int
+    groups: list[GroupScores]
+    output: str | None
+    preview: dict[str, Any] | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def score_model(config: ScoreConfig, progress: Progress | None = None, batch_progress=None) -> ScoreResult:
+    """Score every prunable channel and (with ``config.output``) write the scores as JSON."""
+    started = time.perf_counter()
+    say = progress or (lambda message: None)
+    torch.manual_seed(config.scoring.seed)
+    if config.output is not None:
+        check_output_path(config.output, force=config.force, inputs=(config.source.path,))
+    _check_scoring(config.scoring)
+    say("loading the model")
+    loaded = open_model(config.source)
+    x = example_input(loaded)
+    costs, _ = _profile(loaded, x)
+    say("tracing channel dependencies")
+    graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
+    scores = compute_scores(config.scoring, loaded, graph, say, batch_progress)
+    preview_removed: dict[int, int] = {}
+    preview = None
+    if config.preview is not None:
+        cost_model = CostModel(loaded.model, costs, graph.groups)
+        plan_config = PruneConfig(config.source, config.preview, ignore=config.ignore)
+        plan, target = plan_pruning(plan_config, graph, cost_model, scores)
+        preview_removed = {g: len(p) for g, p in plan.removed.items()}
+        preview = {"budget": config.preview.to_dict(), "target": target, "predicted": plan.cost}
+    groups = [
+        GroupScores(
+            g.root, g.channels, g.blocks, tuple(dict.fromkeys(m.layer for m in g.members)),
+            [float(v) for v in scores[g.index]], torch.argsort(scores[g.index], stable=True).tolist(),
+            preview_removed.get(g.index, 0) if preview else None,
+        )
+        for g in graph.groups
+        if g.index in scores
+    ]
+    total = Totals(count_params(loaded.model), sum(c.macs for c in costs))
+    result = ScoreResult(
+        _summary(loaded, total), config.scoring.method, dict(config.scoring.options),
+        config.scoring.data.to_dict() if config.scoring.data else None, config.scoring.group_reduction,
+        config.scoring.seed, groups, str(config.output) if config.output else None, preview,
+        time.perf_counter() - started, loaded.notes,
+    )
+    if config.output is not None:
+        payload = result.to_dict()
+        payload.pop("seconds")  # the file must not change between identical runs
+        with atomic_output(config.output, force=config.force, inputs=(config.source.path,)) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    return result
+
+
+def read_scores(
+    path: Path, loaded: LoadedModel, graph: DependencyGraph, method: str = ""
+) -> tuple[dict[int, torch.Tensor], str]:
+    """Scores from a `prunecli score` file, refused unless made for this very model (and ``method``, if given)."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        made_for, entries, made_with = payload["model"]["sha256"], payload["groups"], payload["method"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"--scores {path} is not a scores file written by `prunecli score`") from exc
+    if made_for != loaded.sha256:
+        raise DataError(f"--scores {path} was computed for another model (sha256 {made_for[:12]}...); score this one")
+    if method and method != made_with:
+        raise DataError(f"--scores {path} holds {made_with} scores but --method {method} was given; drop one of them")
+    by_root = {g.root: g for g in graph.groups}
+    scores = {}
+    for entry in entries:
+        group = by_root.get(entry.get("root"))
+        if group is None or group.channels != len(entry.get("scores", ())):
+            raise DataError(f"--scores {path} does not match this model's channel groups; score it again")
+        if group.prunable:
+            scores[group.index] = torch.tensor(entry["scores"], dtype=torch.float64)
+    return scores, made_with
+
+
 # ----------------------------------------------------------------------------- prune
 
 
@@ -257,11 +411,31 @@ def plan_pruning(
     target = config.budget.target(original)
     if not any(g.prunable for g in graph.groups):
         raise BudgetError("the model has no prunable channel group; check --ignore (see `prunecli analyze`)")
-    plan = allocate(scores, limits, cost, target, config.allocation)
+    dispersion = group_dispersion(graph, scores) if config.allocation == "dispersion" else None
+    plan = allocate(scores, limits, cost, target, config.allocation, dispersion)
     return plan, target
 
 
-def prune_model(config: PruneConfig, progress: Progress | None = None) -> PruneResult:
+def group_dispersion(graph: DependencyGraph, scores: Mapping[int, torch.Tensor]) -> dict[int, float]:
+    """SFP's Kernel Dispersion of each scored group: the mean over its conv/linear producers."""
+    from prunecli.criteria.base import CONV_LINEAR, out_weight
+    from prunecli.criteria.sfp import kernel_dispersion
+
+    values = {}
+    for group in graph.groups:
+        if group.index not in scores:
+            continue
+        found = []
+        for member in group.members:
+            module = graph.module(member.layer)
+            if member.dim == "out" and isinstance(module, CONV_LINEAR):
+                weight = out_weight(module).detach()[torch.as_tensor(member.indices)]
+                found.append(float(kernel_dispersion(weight)))
+        values[group.index] = sum(found) / len(found) if found else 0.0
+    return values
+
+
+def prune_model(config: PruneConfig, progress: Progress | None = None, batch_progress=None) -> PruneResult:
     """Score, allocate, physically remove channels and (when ``config.output``) write the slim artifact."""
     from prunecli.io.slim import save_slim
 
@@ -270,9 +444,8 @@ def prune_model(config: PruneConfig, progress: Progress | None = None) -> PruneR
     torch.manual_seed(config.seed)
     output = config.output or default_output(config.source.path)
     check_output_path(output, force=config.force, inputs=(config.source.path,))
-    criterion = get_criterion(config.method)(seed=config.seed)
-    if criterion.needs_data:
-        raise PrunecliError(f"method {config.method} needs calibration data (--data), which this command does not take yet")
+    if config.scores is None:
+        _check_scoring(config.scoring)
     say("loading the model")
     loaded = open_model(config.source)
     if loaded.arch is None:
@@ -285,8 +458,12 @@ def prune_model(config: PruneConfig, progress: Progress | None = None) -> PruneR
     graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
     cost_model = CostModel(loaded.model, costs, graph.groups)
     before = Totals(cost_model.base_params, cost_model.base_macs)
-    say(f"scoring channels with {config.method}")
-    scores = score_weights(criterion, graph, [g for g in graph.groups if g.prunable], config.group_reduction)
+    method = config.method
+    if config.scores is not None:
+        scores, method = read_scores(config.scores, loaded, graph, config.method)
+    else:
+        say(f"scoring channels with {config.method}")
+        scores = compute_scores(config.scoring, loaded, graph, say, batch_progress)
     say("allocating the budget")
     plan, target = plan_pruning(config, graph, cost_model, scores)
     say("removing channels")
@@ -304,7 +481,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None) -> PruneR
     notes = list(loaded.notes)
     say(f"writing {output}")
     metadata = {
-        "method": config.method,
+        "method": method,
         "allocation": config.allocation,
         "budget": config.budget.to_dict(),
         "config": config.to_dict(),
@@ -334,7 +511,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None) -> PruneR
     return PruneResult(
         _summary(loaded, before),
         str(output),
-        config.method,
+        method,
         config.allocation,
         config.budget.to_dict(),
         target,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -94,6 +93,43 @@ IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Glob of l
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress output.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds allowed for tracing the model's dependencies.", min=1)]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Calibration images for data-driven methods: an image folder, a tensor file (.safetensors/.pt/.npz with 'images' [N,C,H,W] and optional 'labels'), or fashion-mnist[:train|test].")]
+DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Folder of the Fashion-MNIST IDX files.")]
+CalibImagesOpt = Annotated[int, typer.Option("--calib-images", help="Calibration images to use (a seeded random subset).", min=1)]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass while scoring.", min=1)]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean for image folders, e.g. 0.485,0.456,0.406 (default: the model's).")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std for image folders, e.g. 0.229,0.224,0.225.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (scoring runs there).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: random criterion, calibration subset.")]
+ReductionOpt = Annotated[Reduction, typer.Option("--group-reduction", help="How the layers of a coupled group combine their (per-layer normalised) scores.")]
+DctBandOpt = Annotated[str, typer.Option("--dct-band", help="dct: 'full' spectrum energy (the authors' code) or 'low' frequency block [INFERRED].")]
+IcieLambdaOpt = Annotated[float, typer.Option("--icie-lambda", help="icie: weight of information independence against capacity [INFERRED].")]
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise PrunecliError(f"{option} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _scoring(method, data, data_root, calib_images, batch_size, mean, std, group_reduction, device, seed, dct_band, icie_lambda):
+    from prunecli.api import resolve_device
+    from prunecli.config import DataOptions, ScoringOptions
+
+    data_options = None
+    if data is not None:
+        data_options = DataOptions(data, data_root, calib_images, batch_size, _floats(mean, "--mean"), _floats(std, "--std"))
+    return ScoringOptions(
+        method=method,
+        options={"dct_band": dct_band, "icie_lambda": icie_lambda},
+        data=data_options,
+        group_reduction=group_reduction.value,
+        device=str(resolve_device(device)),
+        seed=seed,
+    )
 
 
 def _source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path):
@@ -110,11 +146,29 @@ def _source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path):
     )
 
 
-def _status(quiet: bool, as_json: bool):
-    """A spinner on stderr that the API's progress messages update; silent with -q or --json."""
-    if quiet or as_json or not err.is_terminal:
-        return nullcontext(None)
-    return err.status("starting")
+class _Progress:
+    """Stage messages and a bar over calibration images, on stderr; silent with -q or --json."""
+
+    def __init__(self, enabled: bool, images: int | None = None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+
+        self.enabled = enabled
+        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), console=err, transient=True, disable=not enabled)
+        self._stage = self._bar.add_task("starting", total=images)
+
+    def __enter__(self):
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._bar.__exit__(*exc)
+
+    def stage(self, message: str) -> None:
+        self._bar.update(self._stage, description=message)
+
+    def images(self, count: int) -> None:
+        self._bar.advance(self._stage, count)
 
 
 @app.command()
@@ -147,9 +201,62 @@ def analyze(
 
 
 @app.command()
+def score(
+    model: ModelArg,
+    method: Annotated[Method, typer.Option("--method", "-m", help="Importance criterion; see the table below.")] = "l1",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the per-group scores as JSON (reusable with `prune --scores`).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    preview_flops_target: Annotated[str | None, typer.Option("--preview-flops-target", help="Also show how many channels per group this MACs budget would remove.")] = None,
+    data: DataOpt = None,
+    data_root: DataRootOpt = Path("/usr/share/datasets/fashion-mnist"),
+    calib_images: CalibImagesOpt = 256,
+    batch_size: BatchSizeOpt = 64,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    group_reduction: ReductionOpt = Reduction.mean,
+    dct_band: DctBandOpt = "full",
+    icie_lambda: IcieLambdaOpt = 1.0,
+    ignore: IgnoreOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: InputShapeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    import_path: ImportPathOpt = None,
+    timeout: TimeoutOpt = 300.0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-channel importance of every prunable group, with the chosen criterion."""
+
+    def call():
+        from prunecli.api import score_model
+        from prunecli.config import ScoreConfig, parse_budget
+        from prunecli.report import print_json, render_score
+
+        scoring = _scoring(method.value, data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
+                           seed, dct_band, icie_lambda)
+        config = ScoreConfig(
+            source=_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
+            scoring=scoring,
+            output=output,
+            force=force,
+            ignore=tuple(ignore or ()),
+            preview=parse_budget("flops", preview_flops_target) if preview_flops_target else None,
+            timeout=timeout,
+        )
+        with _Progress(not (quiet or as_json), calib_images if data else None) as progress:
+            result = score_model(config, progress=progress.stage, batch_progress=progress.images)
+        print_json(result) if as_json else render_score(result, out)
+
+    _run(call)
+
+
+@app.command()
 def prune(
     model: ModelArg,
-    method: Annotated[Method, typer.Option("--method", "-m", help="Importance criterion (see `prunecli score --help` for each one's source).")] = "l1",
+    method: Annotated[Method | None, typer.Option("--method", "-m", help="Importance criterion (default l1); see `prunecli score --help`.")] = None,
     flops_target: Annotated[str | None, typer.Option("--flops-target", help="MACs to keep: a fraction (0.5), a percentage (50%) or a count (2.1G).")] = None,
     params_target: Annotated[str | None, typer.Option("--params-target", help="Parameters to keep: a fraction, a percentage or a count (11M).")] = None,
     ratio: Annotated[str | None, typer.Option("--ratio", help="Share of each prunable group's channels to remove, e.g. 0.3.")] = None,
@@ -157,11 +264,20 @@ def prune(
     max_layer_ratio: Annotated[float, typer.Option("--max-layer-ratio", help="Most of one group's channels that may go (at least one always stays).")] = 0.9,
     round_to: Annotated[int, typer.Option("--round-to", help="Keep channel counts at multiples of N (hardware-friendly).", min=1)] = 1,
     ignore: IgnoreOpt = None,
-    group_reduction: Annotated[Reduction, typer.Option("--group-reduction", help="How the layers of a coupled group combine their (per-layer normalised) scores.")] = Reduction.mean,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (.safetensors); default <input>.slim.safetensors beside the input.")] = None,
+    scores: Annotated[Path | None, typer.Option("--scores", help="Reuse scores written by `prunecli score -o` for this model instead of scoring again.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (.safetensors, or .pt with a .json sidecar); default <input>.slim.safetensors beside the input.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (random criterion, sampling).")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    data: DataOpt = None,
+    data_root: DataRootOpt = Path("/usr/share/datasets/fashion-mnist"),
+    calib_images: CalibImagesOpt = 256,
+    batch_size: BatchSizeOpt = 64,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    group_reduction: ReductionOpt = Reduction.mean,
+    dct_band: DctBandOpt = "full",
+    icie_lambda: IcieLambdaOpt = 1.0,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     input_shape: InputShapeOpt = None,
@@ -178,27 +294,33 @@ def prune(
         raise typer.Exit(2)
 
     def call():
-        from prunecli.api import prune_model, resolve_device
+        from prunecli.api import prune_model
         from prunecli.config import PruneConfig, parse_budget
         from prunecli.report import print_json, render_prune
 
+        chosen = method.value if method is not None else ("" if scores else "l1")
+        scoring = _scoring(chosen or "l1", data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
+                           seed, dct_band, icie_lambda)
         config = PruneConfig(
             source=_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
             budget=parse_budget(*budgets[0]),
-            method=method.value if isinstance(method, Enum) else method,
+            method=chosen,
             allocation=allocation.value,
             max_layer_ratio=max_layer_ratio,
             round_to=round_to,
             ignore=tuple(ignore or ()),
-            group_reduction=group_reduction.value,
+            group_reduction=scoring.group_reduction,
             output=output,
             force=force,
             seed=seed,
-            device=str(resolve_device(device)),
+            device=scoring.device,
             timeout=timeout,
+            criterion_options=scoring.options,
+            data=scoring.data,
+            scores=scores,
         )
-        with _status(quiet, as_json) as status:
-            result = prune_model(config, progress=status.update if status else None)
+        with _Progress(not (quiet or as_json), calib_images if data else None) as progress:
+            result = prune_model(config, progress=progress.stage, batch_progress=progress.images)
         print_json(result) if as_json else render_prune(result, out)
 
     _run(call)

@@ -79,6 +79,57 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class DataOptions:
+    """Calibration data for data-driven criteria (``--data`` and friends)."""
+
+    source: str
+    root: Path = Path("/usr/share/datasets/fashion-mnist")
+    calib_images: int = 256
+    batch_size: int = 64
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.calib_images < 1:
+            raise BudgetError(f"--calib-images {self.calib_images} must be at least 1")
+        if self.batch_size < 1:
+            raise BudgetError(f"--batch-size {self.batch_size} must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["root"] = str(self.root)
+        return data
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How channels are scored: the criterion, its options and, for data-driven ones, the data."""
+
+    method: str = "l1"
+    options: dict[str, Any] = field(default_factory=dict)
+    data: DataOptions | None = None
+    group_reduction: str = "mean"
+    device: str = "cpu"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["data"] = self.data.to_dict() if self.data else None
+        return data
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    source: ModelSource
+    scoring: ScoringOptions
+    output: Path | None = None
+    force: bool = False
+    ignore: tuple[str, ...] = ()
+    preview: Budget | None = None
+    timeout: float | None = 300.0
+
+
+@dataclass(frozen=True)
 class AnalyzeConfig:
     source: ModelSource
     ignore: tuple[str, ...] = ()
@@ -102,6 +153,13 @@ class PruneConfig:
     seed: int = 0
     device: str = "cpu"
     timeout: float | None = 300.0
+    criterion_options: dict[str, Any] = field(default_factory=dict)
+    data: DataOptions | None = None
+    scores: Path | None = None  # reuse a `prunecli score` file instead of scoring again
+
+    @property
+    def scoring(self) -> ScoringOptions:
+        return ScoringOptions(self.method, self.criterion_options, self.data, self.group_reduction, self.device, self.seed)
 
     def __post_init__(self):
         if not 0 < self.max_layer_ratio < 1:
@@ -114,4 +172,6 @@ class PruneConfig:
         data["source"] = self.source.to_dict()
         data["budget"] = self.budget.to_dict()
         data["output"] = str(self.output) if self.output else None
+        data["data"] = self.data.to_dict() if self.data else None
+        data["scores"] = str(self.scores) if self.scores else None
         return data

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from prunecli.api import AnalyzeResult, PruneResult
+from prunecli.api import AnalyzeResult, PruneResult, ScoreResult
 
 
 def human(number: float, digits: int = 2) -> str:
@@ -100,3 +100,45 @@ def render_prune(result: PruneResult, console: Console) -> None:
     )
     for note in result.notes:
         console.print(f"note: {note}")
+
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], bins: int = 12) -> str:
+    """A histogram of ``values`` as one line of block characters."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    if high <= low:
+        return _SPARKS[-1] + " " * (bins - 1)
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, int((v - low) / (high - low) * bins))] += 1
+    top = max(counts)
+    return "".join(_SPARKS[round(c / top * (len(_SPARKS) - 1))] if c else " " for c in counts)
+
+
+def render_score(result: ScoreResult, console: Console) -> None:
+    table = Table(title=f"{result.model.source} · {result.method} scores", title_justify="left")
+    columns = ["group (root layer)", "channels", "min", "median", "max", "histogram"]
+    if result.preview:
+        columns.append("would remove")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("group (root layer)", "histogram") else "right")
+    for group in result.groups:
+        ordered = sorted(group.scores)
+        row = [group.root, str(group.channels), f"{ordered[0]:.3g}", f"{ordered[len(ordered) // 2]:.3g}",
+               f"{ordered[-1]:.3g}", sparkline(group.scores)]
+        if result.preview:
+            row.append(str(group.preview_removed))
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"{len(result.groups)} groups scored with {result.method} (scores normalised per layer, "
+        f"{result.group_reduction} over coupled layers) in {result.seconds:.1f} s"
+        + (f"; written to {result.output}" if result.output else "")
+    )
+    if result.preview:
+        preview = result.preview
+        console.print(f"preview: --flops-target {preview['budget']['text']} → {human(preview['predicted'])} MACs")

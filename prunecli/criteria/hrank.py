@@ -22,12 +22,12 @@ from prunecli.criteria.base import Criterion
 from prunecli.criteria.dctbasis import as_maps, batch_chunk
 
 
-def rank_statistic(features: Tensor) -> Tensor:
+def rank_statistic(features: Tensor, budget: int = 1 << 24) -> Tensor:
     """[B, n, H, W] -> [n]: each channel's map rank, summed over the images."""
     maps = as_maps(features).float()
     batch, n, height, width = maps.shape
     total = torch.zeros(n, dtype=torch.float64, device=maps.device)
-    step = batch_chunk(n * height * width)  # bound the batched SVD's workspace
+    step = batch_chunk(n * height * width, budget)  # bound the batched SVD's workspace
     for start in range(0, batch, step):
         total += torch.linalg.matrix_rank(maps[start : start + step]).double().sum(0)
     return total

@@ -29,14 +29,14 @@ from prunecli.criteria.base import Criterion
 from prunecli.criteria.dctbasis import as_maps, batch_chunk, dct2, low_block
 
 
-def lrmf_statistic(features: Tensor) -> Tensor:
+def lrmf_statistic(features: Tensor, budget: int = 1 << 24) -> Tensor:
     """[B, n, H, W] conv outputs -> [n]: sum over images of each channel's summed DCT-domain distance."""
     maps = as_maps(features)
     a_h, a_w = low_block(*maps.shape[-2:])
     z = dct2(maps, a_h, a_w).flatten(2).double()  # [B, n, a_h * a_w]
     n = z.shape[1]
     total = torch.zeros(n, dtype=torch.float64, device=z.device)
-    step = batch_chunk(n * n)  # bound the [chunk, n, n] distance matrices
+    step = batch_chunk(n * n, budget)  # bound the [chunk, n, n] distance matrices
     for start in range(0, z.shape[0], step):
         part = z[start : start + step]
         total += torch.cdist(part, part, compute_mode="donot_use_mm_for_euclid_dist").sum(2).sum(0)

@@ -57,40 +57,49 @@ def kernel_dispersion(weight: Tensor) -> float:
 
 
 def average_linkage_merges(unit: Tensor) -> list[tuple[int, int]]:
-    """The merges of average-linkage clustering on the cosine distance ``1 - unit @ unit.T``, in order.
+    """The merges of average-linkage clustering on the cosine distance ``1 - unit @ unit.T``, lowest first.
 
-    Each entry ``(i, j)`` with ``i < j`` merges cluster j into cluster i (clusters are named by their lowest
-    member). The distance matrix is updated in place with the Lance-Williams average-linkage rule and each
-    row's nearest neighbour is cached, so a merge costs O(n) plus a rescan of the rows whose nearest
-    neighbour was one of the merged clusters: O(n^2) memory and, in practice, O(n^2) time.
+    Each entry ``(a, b)`` joins the cluster holding filter a with the cluster holding filter b. Built with
+    the nearest-neighbour-chain algorithm on an n x n distance matrix updated in place by the Lance-Williams
+    average-linkage rule: O(n^2) memory and O(n^2) time (each chain step and each merge is one O(n) pass).
+    Average linkage is reducible, so sorting the chain's merges by height gives the same dendrogram as
+    greedily merging the closest pair; heights are first made monotone from children to parents so that
+    rounding cannot put a parent before its children.
     """
     n = unit.shape[0]
     dist = (1 - unit @ unit.T).clamp_(0, 2)
     dist.fill_diagonal_(float("inf"))
-    size = torch.ones(n, dtype=dist.dtype)
-    near_d, near_i = dist.min(1)
-    alive = torch.ones(n, dtype=torch.bool)
-    merges = []
-    for _ in range(n - 1):
-        a = int(near_d.argmin())
-        b = int(near_i[a])
-        i, j = min(a, b), max(a, b)
+    size = [1.0] * n
+    last = [-1] * n  # slot -> index of the merge that formed its cluster (slot s always holds filter s)
+    merges: list[tuple[int, int, float]] = []
+    chain: list[int] = []
+    alive = n
+    while alive > 1:
+        if not chain:
+            chain.append(0)  # slot 0 is never merged away (merges keep the lower slot)
+        a = chain[-1]
+        row = dist[a]
+        nearest = int(row.argmin())
+        if len(chain) > 1 and row[chain[-2]] <= row[nearest]:  # prefer the chain on ties: no cycles
+            nearest = chain[-2]
+        if len(chain) < 2 or nearest != chain[-2]:
+            chain.append(nearest)
+            continue
+        chain.pop()
+        chain.pop()
+        i, j = min(a, nearest), max(a, nearest)
+        height = float(dist[i, j])
+        children = [merges[t][2] for t in (last[i], last[j]) if t >= 0]
+        merges.append((i, j, max([height, *children])))
+        last[i] = len(merges) - 1
         merged = (size[i] * dist[i] + size[j] * dist[j]) / (size[i] + size[j])
         merged[i] = merged[j] = float("inf")
-        size[i] += size[j]
+        size[i], size[j] = size[i] + size[j], 0.0
         dist[i], dist[:, i] = merged, merged
         dist[j], dist[:, j] = float("inf"), float("inf")
-        alive[j] = False
-        near_d[j] = float("inf")
-        stale = ((near_i == i) | (near_i == j)) & alive
-        stale[i] = True
-        rows = stale.nonzero().flatten()
-        near_d[rows], near_i[rows] = dist[rows].min(1)
-        closer = merged < near_d
-        near_d[closer] = merged[closer]
-        near_i[closer] = i
-        merges.append((i, j))
-    return merges
+        alive -= 1
+    order = sorted(range(len(merges)), key=lambda t: merges[t][2])  # stable: chain order breaks ties
+    return [merges[t][:2] for t in order]
 
 
 def similarity_scores(weight: Tensor, norm: int = 1) -> Tensor:
@@ -98,14 +107,24 @@ def similarity_scores(weight: Tensor, norm: int = 1) -> Tensor:
     flat = weight.detach().flatten(1).double().cpu()  # a sequential merge loop: fastest on the CPU
     n = flat.shape[0]
     importance = flat.norm(p=norm, dim=1).tolist()
+    parent = list(range(n))  # union-find over filters; a root's representative is its highest-norm member
     representative = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
     scores = torch.empty(n, dtype=torch.float64)
-    for step, (i, j) in enumerate(average_linkage_merges(_unit_rows(flat))):
-        ri, rj = representative[i], representative[j]
-        keep, drop = (ri, rj) if (importance[ri], -ri) >= (importance[rj], -rj) else (rj, ri)
+    for step, (a, b) in enumerate(average_linkage_merges(_unit_rows(flat))):
+        ra, rb = root(a), root(b)
+        pa, pb = representative[ra], representative[rb]
+        keep, drop = (pa, pb) if (importance[pa], -pa) >= (importance[pb], -pb) else (pb, pa)
         scores[drop] = step + 1
-        representative[i] = keep
-    scores[representative[0]] = n
+        parent[rb] = ra
+        representative[ra] = keep
+    scores[representative[root(0)]] = n
     return scores.to(weight.device)
 
 

@@ -92,31 +92,47 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
-def _safe_globals(path: Path) -> list[Any] | None:
-    """The classes a pickled torch.nn/torchvision model needs, or None if any other global is named."""
+_TRUST_HINT = "pass --trust-pickle (with --import-path DIR for your classes) only if you trust its source"
+
+
+def _safe_globals(path: Path) -> list[Any]:
+    """The classes a pickled torch.nn/torchvision model needs; CheckpointError if any other global is named."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:
-        return None
+    except Exception as exc:  # not a zip checkpoint: a legacy or plain pickle, or random bytes
+        raise CheckpointError(
+            f"{path} is a pickle the safe loader cannot read (not a torch.save zip checkpoint), and unpickling it "
+            f"could run code; if it is a model you saved, {_TRUST_HINT}; otherwise the file is damaged"
+        ) from exc
     found = []
     for qualified in names:
-        if not qualified.startswith(SAFE_MODULE_PREFIXES):
-            return None
         module_name, _, attr = qualified.rpartition(".")
         try:
+            if not qualified.startswith(SAFE_MODULE_PREFIXES):
+                raise ImportError(qualified)
             found.append(getattr(importlib.import_module(module_name), attr))
-        except (ImportError, AttributeError):
-            return None
+        except (ImportError, AttributeError) as exc:
+            outside = ", ".join(n for n in names if not n.startswith(SAFE_MODULE_PREFIXES))[:200] or qualified
+            raise CheckpointError(
+                f"{path} is a pickle that names classes outside torch.nn/torchvision ({outside}), and unpickling it "
+                f"could run code; {_TRUST_HINT}"
+            ) from exc
     return found
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     if _sniff(path) == "zip":
-        with zipfile.ZipFile(path) as archive:
-            if any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist()):
-                raise CheckpointError(
-                    f"{path} is a TorchScript archive, which cannot be pruned; pass the eager model's state dict with --arch"
-                )
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (damaged zip archive: {exc}); the file is truncated or damaged"
+            ) from exc
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            raise CheckpointError(
+                f"{path} is a TorchScript archive, which cannot be pruned; pass the eager model's state dict with --arch"
+            )
     if trust_pickle:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -124,13 +140,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             raise CheckpointError(f"{path}: unpickling failed ({type(exc).__name__}: {exc}); check --import-path") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         allowed = _safe_globals(path)
-        if allowed is None:
-            raise CheckpointError(
-                f"{path} is a pickle that names classes outside torch.nn/torchvision, and unpickling it could run code; "
-                "pass --trust-pickle (with --import-path DIR for your classes) only if you trust its source"
-            ) from exc
         with torch.serialization.safe_globals(allowed):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
@@ -165,9 +176,9 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         )
     cleaned = {}
     for key, value in tensors.items():
-        for prefix in STRIPPED_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        # strip in any order and nesting: DDP(compile(m)) -> "module._orig_mod.", compile(DDP(m)) -> "_orig_mod.module."
+        while prefix := next((p for p in STRIPPED_PREFIXES if key.startswith(p)), None):
+            key = key[len(prefix):]
         cleaned[key] = value
     return cleaned
 
