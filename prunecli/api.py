@@ -469,7 +469,13 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     say("removing channels")
     graph.prune(plan.removed)
     pruned = graph.model.eval()
-    pruned_costs, out = costs_and_output(pruned, x)
+    try:
+        pruned_costs, out = costs_and_output(pruned, x)
+    except Exception as exc:
+        raise ArchitectureError(
+            f"the pruned model no longer runs ({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); this architecture "
+            "keeps channel counts outside its layers; --ignore the affected layers or prune another model"
+        ) from exc
     if out.shape != reference.shape:
         raise ArchitectureError(f"pruning changed the output shape {tuple(reference.shape)} -> {tuple(out.shape)}")
     after = Totals(count_params(pruned), sum(c.macs for c in pruned_costs))
