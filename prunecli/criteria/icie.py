@@ -82,12 +82,19 @@ class ICIE(Criterion):
 
     def __init__(self, seed: int = 0, **options):
         super().__init__(seed, **options)
-        self.lam = float(self.options.get("icie_lambda", 1.0))
-        self.bins = int(self.options.get("icie_bins", 256))
+        lam, bins = self.options.get("icie_lambda", 1.0), self.options.get("icie_bins", 256)
+        try:
+            self.lam = float(lam)
+        except (TypeError, ValueError):
+            self.lam = float("nan")
         if not self.lam >= 0:
-            raise PrunecliError(f"icie_lambda must be a number >= 0, got {self.lam}")
-        if self.bins < 2:
-            raise PrunecliError(f"icie_bins must be at least 2, got {self.bins}")
+            raise PrunecliError(f"icie_lambda must be a number >= 0, got {lam!r}")
+        try:
+            self.bins = int(bins)
+        except (TypeError, ValueError):
+            self.bins = 0
+        if self.bins < 2 or str(self.bins) != str(bins).strip():
+            raise PrunecliError(f"icie_bins must be a whole number >= 2, got {bins!r}")
 
     def weight_scores(self, weight: Tensor) -> Tensor:
         return icie_scores(weight, self.bins, self.lam)

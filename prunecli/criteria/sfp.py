@@ -21,8 +21,8 @@ allocation: the mean over filters of ``1 - cos(u_i, mean u)``.
 
 Departures: scores are ranks (1..n), not magnitudes, so ``--allocation global`` compares layers by rank
 fraction; the paper's allocation is the dispersion one. The variable-temperature distillation belongs
-to fine-tuning, not to scoring. Ties in distance merge the lowest indices first; ties in norm keep the
-lower index.
+to fine-tuning, not to scoring. Ties (exact duplicates) are broken deterministically: equal distances by
+the order the merge loop meets them, equal norms in favour of the lower index.
 
 Options:
     sfp_norm: 1 (default) or 2, the norm that picks each cluster's representative.
@@ -136,9 +136,10 @@ class SimilarityFilterPruning(Criterion):
 
     def __init__(self, seed: int = 0, **options):
         super().__init__(seed, **options)
-        self.norm = int(self.options.get("sfp_norm", 1))
-        if self.norm not in (1, 2):
-            raise PrunecliError(f"sfp_norm must be 1 or 2, got {self.norm}")
+        norm = self.options.get("sfp_norm", 1)
+        if str(norm).strip() not in ("1", "2"):
+            raise PrunecliError(f"sfp_norm must be 1 or 2, got {norm!r}")
+        self.norm = int(norm)
 
     def weight_scores(self, weight: Tensor) -> Tensor:
         return similarity_scores(weight, self.norm)
