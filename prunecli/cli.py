@@ -35,6 +35,18 @@ def _methods() -> list[str]:
 Method = Enum("Method", {name: name for name in _methods()}, type=str)
 
 
+def _methods_help() -> str:
+    """The criteria table for `score --help`, straight from the registry."""
+    from prunecli.criteria import get_criterion
+
+    lines = []
+    for name in _methods():
+        criterion = get_criterion(name)
+        needs = " [needs --data]" if criterion.needs_data else ""
+        lines.append(f"[bold]{name}[/]: {criterion.summary}{needs} — {criterion.paper}")
+    return "\n\n".join(lines)
+
+
 class Allocation(str, Enum):
     uniform = "uniform"
     global_ = "global"
@@ -200,7 +212,11 @@ def analyze(
     _run(call)
 
 
-@app.command()
+@app.command(
+    help="Per-channel importance of every prunable group, with the chosen criterion. Higher scores are kept; "
+    "scores are normalised per layer and combined over coupled layers. Parts marked [INFERRED] are "
+    "reconstructed from the paper's abstract (see METHODS.md).\n\n" + _methods_help()
+)
 def score(
     model: ModelArg,
     method: Annotated[Method, typer.Option("--method", "-m", help="Importance criterion; see the table below.")] = "l1",
@@ -228,8 +244,6 @@ def score(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Per-channel importance of every prunable group, with the chosen criterion."""
-
     def call():
         from prunecli.api import score_model
         from prunecli.config import ScoreConfig, parse_budget

@@ -1,0 +1,71 @@
+"""Scoring time of each data-driven criterion relative to a plain forward pass over the same images.
+
+torchvision ResNet-50 (random weights) in eval mode on the CPU, calibration images drawn at random;
+every criterion runs the one streaming pass of prunecli's scorer. Peak memory is the growth of the
+process's maximum RSS during that criterion's pass (a lower bound after the first, larger one).
+
+    python benchmarks/scoring_speed.py --images 256 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import time
+
+import torch
+import torchvision
+
+from prunecli.criteria import get_criterion
+from prunecli.criteria.base import score_weights, score_with_data
+from prunecli.graph import DependencyGraph
+
+DATA_DRIVEN = ("lrmf", "dct", "taylor", "hrank", "chip")
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, size: int):
+    for start in range(0, len(images), size):
+        yield images[start : start + size], labels[start : start + size]
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--methods", default=",".join((*DATA_DRIVEN, "icie")))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    images = torch.randn(args.images, 3, args.size, args.size)
+    labels = torch.randint(0, 1000, (args.images,))
+    graph = DependencyGraph(copy.deepcopy(model), images[:1])
+    groups = [g for g in graph.groups if g.prunable]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in batches(images, labels, args.batch_size):
+            graph.model(x)
+    forward = time.perf_counter() - start
+    print(f"ResNet-50, {args.images} images {args.size}x{args.size}, batch {args.batch_size}: "
+          f"plain forward pass {forward:.1f} s, peak RSS so far {peak_mib():.0f} MiB\n")
+    print("| method | seconds | x forward | peak RSS (MiB) |")
+    print("|---|---|---|---|")
+    for name in args.methods.split(","):
+        criterion = get_criterion(name)()
+        before = peak_mib()
+        start = time.perf_counter()
+        if criterion.needs_data:
+            score_with_data(criterion, graph, groups, batches(images, labels, args.batch_size))
+        else:
+            score_weights(criterion, graph, groups)
+        seconds = time.perf_counter() - start
+        print(f"| {name} | {seconds:.1f} | {seconds / forward:.2f} | {max(before, peak_mib()):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
