@@ -16,7 +16,7 @@ axes on square CIFAR maps); Linear or Conv1d outputs are treated as 1x1 / Lx1 ma
 Departures: the authors average over calibration *batches* and re-draw images per layer; prunecli makes
 one shared pass and averages over images (same ranking within a layer, seed recorded). The authors
 prune softly, re-scoring every few epochs during training; prunecli scores once and removes channels
-(soft pruning comes with ``finetune``). Distances are computed in float64.
+(soft pruning comes with ``finetune``). Distances are computed in float32 by the matmul form and summed in float64.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ def lrmf_statistic(features: Tensor, budget: int = 1 << 24) -> Tensor:
     """[B, n, H, W] conv outputs -> [n]: sum over images of each channel's summed DCT-domain distance."""
     maps = as_maps(features)
     a_h, a_w = low_block(*maps.shape[-2:])
-    z = dct2(maps, a_h, a_w).flatten(2).double()  # [B, n, a_h * a_w]
+    z = dct2(maps.float(), a_h, a_w).flatten(2)  # [B, n, a_h * a_w]
     n = z.shape[1]
     total = torch.zeros(n, dtype=torch.float64, device=z.device)
     step = batch_chunk(n * n, budget)  # bound the [chunk, n, n] distance matrices
     for start in range(0, z.shape[0], step):
         part = z[start : start + step]
-        total += torch.cdist(part, part, compute_mode="donot_use_mm_for_euclid_dist").sum(2).sum(0)
+        # The Gram-matrix (matmul) form in float32 is 2-4x faster than the direct one; its relative error
+        # (~1e-7) is far below the gaps between channels' summed distances, and sums accumulate in float64.
+        total += torch.cdist(part, part, compute_mode="use_mm_for_euclid_dist").sum(2, dtype=torch.float64).sum(0)
     return total
 
 
