@@ -22,6 +22,10 @@ from torch import nn
 from prunecli.errors import ArchitectureError
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+# Torch-Pruning's traced ops that cut a channel dimension into parts. The part sizes are constants in the
+# model's forward, which removal cannot change: a removal that is not spread exactly as they expect
+# breaks the forward or, worse, silently feeds the wrong channels to the consumers.
+SPLIT_OPS = frozenset({"_SplitOp", "_SliceOp", "_UnbindOp"})
 
 
 @dataclass(frozen=True)
@@ -135,14 +139,16 @@ class DependencyGraph:
         finally:
             model.train(was_training)
         self.groups = [self._describe(i, g, ignore) for i, g in enumerate(raw_groups)]
+        self._pruned = False
 
     def _describe(self, index: int, raw, ignore: Sequence[str]) -> ChannelGroup:
-        members, blocks = [], 1
+        members, blocks, split = [], 1, False
         is_out = self._graph.is_out_channel_pruning_fn
         for item in raw.items:
             module = item.dep.target.module
             name = self._names.get(module)
             if name is None:  # a traced op (add, concat, reshape), not a layer
+                split = split or type(module).__name__ in SPLIT_OPS
                 continue
             dim = "out" if is_out(item.dep.handler) else "in"
             members.append(Member(name, dim, tuple(item.idxs), tuple(item.root_idxs)))
@@ -158,6 +164,8 @@ class DependencyGraph:
             reason = f"ignored ({ignored})"
         elif not consumers:
             reason = "feeds the model output"
+        elif split:
+            reason = "split into fixed-size parts (split/chunk/slice/unbind)"
         elif channels // blocks < 2:
             reason = "too few channels"
         return ChannelGroup(index, root, channels, blocks, tuple(members), not reason, reason)
@@ -166,12 +174,20 @@ class DependencyGraph:
         return self.model.get_submodule(name)
 
     def prune(self, removal: Mapping[int, Sequence[int]]) -> None:
-        """Remove the given root-channel positions of each group (by group index), in place."""
+        """Remove the given root-channel positions of each group (by group index), in place.
+
+        The groups describe the traced model, so one graph prunes once; trace the result again to go on.
+        """
+        if self._pruned:
+            raise ArchitectureError("this dependency graph has already pruned its model; trace the pruned model again")
+        self._pruned = True
         by_index = {g.index: g for g in self.groups}
         for index, positions in sorted(removal.items()):
             if not positions:
                 continue
             group = by_index[index]
+            if not group.prunable:
+                raise ArchitectureError(f"group {group.root} cannot be pruned: {group.reason}")
             root = self.module(group.root)
             pruner = self._graph.get_pruner_of_module(root)
             items = self._graph.get_pruning_group(root, pruner.prune_out_channels, sorted(int(p) for p in positions))

@@ -1,0 +1,497 @@
+"""Small hand-made models with the coupling patterns that break naive pruners, each carrying its answer.
+
+Every model class has:
+
+* ``INPUT_SHAPE``: the (C, H, W) of one example.
+* ``EXPECTED_GROUPS``: one entry per channel group, keyed by one of the group's producing layers (the
+  root the graph picks is any of the group's ``out`` layers), a :class:`Expect` with the channel count,
+  the number of blocks, the layers whose output channels (``out``) and input channels (``ins``) belong
+  to the group, and the reason it is not prunable ("" when it is). Every group the graph reports is
+  listed. A depthwise conv appears once, as an ``out`` member: its input channels follow its outputs.
+* optionally ``EXPECTED_IN_INDICES``: ``{(key, consumer layer): indices}`` for consumers whose channel
+  indices differ from the root positions (concatenation offsets, flatten into Linear).
+* ``PLAN``: ``{key: channels to remove}`` and ``EXPECTED_SHAPES``: the weight shape of every conv,
+  linear and norm layer after that plan, worked out by hand (grouped convs: in_channels / groups).
+
+The answers are worked out by hand from the forward pass, not copied from the library's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+OUTPUT = "feeds the model output"
+
+
+@dataclass(frozen=True)
+class Expect:
+    channels: int
+    out: frozenset[str]
+    ins: frozenset[str] = field(default_factory=frozenset)
+    blocks: int = 1
+    reason: str = ""
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reason
+
+
+def expect(channels: int, out: str, ins: str = "", blocks: int = 1, reason: str = "") -> Expect:
+    """Shorthand: layer names as space-separated strings."""
+    return Expect(channels, frozenset(out.split()), frozenset(ins.split()), blocks, reason)
+
+
+class ResidualAdd(nn.Module):
+    """stem -> [conv1 -> conv2] + identity -> head -> fc. stem and conv2 outputs are added: one group."""
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "stem": expect(8, "stem bn0 conv2 bn2", "conv1 head"),
+        "conv1": expect(16, "conv1 bn1", "conv2"),
+        "head": expect(12, "head", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    PLAN: ClassVar = {"stem": 2, "conv1": 4, "head": 3}
+    EXPECTED_SHAPES: ClassVar = {
+        "stem": (6, 3, 3, 3), "bn0": (6,), "conv1": (12, 6, 3, 3), "bn1": (12,),
+        "conv2": (6, 12, 3, 3), "bn2": (6,), "head": (9, 6, 1, 1), "fc": (5, 9),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 12, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        x = torch.relu(x + y)
+        x = torch.relu(self.head(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class ConcatBranches(nn.Module):
+    """stem -> (branch_a: 8 ch, branch_b: 12 ch) -> cat -> merge (20 in) -> fc.
+
+    The two branches stay separate groups; merge sees branch_b's channels at offset 8.
+    """
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "stem": expect(16, "stem bn0", "branch_a branch_b"),
+        "branch_a": expect(8, "branch_a bn_a", "merge"),
+        "branch_b": expect(12, "branch_b bn_b", "merge"),
+        "merge": expect(16, "merge bn_m", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    EXPECTED_IN_INDICES: ClassVar = {
+        ("branch_a", "merge"): tuple(range(8)),
+        ("branch_b", "merge"): tuple(range(8, 20)),
+    }
+    PLAN: ClassVar = {"stem": 4, "branch_a": 2, "branch_b": 3, "merge": 4}
+    EXPECTED_SHAPES: ClassVar = {
+        "stem": (12, 3, 3, 3), "bn0": (12,), "branch_a": (6, 12, 3, 3), "bn_a": (6,),
+        "branch_b": (9, 12, 1, 1), "bn_b": (9,), "merge": (12, 15, 3, 3), "bn_m": (12,), "fc": (5, 12),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.branch_a = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.branch_b = nn.Conv2d(16, 12, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(12)
+        self.merge = nn.Conv2d(20, 16, 3, padding=1, bias=False)
+        self.bn_m = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        a = torch.relu(self.bn_a(self.branch_a(x)))
+        b = torch.relu(self.bn_b(self.branch_b(x)))
+        x = torch.relu(self.bn_m(self.merge(torch.cat([a, b], dim=1))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class DepthwiseSeparable(nn.Module):
+    """conv1 -> depthwise (groups = channels) -> pointwise -> fc.
+
+    The depthwise conv's output channels are its input channels: it joins conv1's group, with one block.
+    """
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "conv1": expect(16, "conv1 bn1 dw bn_dw", "pw"),
+        "pw": expect(24, "pw bn_pw", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    PLAN: ClassVar = {"conv1": 4, "pw": 6}
+    EXPECTED_SHAPES: ClassVar = {
+        "conv1": (12, 3, 3, 3), "bn1": (12,), "dw": (12, 1, 3, 3), "bn_dw": (12,),
+        "pw": (18, 12, 1, 1), "bn_pw": (18,), "fc": (5, 18),
+    }
+    EXPECTED_CONV_GROUPS: ClassVar = {"dw": 12}
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn_dw = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 24, 1, bias=False)
+        self.bn_pw = nn.BatchNorm2d(24)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn_dw(self.dw(x)))
+        x = torch.relu(self.bn_pw(self.pw(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class DepthwiseMultiplier(nn.Module):
+    """conv1 (8 ch) -> depthwise with channel multiplier 2 (8 -> 16, groups=8) -> pw -> fc.
+
+    Each of dw's 8 groups reads exactly one conv1 channel: removing one would remove a whole group, so
+    conv1's group has 8 blocks of one channel (not prunable). dw's outputs are 8 blocks of 2.
+    """
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "conv1": expect(8, "conv1 bn1", "dw", blocks=8, reason="too few channels"),
+        "dw": expect(16, "dw bn_dw", "pw", blocks=8),
+        "pw": expect(12, "pw bn_pw", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    PLAN: ClassVar = {"dw": 8, "pw": 4}
+    EXPECTED_SHAPES: ClassVar = {
+        "conv1": (8, 3, 3, 3), "bn1": (8,), "dw": (8, 1, 3, 3), "bn_dw": (8,),
+        "pw": (8, 8, 1, 1), "bn_pw": (8,), "fc": (5, 8),
+    }
+    EXPECTED_CONV_GROUPS: ClassVar = {"dw": 8}
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=False)
+        self.bn_dw = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 12, 1, bias=False)
+        self.bn_pw = nn.BatchNorm2d(12)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn_dw(self.dw(x)))
+        x = torch.relu(self.bn_pw(self.pw(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class GroupedConv(nn.Module):
+    """conv1 -> grouped conv (groups=4, 16 -> 16, not depthwise) -> conv3 -> fc.
+
+    Both the grouped conv's input group (rooted at conv1) and its output group have 4 blocks of 4.
+    """
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "conv1": expect(16, "conv1 bn1", "grouped", blocks=4),
+        "grouped": expect(16, "grouped bn2", "conv3", blocks=4),
+        "conv3": expect(8, "conv3", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    PLAN: ClassVar = {"conv1": 4, "grouped": 8, "conv3": 2}  # 1 and 2 from each block of 4
+    EXPECTED_SHAPES: ClassVar = {
+        "conv1": (12, 3, 3, 3), "bn1": (12,), "grouped": (8, 3, 3, 3), "bn2": (8,),
+        "conv3": (6, 8, 1, 1), "fc": (5, 6),
+    }
+    EXPECTED_CONV_GROUPS: ClassVar = {"grouped": 4}
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.grouped(x)))
+        x = torch.relu(self.conv3(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class SqueezeExcite(nn.Module):
+    """conv -> x * sigmoid(excite(relu(squeeze(avgpool(x))))) -> proj -> fc.
+
+    The gate multiplies conv's channels one to one: excite's outputs join conv's group; squeeze's 4
+    hidden channels are a group of their own.
+    """
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "conv": expect(16, "conv bn excite", "squeeze proj"),
+        "squeeze": expect(4, "squeeze", "excite"),
+        "proj": expect(8, "proj bn_p", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    PLAN: ClassVar = {"conv": 4, "squeeze": 1, "proj": 2}
+    EXPECTED_SHAPES: ClassVar = {
+        "conv": (12, 3, 3, 3), "bn": (12,), "squeeze": (3, 12, 1, 1), "excite": (12, 3, 1, 1),
+        "proj": (6, 12, 1, 1), "bn_p": (6,), "fc": (5, 6),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.squeeze = nn.Conv2d(16, 4, 1)
+        self.excite = nn.Conv2d(4, 16, 1)
+        self.proj = nn.Conv2d(16, 8, 1, bias=False)
+        self.bn_p = nn.BatchNorm2d(8)
+        self.head_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(self.pool(x)))))
+        x = x * gate
+        x = torch.relu(self.bn_p(self.proj(x)))
+        return self.fc(self.head_pool(x).flatten(1))
+
+
+class FlattenLinear(nn.Module):
+    """conv (8 ch) -> 4x4 pool -> flatten -> fc1 (128 in) -> fc2. Each conv channel is 16 fc1 inputs."""
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "conv": expect(8, "conv bn", "fc1"),
+        "fc1": expect(16, "fc1", "fc2"),
+        "fc2": expect(5, "fc2", reason=OUTPUT),
+    }
+    EXPECTED_IN_INDICES: ClassVar = {("conv", "fc1"): tuple(range(128))}
+    PLAN: ClassVar = {"conv": 2, "fc1": 4}
+    EXPECTED_SHAPES: ClassVar = {"conv": (6, 3, 3, 3), "bn": (6,), "fc1": (12, 6 * 16), "fc2": (5, 12)}
+    SPATIAL = 16  # fc1 inputs per conv channel
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc1 = nn.Linear(8 * 16, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(torch.relu(self.bn(self.conv(x))))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class SharedLayer(nn.Module):
+    """One conv (``shared``) applied to two branches in one forward, its two outputs added.
+
+    Both branches feed ``shared``'s input channels, so branch_a and branch_b are one group; ``shared``
+    runs twice, so its MACs count twice.
+    """
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "stem": expect(8, "stem bn0", "branch_a branch_b"),
+        "branch_a": expect(16, "branch_a bn_a branch_b bn_b", "shared"),
+        "shared": expect(12, "shared", "head"),
+        "head": expect(8, "head bn_h", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    PLAN: ClassVar = {"stem": 2, "branch_a": 4, "shared": 3, "head": 2}
+    EXPECTED_SHAPES: ClassVar = {
+        "stem": (6, 3, 3, 3), "bn0": (6,), "branch_a": (12, 6, 3, 3), "bn_a": (12,), "branch_b": (12, 6, 1, 1),
+        "bn_b": (12,), "shared": (9, 12, 3, 3), "head": (6, 9, 1, 1), "bn_h": (6,), "fc": (5, 6),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.branch_a = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(16)
+        self.branch_b = nn.Conv2d(8, 16, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(16)
+        self.shared = nn.Conv2d(16, 12, 3, padding=1)
+        self.head = nn.Conv2d(12, 8, 1, bias=False)
+        self.bn_h = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        a = torch.relu(self.bn_a(self.branch_a(x)))
+        b = torch.relu(self.bn_b(self.branch_b(x)))
+        x = torch.relu(self.shared(a) + self.shared(b))
+        x = torch.relu(self.bn_h(self.head(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+SPLIT = "split into fixed-size parts (split/chunk/slice/unbind)"
+
+
+class ChunkBranches(nn.Module):
+    """stem (16 ch) -> chunk(2) -> (left: 8 -> 8, right: 8 -> 12) -> cat -> fc.
+
+    chunk's part sizes are fixed by the forward: removing stem channels unevenly would hand the wrong
+    channels to left and right, so stem's group is not prunable. The branches are ordinary groups.
+    """
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "stem": expect(16, "stem bn0", "left right", reason=SPLIT),
+        "left": expect(8, "left", "fc"),
+        "right": expect(12, "right", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    EXPECTED_IN_INDICES: ClassVar = {("left", "fc"): tuple(range(8)), ("right", "fc"): tuple(range(8, 20))}
+    EXPECTED_PARTIAL: ClassVar = {("stem", "left"), ("stem", "right")}  # each sees half of stem's channels
+    PLAN: ClassVar = {"left": 2, "right": 5}
+    EXPECTED_SHAPES: ClassVar = {
+        "stem": (16, 3, 3, 3), "bn0": (16,), "left": (6, 8, 3, 3), "right": (7, 8, 1, 1), "fc": (5, 13),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(8, 12, 1)
+        self.fc = nn.Linear(20, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        left, right = torch.chunk(x, 2, dim=1)
+        x = torch.cat([torch.relu(self.left(left)), torch.relu(self.right(right))], dim=1)
+        return self.fc(x.mean((2, 3)))
+
+
+class ChannelSlice(nn.Module):
+    """stem (16 ch) -> x[:, 2:8] -> conv -> fc: the slice bounds are constants, so stem is pinned."""
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "stem": expect(16, "stem bn0", "conv", reason=SPLIT),
+        "conv": expect(8, "conv", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    EXPECTED_PARTIAL: ClassVar = {("stem", "conv")}
+    PLAN: ClassVar = {"conv": 3}
+    EXPECTED_SHAPES: ClassVar = {"stem": (16, 3, 3, 3), "bn0": (16,), "conv": (5, 6, 3, 3), "fc": (5, 5)}
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.conv(x[:, 2:8]))
+        return self.fc(x.mean((2, 3)))
+
+
+TRICKY_MODELS: tuple[type[nn.Module], ...] = (
+    ResidualAdd,
+    ConcatBranches,
+    DepthwiseSeparable,
+    DepthwiseMultiplier,
+    GroupedConv,
+    SqueezeExcite,
+    FlattenLinear,
+    SharedLayer,
+    ChunkBranches,
+    ChannelSlice,
+)
+
+
+def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics (fresh ones are identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+    return model
+
+
+# --- helpers shared by the graph, criteria and zero-invariance tests --------------------------------------
+
+
+def example(cls: type[nn.Module], batch: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *cls.INPUT_SHAPE, generator=generator).to(dtype)
+
+
+def find_group(groups, key: str):
+    """The one group whose producing (``out``) layers include ``key``."""
+    found = [g for g in groups if key in g.layers("out")]
+    if len(found) != 1:
+        raise AssertionError(f"{key!r} is an out member of {len(found)} groups: {[g.root for g in found]}")
+    return found[0]
+
+
+def spread_positions(channels: int, blocks: int, remove: int, seed: int = 0) -> list[int]:
+    """``remove`` root positions chosen at random, the same offsets from each of ``blocks`` blocks."""
+    if remove % blocks:
+        raise ValueError(f"{remove} is not a multiple of {blocks} blocks")
+    per_block = channels // blocks
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randperm(per_block, generator=generator)[: remove // blocks].tolist()
+    return sorted(b * per_block + o for b in range(blocks) for o in offsets)
+
+
+@torch.no_grad()
+def kill_channels(model: nn.Module, group, positions) -> None:
+    """Make the group's root channels ``positions`` exactly 0 wherever they are consumed.
+
+    Zero the producing conv/linear filters and biases, and the following norm's gamma, beta and running
+    mean, so the channel is 0 after its norm, stays 0 through ReLU, adds 0 in a residual and multiplies
+    to 0 through a gate.
+    """
+    chosen = set(positions)
+    for member in group.members:
+        if member.dim != "out":
+            continue
+        module = model.get_submodule(member.layer)
+        rows = [i for i, r in zip(member.indices, member.root_indices, strict=True) if r in chosen]
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            module.weight[:, rows] = 0
+        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            module.weight[rows] = 0
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.weight[rows] = 0
+            module.running_mean[rows] = 0
+        else:
+            raise TypeError(f"do not know how to silence {type(module).__name__} {member.layer}")
+        if getattr(module, "bias", None) is not None:
+            module.bias[rows] = 0

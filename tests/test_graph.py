@@ -1,0 +1,185 @@
+"""Channel groups of the hand-made tricky models match the answers they carry (tests/models.py)."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+
+import models as M
+import pytest
+import torch
+from torch import nn
+
+from prunecli.errors import ArchitectureError
+from prunecli.graph import DependencyGraph
+
+MODEL_IDS = [cls.__name__ for cls in M.TRICKY_MODELS]
+
+
+def build(cls, ignore=()):
+    model = cls().eval()
+    return model, DependencyGraph(copy.deepcopy(model), M.example(cls), ignore=ignore)
+
+
+@pytest.fixture(scope="module", params=M.TRICKY_MODELS, ids=MODEL_IDS)
+def built(request):
+    cls = request.param
+    model, graph = build(cls)
+    return cls, model, graph
+
+
+def test_groups_are_exactly_the_expected_ones(built):
+    cls, _, graph = built
+    assert len(graph.groups) == len(cls.EXPECTED_GROUPS)
+    assert [g.index for g in graph.groups] == list(range(len(graph.groups)))
+    seen = set()
+    for key, want in cls.EXPECTED_GROUPS.items():
+        group = M.find_group(graph.groups, key)
+        seen.add(group.index)
+        assert group.root in want.out, f"root {group.root} is not a producer of the {key} group"
+        assert group.channels == want.channels, key
+        assert group.blocks == want.blocks, key
+        assert set(group.layers("out")) == want.out, key
+        assert set(group.layers("in")) == want.ins, key
+        assert group.prunable == want.prunable, key
+        assert group.reason == want.reason, key
+    assert seen == {g.index for g in graph.groups}
+
+
+def test_member_indices(built):
+    """Every member covers every group channel; offsets and flatten fan-out are as worked out by hand."""
+    cls, _, graph = built
+    special = getattr(cls, "EXPECTED_IN_INDICES", {})
+    partial = getattr(cls, "EXPECTED_PARTIAL", set())
+    for key, want in cls.EXPECTED_GROUPS.items():
+        group = M.find_group(graph.groups, key)
+        for member in group.members:
+            assert len(member.indices) == len(member.root_indices)
+            if (key, member.layer) in partial:  # a split part: sees some of the group's channels
+                assert member.dim == "in"
+                assert 0 < len(set(member.root_indices)) < group.channels, (key, member.layer)
+                continue
+            assert set(member.root_indices) == set(range(group.channels)), (key, member.layer)
+            if (key, member.layer) in special:
+                assert member.dim == "in"
+                assert member.indices == special[(key, member.layer)]
+            else:
+                assert member.indices == tuple(range(want.channels)), (key, member.layer)
+                assert member.root_indices == tuple(range(want.channels)), (key, member.layer)
+
+
+def test_concat_consumer_sees_offset_indices():
+    _, graph = build(M.ConcatBranches)
+    b = M.find_group(graph.groups, "branch_b")
+    (merge,) = [m for m in b.members if m.layer == "merge"]
+    assert merge.dim == "in"
+    assert merge.indices == tuple(range(8, 20))
+    assert merge.root_indices == tuple(range(12))
+    a = M.find_group(graph.groups, "branch_a")
+    (merge_a,) = [m for m in a.members if m.layer == "merge"]
+    assert merge_a.indices == tuple(range(8))
+
+
+def test_flatten_linear_fans_each_channel_out_to_spatial_inputs():
+    _, graph = build(M.FlattenLinear)
+    group = M.find_group(graph.groups, "conv")
+    (fc1,) = [m for m in group.members if m.layer == "fc1"]
+    assert fc1.dim == "in"
+    assert len(fc1.indices) == group.channels * M.FlattenLinear.SPATIAL == 128
+    # channel c of the conv is fc1 inputs 16c .. 16c+15 (row-major flatten of a 4x4 map)
+    for index, root in zip(fc1.indices, fc1.root_indices, strict=True):
+        assert root == index // 16
+
+
+def test_residual_branches_are_one_group():
+    _, graph = build(M.ResidualAdd)
+    group = M.find_group(graph.groups, "stem")
+    assert group is M.find_group(graph.groups, "conv2")
+    assert {"stem", "conv2"} <= set(group.layers("out"))
+
+
+def test_shared_layer_couples_both_branches():
+    _, graph = build(M.SharedLayer)
+    assert M.find_group(graph.groups, "branch_a") is M.find_group(graph.groups, "branch_b")
+
+
+@pytest.mark.parametrize(
+    ("cls", "pattern", "key"),
+    [
+        (M.ResidualAdd, "conv1", "conv1"),
+        (M.ResidualAdd, "conv[12]", "stem"),  # any out layer of the group matches: conv2 pins the residual group
+        (M.ConcatBranches, "branch_*", "branch_a"),
+        (M.SqueezeExcite, "excite", "conv"),
+    ],
+)
+def test_ignore_glob_pins_the_group(cls, pattern, key):
+    _, graph = build(cls, ignore=("nothing*", pattern))
+    group = M.find_group(graph.groups, key)
+    assert not group.prunable
+    assert group.reason == f"ignored ({pattern})"
+    for other, want in cls.EXPECTED_GROUPS.items():
+        if want.prunable and not any(fnmatch.fnmatchcase(layer, pattern) for layer in want.out):
+            assert M.find_group(graph.groups, other).prunable, other
+
+
+def test_ignore_glob_on_concat_pins_both_branches():
+    _, graph = build(M.ConcatBranches, ignore=("branch_*",))
+    for key in ("branch_a", "branch_b"):
+        assert M.find_group(graph.groups, key).reason == "ignored (branch_*)"
+    assert M.find_group(graph.groups, "stem").prunable
+    assert M.find_group(graph.groups, "merge").prunable
+
+
+def test_ignore_matches_only_out_layers():
+    """``fc`` is only a consumer of the head group: ignoring it must not pin that group."""
+    _, graph = build(M.ResidualAdd, ignore=("fc",))
+    assert M.find_group(graph.groups, "head").prunable
+    assert M.find_group(graph.groups, "fc").reason == "ignored (fc)"
+
+
+def test_a_group_without_consumers_is_not_prunable():
+    _, graph = build(M.FlattenLinear)
+    out = M.find_group(graph.groups, "fc2")
+    assert (out.prunable, out.reason, out.channels) == (False, "feeds the model output", 5)
+
+
+def test_depthwise_with_multiplier_pins_its_input_group():
+    """groups == in_channels < out_channels is not depthwise: each input channel is a whole conv group."""
+    _, graph = build(M.DepthwiseMultiplier)
+    group = M.find_group(graph.groups, "conv1")
+    assert (group.channels, group.blocks, group.prunable, group.reason) == (8, 8, False, "too few channels")
+    dw = M.find_group(graph.groups, "dw")
+    assert (dw.channels, dw.blocks, dw.prunable) == (16, 8, True)
+
+
+def test_graph_keeps_the_training_flag():
+    model = M.ResidualAdd().train()
+    DependencyGraph(model, M.example(M.ResidualAdd))
+    assert model.training
+
+
+def test_untraceable_model_raises_architecture_error():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(ArchitectureError, match="cannot trace"):
+        DependencyGraph(Broken(), torch.randn(1, 3, 8, 8))
+
+
+def test_prune_refuses_to_empty_a_layer():
+    _, graph = build(M.ResidualAdd)
+    group = M.find_group(graph.groups, "conv1")
+    with pytest.raises(ArchitectureError, match="empty a layer"):
+        graph.prune({group.index: list(range(group.channels))})
+
+
+def test_prune_with_empty_plan_changes_nothing():
+    model, graph = build(M.ResidualAdd)
+    graph.prune({g.index: [] for g in graph.groups})
+    for (name, a), (_, b) in zip(model.state_dict().items(), graph.model.state_dict().items(), strict=True):
+        assert a.shape == b.shape, name
