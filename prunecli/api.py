@@ -16,14 +16,23 @@ import torch
 
 from prunecli import __version__
 from prunecli.allocate import GroupLimits, Plan, allocate
-from prunecli.config import AnalyzeConfig, ModelSource, PruneConfig, ScoreConfig, ScoringOptions
+from prunecli.config import (
+    AnalyzeConfig,
+    DataOptions,
+    EvaluateConfig,
+    FinetuneJob,
+    ModelSource,
+    PruneConfig,
+    ScoreConfig,
+    ScoringOptions,
+)
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
 from prunecli.errors import ArchitectureError, BudgetError, DataError, PrunecliError
 from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
-from prunecli.io.data import DataSpec, iterate_batches, open_images
+from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
 from prunecli.io.files import atomic_output, check_output_path
 from prunecli.measure import CostModel, LayerCost, Totals, costs_and_output, count_params
 
@@ -192,6 +201,13 @@ def analyze_model(config: AnalyzeConfig) -> AnalyzeResult:
 # ----------------------------------------------------------------------------- score
 
 
+def load_images(options: DataOptions, loaded: LoadedModel, limit: int | None, seed: int) -> ImageSet:
+    """The images of ``options`` as the model expects them (its input shape and normalisation)."""
+    spec = DataSpec(options.source, options.root, tuple(loaded.input.shape), options.mean or loaded.input.mean,
+                    options.std or loaded.input.std)
+    return open_images(spec, limit=limit, seed=seed)
+
+
 def _check_scoring(scoring: ScoringOptions) -> Criterion:
     """Build the criterion, failing early when it needs data the user did not give."""
     criterion = get_criterion(scoring.method)(seed=scoring.seed, **scoring.options)
@@ -212,12 +228,7 @@ def compute_scores(
     if not criterion.needs_data:
         return score_weights(criterion, graph, groups, scoring.group_reduction)
     options = scoring.data
-    images = open_images(
-        DataSpec(options.source, options.root, tuple(loaded.input.shape), options.mean or loaded.input.mean,
-                 options.std or loaded.input.std),
-        limit=options.calib_images,
-        seed=scoring.seed,
-    )
+    images = load_images(options, loaded, options.calib_images, scoring.seed)
     if len(images) < options.batch_size and len(images) < options.calib_images:
         raise DataError(
             f"--data {options.source} has {len(images)} images, fewer than one batch of {options.batch_size}; "
@@ -461,14 +472,26 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     method = config.method
     if config.scores is not None:
         scores, method = read_scores(config.scores, loaded, graph, config.method)
+    elif config.soft is not None:
+        scores = {}  # soft pruning scores (and re-scores) while it trains
     else:
         say(f"scoring channels with {config.method}")
         scores = compute_scores(config.scoring, loaded, graph, say, batch_progress)
-    say("allocating the budget")
-    plan, target = plan_pruning(config, graph, cost_model, scores)
+    if config.soft is not None:
+        graph, plan, target, soft_record = _soft_prune(config, loaded, x, say, batch_progress)
+    else:
+        say("allocating the budget")
+        plan, target = plan_pruning(config, graph, cost_model, scores)
+        soft_record = None
     say("removing channels")
     graph.prune(plan.removed)
     pruned = graph.model.eval()
+    if config.recalibrate_bn:
+        from prunecli.finetune import recalibrate_bn
+
+        say(f"re-estimating batch-norm statistics on {config.recalibrate_bn} batches")
+        images = load_images(_require_data(config), loaded, config.recalibrate_bn * config.data.batch_size, config.seed)
+        recalibrate_bn(pruned, iterate_batches(images, config.data.batch_size), config.recalibrate_bn)
     try:
         pruned_costs, out = costs_and_output(pruned, x)
     except Exception as exc:
@@ -500,6 +523,10 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         "std": list(loaded.input.std) if loaded.input.std else None,
         "num_classes": int(reference.shape[-1]) if reference.dim() == 2 else None,
     }
+    if soft_record is not None:
+        metadata["soft_pruning"] = soft_record
+    if config.recalibrate_bn:
+        metadata["recalibrate_bn"] = {"batches": config.recalibrate_bn, "data": config.data.source}
     if loaded.document:
         metadata["parent"] = {k: loaded.document.get(k) for k in ("method", "budget", "source_sha256", "achieved")}
         for key in ("dataset", "test_accuracy"):
@@ -533,6 +560,152 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         config.seed,
         notes,
     )
+
+
+def _require_data(config: PruneConfig) -> DataOptions:
+    if config.data is None:
+        raise DataError("--recalibrate-bn and --soft-epochs train on images: pass --data (e.g. fashion-mnist:train)")
+    return config.data
+
+
+def _soft_prune(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progress, batch_progress):
+    """LRMF/FPGM-style soft pruning: train with the selected channels held at zero, re-selecting as it goes."""
+    from prunecli.finetune import soft_prune
+
+    train = load_images(_require_data(config), loaded, None, config.seed)
+    say(f"soft pruning: {config.soft.epochs} epochs on {len(train)} images, re-selecting every {config.reselect_every}")
+    model = copy.deepcopy(loaded.model)
+    result = soft_prune(model, x, train, None, config.soft, config, reselect_every=config.reselect_every,
+                        progress=_training_progress(say))
+    record = {"selections": len(result.selections), "reselect_every": config.reselect_every,
+              "training": result.finetune.record()}
+    return result.graph, result.plan, result.target, record
+
+
+def _training_progress(say: Progress):
+    """Turn the trainer's step/epoch events into one-line progress messages."""
+
+    def tell(event: Mapping[str, Any]) -> None:
+        if event.get("event") == "epoch":
+            say(f"epoch {event.get('epoch')}: train loss {event.get('train_loss', 0):.3f}, "
+                f"val top-1 {event.get('val_top1') if event.get('val_top1') is not None else '-'}")
+        elif event.get("event") == "step":
+            say(f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
+                f"{event.get('images_per_second', 0):.0f} img/s")
+
+    return tell
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _with_base_arch(source: ModelSource, reference: LoadedModel) -> ModelSource:
+    """A companion model (teacher, original) given as a bare state dict is read with the reference's base arch."""
+    if source.arch is not None or reference.arch is None:
+        return source
+    return dataclasses.replace(source, arch=reference.arch.spec, arch_kwargs=dict(reference.arch.kwargs))
+
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    model: ModelSummary
+    data: str
+    metrics: dict[str, Any]
+    compare: dict[str, Any] | None = None  # {"model": summary, "metrics": {...}, "speedup_macs": ...}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
+    """Top-1/top-5 accuracy, loss and throughput on labelled data; with ``compare``, the original beside it."""
+    from prunecli.finetune import evaluate
+
+    def run(source: ModelSource) -> tuple[ModelSummary, dict[str, Any], str, LoadedModel]:
+        loaded = open_model(source)
+        costs, _ = _profile(loaded, example_input(loaded))
+        images = load_images(config.data, loaded, config.limit, config.seed)
+        if images.labels is None:
+            raise DataError(f"--data {config.data.source} has no labels; evaluation needs labelled images")
+        metrics = evaluate(loaded.model, images, config.data.batch_size, config.device).to_dict()
+        total = Totals(count_params(loaded.model), sum(c.macs for c in costs))
+        return _summary(loaded, total), metrics, images.description, loaded
+
+    summary, metrics, description, loaded = run(config.source)
+    compare = None
+    if config.compare is not None:
+        other, other_metrics, _, _ = run(_with_base_arch(config.compare, loaded))
+        compare = {"model": dataclasses.asdict(other), "metrics": other_metrics,
+                   "macs_ratio": other.macs / summary.macs if summary.macs else None}
+    return EvaluateResult(summary, description, metrics, compare)
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+@dataclass(frozen=True)
+class FinetuneRunResult:
+    model: ModelSummary
+    output: str | None
+    training: dict[str, Any]
+    before: dict[str, Any] | None  # validation metrics before training
+    after: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_finetune_output(source: Path) -> Path:
+    """``model.slim.safetensors`` -> ``model.slim.ft.safetensors`` beside it."""
+    stem = source.name.removesuffix(".safetensors").removesuffix(".pt").removesuffix(".pth")
+    return source.with_name(f"{stem}.ft.safetensors")
+
+
+def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
+    """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
+    from prunecli.finetune import evaluate, finetune, main_process
+    from prunecli.io.slim import save_slim
+
+    say = progress or (lambda message: None)
+    output = job.output or default_finetune_output(job.source.path)
+    if main_process():
+        check_output_path(output, force=job.force, inputs=(job.source.path,))
+    loaded = open_model(job.source)
+    if loaded.arch is None:
+        raise ArchitectureError("the output must name its base architecture; pass --arch for this pickled model")
+    x = example_input(loaded)
+    _profile(loaded, x)
+    teacher = open_model(_with_base_arch(job.teacher, loaded)) if job.teacher is not None else None
+    train = load_images(job.train, loaded, job.train_limit, job.training.seed)
+    if train.labels is None:
+        raise DataError(f"--data {job.train.source} has no labels; fine-tuning needs labelled images")
+    val = load_images(job.val, loaded, job.val_limit, job.training.seed) if job.val else None
+    before = evaluate(loaded.model, val, job.training.eval_batch_size or job.training.batch_size).to_dict() if val else None
+    say(f"fine-tuning on {len(train)} images for {job.training.steps or job.training.epochs} "
+        f"{'steps' if job.training.steps else 'epochs'}")
+    result = finetune(loaded.model, train, val, job.training, teacher=teacher.model if teacher else None,
+                      progress=_training_progress(say))
+    model = result.model.eval().cpu()
+    after = evaluate(model, val, job.training.eval_batch_size or job.training.batch_size).to_dict() if val else None
+    costs, _ = costs_and_output(model, x)
+    total = Totals(count_params(model), sum(c.macs for c in costs))
+    if main_process():
+        document = {k: v for k, v in (loaded.document or {}).items() if k not in ("modules", "tied", "format",
+                                                                                   "format_version", "arch", "input_shape")}
+        history = list(document.get("finetune_history", []))
+        history.append({**result.record(), "train_data": job.train.to_dict(),
+                        "val_data": job.val.to_dict() if job.val else None,
+                        "teacher_sha256": teacher.sha256 if teacher else None,
+                        "val_top1": after["top1"] if after else None})
+        document.update({"finetune_history": history, "source_sha256": loaded.sha256, "prunecli_version": __version__})
+        if after:
+            document["test_accuracy"] = f"{after['top1']:.4f}"
+            document["test_data"] = job.val.source
+        save_slim(model, output, arch=loaded.arch, input_shape=loaded.input.shape, metadata=document,
+                  force=job.force, inputs=(job.source.path,))
+    return FinetuneRunResult(_summary(loaded, total), str(output) if main_process() else None, result.to_dict(),
+                             before, after)
 
 
 def _layer_changes(before: list[LayerCost], after: list[LayerCost]) -> list[LayerChange]:

@@ -213,6 +213,7 @@ def analyze(
 
 
 @app.command(
+    short_help="Per-channel importance of every prunable group, with a chosen criterion.",
     help="Per-channel importance of every prunable group, with the chosen criterion. Higher scores are kept; "
     "scores are normalised per layer and combined over coupled layers. Parts marked [INFERRED] are "
     "reconstructed from the paper's abstract (see METHODS.md).\n\n" + _methods_help()
@@ -290,6 +291,10 @@ def prune(
     group_reduction: ReductionOpt = Reduction.mean,
     dct_band: DctBandOpt = "full",
     icie_lambda: IcieLambdaOpt = 1.0,
+    recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", help="After removal, re-estimate batch-norm statistics on N batches of --data (cheap accuracy recovery).", min=0)] = 0,
+    soft_epochs: Annotated[int, typer.Option("--soft-epochs", help="Soft pruning (LRMF/FPGM): train N epochs on --data with the selected channels held at zero, then remove them.", min=0)] = 0,
+    reselect_every: Annotated[int, typer.Option("--reselect-every", help="Soft pruning: re-score and re-select channels every K epochs (0: never).", min=0)] = 5,
+    lr: Annotated[float, typer.Option("--lr", help="Soft pruning: peak learning rate (SGD, Nesterov, cosine).")] = 0.01,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
@@ -315,6 +320,11 @@ def prune(
         chosen = method.value if method is not None else ("" if scores else "l1")
         scoring = _scoring(chosen or "l1", data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
                            seed, dct_band, icie_lambda)
+        soft = None
+        if soft_epochs:
+            from prunecli.finetune import FinetuneConfig
+
+            soft = FinetuneConfig(epochs=soft_epochs, lr=lr, batch_size=batch_size, seed=seed, device=scoring.device)
         config = PruneConfig(
             source=_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
             budget=parse_budget(*budgets[0]),
@@ -332,10 +342,148 @@ def prune(
             criterion_options=scoring.options,
             data=scoring.data,
             scores=scores,
+            recalibrate_bn=recalibrate_bn,
+            soft=soft,
+            reselect_every=reselect_every,
         )
         with _Progress(not (quiet or as_json), calib_images if data else None) as progress:
             result = prune_model(config, progress=progress.stage, batch_progress=progress.images)
         print_json(result) if as_json else render_prune(result, out)
+
+    _run(call)
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class KD(str, Enum):
+    none = "none"
+    fixed = "fixed"
+    variable = "variable"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    step = "step"
+    constant = "constant"
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", help="Labelled images: fashion-mnist[:train|test], an image folder (one sub-folder per class) or a tensor file with 'images' and 'labels'.")] = "fashion-mnist:test",
+    compare: Annotated[Path | None, typer.Option("--compare", help="Evaluate this original model too and show both side by side.")] = None,
+    compare_arch: Annotated[str | None, typer.Option("--compare-arch", help="--arch of the --compare model when it is a plain state dict (default: the model's base architecture).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate a seeded random subset of N images (default: all).", min=1)] = None,
+    data_root: DataRootOpt = Path("/usr/share/datasets/fashion-mnist"),
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.", min=1)] = 256,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: InputShapeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    import_path: ImportPathOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-1/top-5 accuracy, loss and images/s on labelled data; with --compare, the original beside it."""
+
+    def call():
+        from prunecli.api import evaluate_model, resolve_device
+        from prunecli.config import DataOptions, EvaluateConfig, ModelSource
+        from prunecli.report import print_json, render_evaluate
+
+        source = _source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path)
+        other = None
+        if compare is not None:
+            other = ModelSource(compare, compare_arch, source.arch_kwargs if compare_arch else {}, source.input_shape,
+                                trust_pickle, source.import_paths)
+        options = DataOptions(data, data_root, 1, batch_size, _floats(mean, "--mean"), _floats(std, "--std"))
+        config = EvaluateConfig(source, options, limit, str(resolve_device(device)), other, seed)
+        result = evaluate_model(config)
+        print_json(result) if as_json else render_evaluate(result, out)
+
+    _run(call)
+
+
+@app.command()
+def finetune(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", help="Labelled training images: fashion-mnist[:train], an image folder or a tensor file.")] = "fashion-mnist:train",
+    val_data: Annotated[str | None, typer.Option("--val-data", help="Labelled validation images, evaluated each epoch; the best epoch is kept.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors (default <input>.ft.safetensors beside the input).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output (and checkpoint) file.")] = False,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.", min=1)] = 1,
+    steps: Annotated[int | None, typer.Option("--steps", help="Total optimizer steps instead of --epochs.", min=1)] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (after warm-up, then cosine decay).")] = 0.01,
+    optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.")] = Optimizer.sgd,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="On weights, not on biases and norms.")] = 5e-4,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Cross-entropy label smoothing.")] = 0.0,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length in epochs (fractions allowed).")] = 0.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size (split across processes under torchrun).", min=1)] = 128,
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="Distil from this model (usually the unpruned original).")] = None,
+    teacher_arch: Annotated[str | None, typer.Option("--teacher-arch", help="--arch of the teacher when it is a plain state dict (default: the model's base architecture).")] = None,
+    kd: Annotated[KD | None, typer.Option("--kd", help="Distillation: fixed temperature or SFP's variable schedule (default variable with --teacher).")] = None,
+    kd_alpha: Annotated[float, typer.Option("--kd-alpha", help="Weight of the distillation term.")] = 0.7,
+    kd_t_max: Annotated[float, typer.Option("--kd-t-max", help="Temperature at the start (the fixed temperature with --kd fixed).")] = 4.0,
+    kd_t_min: Annotated[float, typer.Option("--kd-t-min", help="Temperature at the end (variable).")] = 1.0,
+    kd_schedule: Annotated[Schedule, typer.Option("--kd-schedule", help="Shape of the variable temperature.")] = Schedule.cosine,
+    recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", help="Re-estimate batch-norm statistics on N batches before training.", min=0)] = 0,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Save the resume state here every epoch.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --checkpoint.")] = False,
+    amp: Annotated[str, typer.Option("--amp", help="Mixed precision: auto (CUDA only), on or off.")] = "auto",
+    limit: Annotated[int | None, typer.Option("--limit", help="Train on a seeded subset of N images.", min=1)] = None,
+    val_limit: Annotated[int | None, typer.Option("--val-limit", help="Validate on a seeded subset of N images.", min=1)] = None,
+    data_root: DataRootOpt = Path("/usr/share/datasets/fashion-mnist"),
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: InputShapeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    import_path: ImportPathOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Recover accuracy after pruning: train (optionally distilling from the original), keep the best epoch,
+    write a slim model whose metadata records the run. Runs under torchrun with DDP."""
+
+    def call():
+        from prunecli.api import finetune_model
+        from prunecli.config import DataOptions, FinetuneJob, ModelSource
+        from prunecli.finetune import FinetuneConfig
+        from prunecli.report import print_json, render_finetune
+
+        source = _source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path)
+        mean_values, std_values = _floats(mean, "--mean"), _floats(std, "--std")
+        training = FinetuneConfig(
+            epochs=epochs, steps=steps, lr=lr, optimizer=optimizer.value, weight_decay=weight_decay,
+            label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, batch_size=batch_size, seed=seed,
+            device=device, amp=amp, kd=(kd.value if kd else ("variable" if teacher else "none")), kd_alpha=kd_alpha,
+            kd_t_max=kd_t_max, kd_t_min=kd_t_min, kd_schedule=kd_schedule.value, recalibrate_bn=recalibrate_bn,
+            checkpoint=checkpoint, resume=resume, force=force,
+        )
+        job = FinetuneJob(
+            source=source,
+            train=DataOptions(data, data_root, 1, batch_size, mean_values, std_values),
+            training=training,
+            val=DataOptions(val_data, data_root, 1, batch_size, mean_values, std_values) if val_data else None,
+            teacher=ModelSource(teacher, teacher_arch, {}, source.input_shape, trust_pickle, source.import_paths) if teacher else None,
+            output=output,
+            force=force,
+            train_limit=limit,
+            val_limit=val_limit,
+        )
+        with _Progress(not (quiet or as_json)) as progress:
+            result = finetune_model(job, progress=progress.stage)
+        print_json(result) if as_json else render_finetune(result, out)
 
     _run(call)
 

@@ -130,6 +130,31 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    source: ModelSource
+    data: DataOptions
+    limit: int | None = None  # images to evaluate (a seeded subset); None = all
+    device: str = "cpu"
+    compare: ModelSource | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """``finetune``: which model, which data, how (a ``prunecli.finetune.FinetuneConfig``) and where to write."""
+
+    source: ModelSource
+    train: DataOptions
+    training: Any  # prunecli.finetune.FinetuneConfig, kept untyped so this module imports no torch
+    val: DataOptions | None = None
+    teacher: ModelSource | None = None
+    output: Path | None = None
+    force: bool = False
+    train_limit: int | None = None
+    val_limit: int | None = None
+
+
+@dataclass(frozen=True)
 class AnalyzeConfig:
     source: ModelSource
     ignore: tuple[str, ...] = ()
@@ -156,6 +181,9 @@ class PruneConfig:
     criterion_options: dict[str, Any] = field(default_factory=dict)
     data: DataOptions | None = None
     scores: Path | None = None  # reuse a `prunecli score` file instead of scoring again
+    recalibrate_bn: int = 0  # batches of --data to re-estimate BN statistics on after removal
+    soft: Any = None  # a prunecli.finetune.FinetuneConfig: train with the channels masked before removing them
+    reselect_every: int = 5
 
     @property
     def scoring(self) -> ScoringOptions:
@@ -174,4 +202,5 @@ class PruneConfig:
         data["output"] = str(self.output) if self.output else None
         data["data"] = self.data.to_dict() if self.data else None
         data["scores"] = str(self.scores) if self.scores else None
+        data["soft"] = self.soft.to_dict() if self.soft is not None else None
         return data

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from prunecli.api import AnalyzeResult, PruneResult, ScoreResult
+from prunecli.api import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
 
 
 def human(number: float, digits: int = 2) -> str:
@@ -142,3 +142,43 @@ def render_score(result: ScoreResult, console: Console) -> None:
     if result.preview:
         preview = result.preview
         console.print(f"preview: --flops-target {preview['budget']['text']} → {human(preview['predicted'])} MACs")
+
+
+def _metrics_row(label: str, summary: dict[str, Any] | Any, metrics: dict[str, Any]) -> list[str]:
+    macs = summary["macs"] if isinstance(summary, dict) else summary.macs
+    params = summary["params"] if isinstance(summary, dict) else summary.params
+    return [label, f"{100 * metrics['top1']:.2f}", f"{100 * metrics['top5']:.2f}", f"{metrics['loss']:.4f}",
+            f"{metrics['images_per_second']:.0f}", human(macs), human(params)]
+
+
+def render_evaluate(result: EvaluateResult, console: Console) -> None:
+    table = Table(title=f"evaluation on {result.data} ({result.metrics['images']} images)", title_justify="left")
+    for column in ("model", "top-1 %", "top-5 %", "loss", "images/s", "MACs", "params"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row(*_metrics_row(result.model.source, result.model, result.metrics))
+    if result.compare:
+        table.add_row(*_metrics_row(result.compare["model"]["source"], result.compare["model"], result.compare["metrics"]))
+    console.print(table)
+    if result.compare:
+        delta = 100 * (result.metrics["top1"] - result.compare["metrics"]["top1"])
+        speed = result.metrics["images_per_second"] / max(result.compare["metrics"]["images_per_second"], 1e-9)
+        console.print(f"top-1 {delta:+.2f} points · MACs ratio original/this {result.compare['macs_ratio']:.2f}x · "
+                      f"measured throughput ratio {speed:.2f}x")
+
+
+def render_finetune(result: FinetuneRunResult, console: Console) -> None:
+    table = Table(title=f"fine-tuning {result.model.source}", title_justify="left")
+    for column in ("epoch", "train loss", "train top-1 %", "val top-1 %", "lr", "T", "images/s"):
+        table.add_column(column, justify="right")
+    for record in result.training.get("history", []):
+        val = record.get("val_top1")
+        table.add_row(str(record["epoch"]), f"{record['train_loss']:.4f}", f"{100 * record['train_top1']:.2f}",
+                      f"{100 * val:.2f}" if val is not None else "-", f"{record['lr']:.4g}",
+                      f"{record['temperature']:.2f}" if record.get("temperature") else "-",
+                      f"{record['images_per_second']:.0f}")
+    console.print(table)
+    if result.before and result.after:
+        console.print(f"validation top-1: {100 * result.before['top1']:.2f}% before → {100 * result.after['top1']:.2f}% "
+                      f"after (best epoch {result.training.get('best_epoch')})")
+    if result.output:
+        console.print(f"written to {result.output}")
