@@ -20,6 +20,7 @@ from prunecli.config import (
     AnalyzeConfig,
     DataOptions,
     EvaluateConfig,
+    ExportJob,
     FinetuneJob,
     ModelSource,
     PruneConfig,
@@ -134,6 +135,7 @@ class AnalyzeResult:
     prunable_channels: int
     notes: list[str] = field(default_factory=list)
     provenance: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,7 +197,23 @@ def analyze_model(config: AnalyzeConfig) -> AnalyzeResult:
         sum(g.channels for g in graph.groups if g.prunable),
         loaded.notes,
         provenance,
+        _latency(config, loaded) if config.latency else None,
     )
+
+
+def _latency(config: AnalyzeConfig, loaded: LoadedModel) -> dict[str, Any]:
+    """Median latency under PyTorch eager and onnxruntime; with ``compare``, the original beside this model."""
+    from prunecli.export import RUNTIMES, compare_latency, latency
+
+    batches = (1, config.latency_batch)
+    shape = tuple(loaded.input.shape)
+    if config.compare is None:
+        timings = {runtime: latency(loaded.model, shape, batches, runtime=runtime) for runtime in RUNTIMES}
+        return {"input_shape": list(shape), "median_ms": timings}
+    original = open_model(_with_base_arch(config.compare, loaded))
+    if tuple(original.input.shape) != shape:
+        raise ArchitectureError(f"--compare model takes {original.input.shape}, this one {shape}; pass --input-shape")
+    return compare_latency(original.model, loaded.model, shape, batch_sizes=batches).to_dict()
 
 
 # ----------------------------------------------------------------------------- score
@@ -594,6 +612,20 @@ def _training_progress(say: Progress):
                 f"{event.get('images_per_second', 0):.0f} img/s")
 
     return tell
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_artifact(job: ExportJob) -> Any:
+    """Export a model to ONNX (verified against onnxruntime), safetensors or TorchScript."""
+    from prunecli.export import export_model
+
+    loaded = open_model(job.source)
+    _profile(loaded, example_input(loaded))
+    real = load_images(job.data, loaded, job.data.calib_images, 0).images if job.data is not None else None
+    return export_model(loaded.model, input_shape=tuple(loaded.input.shape), document=loaded.document,
+                        config=job.export, real_inputs=real, arch=loaded.arch, inputs=(job.source.path,))
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -192,6 +192,10 @@ def analyze(
     trust_pickle: TrustPickleOpt = False,
     import_path: ImportPathOpt = None,
     ignore: IgnoreOpt = None,
+    latency: Annotated[bool, typer.Option("--latency", help="Measure median latency (PyTorch eager and onnxruntime, batch 1 and --latency-batch).")] = False,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="The larger batch for --latency.", min=2)] = 16,
+    compare: Annotated[Path | None, typer.Option("--compare", help="With --latency: time this original beside the model and show the speedup next to the MACs ratio.")] = None,
+    compare_arch: Annotated[str | None, typer.Option("--compare-arch", help="--arch of the --compare model when it is a plain state dict (default: the model's base architecture).")] = None,
     timeout: TimeoutOpt = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -200,12 +204,14 @@ def analyze(
 
     def call():
         from prunecli.api import analyze_model
-        from prunecli.config import AnalyzeConfig
+        from prunecli.config import AnalyzeConfig, ModelSource
         from prunecli.report import print_json, render_analyze
 
-        config = AnalyzeConfig(
-            _source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path), tuple(ignore or ()), timeout
-        )
+        if compare is not None and not latency:
+            raise PrunecliError("--compare needs --latency (it times the original beside this model)")
+        source = _source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path)
+        other = ModelSource(compare, compare_arch, {}, source.input_shape, trust_pickle, source.import_paths) if compare else None
+        config = AnalyzeConfig(source, tuple(ignore or ()), timeout, latency, latency_batch, other)
         result = analyze_model(config)
         print_json(result) if as_json else render_analyze(result, out)
 
@@ -484,6 +490,67 @@ def finetune(
         with _Progress(not (quiet or as_json)) as progress:
             result = finetune_model(job, progress=progress.stage)
         print_json(result) if as_json else render_finetune(result, out)
+
+    _run(call)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    safetensors = "safetensors"
+    torchscript = "torchscript"
+
+
+class Exporter(str, Enum):
+    auto = "auto"
+    legacy = "legacy"
+    dynamo = "dynamo"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .onnx, .safetensors, or .pt/.ts for TorchScript.")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (checked, verified against onnxruntime), safetensors (slim re-write) or torchscript.")] = ExportFormat.onnx,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare the exported model's outputs with PyTorch's on random (and --data) inputs; fail above --atol.")] = True,
+    atol: Annotated[float, typer.Option("--atol", help="Largest absolute output difference --verify accepts.")] = 1e-4,
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (legacy exporter 7-20, dynamo 18-23).")] = None,
+    exporter: Annotated[Exporter, typer.Option("--exporter", help="ONNX exporter: legacy (TorchScript-based, fast), dynamo, or auto (legacy, falling back to dynamo with the reason reported).")] = Exporter.auto,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
+    dtype: Annotated[DType, typer.Option("--dtype", help="safetensors: store weights as fp32, fp16 or bf16.")] = DType.fp32,
+    data: DataOpt = None,
+    data_root: DataRootOpt = Path("/usr/share/datasets/fashion-mnist"),
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Real images to verify with (from --data).", min=1)] = 32,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: InputShapeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    import_path: ImportPathOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a deployable file: ONNX verified against onnxruntime, a slim safetensors copy, or TorchScript."""
+
+    def call():
+        from prunecli.api import export_artifact
+        from prunecli.config import DataOptions, ExportJob
+        from prunecli.export import ExportConfig
+        from prunecli.report import print_json, render_export
+
+        config = ExportConfig(format=format.value, output=output, opset=opset, dynamic_batch=dynamic_batch,
+                              exporter=exporter.value, verify=verify, atol=atol, dtype=dtype.value, force=force)
+        job = ExportJob(
+            _source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
+            config,
+            DataOptions(data, data_root, calib_images, calib_images) if data else None,
+        )
+        result = export_artifact(job)
+        print_json(result) if as_json else render_export(result, out)
 
     _run(call)
 

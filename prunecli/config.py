@@ -159,6 +159,18 @@ class AnalyzeConfig:
     source: ModelSource
     ignore: tuple[str, ...] = ()
     timeout: float | None = 300.0
+    latency: bool = False  # time PyTorch eager and onnxruntime at batch 1 and latency_batch
+    latency_batch: int = 16
+    compare: ModelSource | None = None  # the original, timed beside this model
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """``export``: which model, the ``prunecli.export.ExportConfig`` and optional real inputs for parity."""
+
+    source: ModelSource
+    export: Any  # prunecli.export.ExportConfig
+    data: DataOptions | None = None
 
 
 @dataclass(frozen=True)

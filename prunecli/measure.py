@@ -7,7 +7,6 @@ layers (``out * in/groups * prod(kernel)`` per output position), nothing for nor
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,17 +178,3 @@ def _channels_of(module: nn.Module) -> int:
         return int(shape[-1])
     weight = getattr(module, "weight", None)
     return int(weight.shape[0]) if weight is not None else 1
-
-
-@torch.no_grad()
-def latency_ms(model: nn.Module, example_input: torch.Tensor, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of one forward pass, after warm-up."""
-    model.eval()
-    for _ in range(warmup):
-        model(example_input)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(example_input)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))

@@ -58,6 +58,8 @@ def render_analyze(result: AnalyzeResult, console: Console) -> None:
     )
     for note in result.notes:
         console.print(f"note: {note}")
+    if result.latency:
+        render_latency(result.latency, console)
     if result.provenance:
         p = result.provenance
         if p.get("method"):
@@ -182,3 +184,42 @@ def render_finetune(result: FinetuneRunResult, console: Console) -> None:
                       f"after (best epoch {result.training.get('best_epoch')})")
     if result.output:
         console.print(f"written to {result.output}")
+
+
+def render_latency(latency: dict[str, Any], console: Console) -> None:
+    """Median latency per runtime and batch; with an original, the speedup beside the MACs ratio."""
+    if "rows" in latency:
+        table = Table(title="latency (median ms)", title_justify="left")
+        for column in ("runtime", "batch", "original", "this model", "speedup", "MACs ratio"):
+            table.add_column(column, justify="right")
+        for row in latency["rows"]:
+            table.add_row(row["runtime"], str(row["batch"]), f"{row['original_ms']:.2f}", f"{row['slim_ms']:.2f}",
+                          f"{row['speedup']:.2f}x", f"{latency['macs_ratio']:.2f}x")
+    else:
+        table = Table(title="latency (median ms)", title_justify="left")
+        for column in ("runtime", "batch", "ms"):
+            table.add_column(column, justify="right")
+        for runtime, timings in latency["median_ms"].items():
+            for batch, ms in timings.items():
+                table.add_row(runtime, str(batch), f"{ms:.2f}")
+    console.print(table)
+
+
+def render_export(result: Any, console: Console) -> None:
+    data = result.to_dict()
+    line = f"wrote {data['output']} ({human(data['file_size'])}B, {data['format']} via {data['exporter']}"
+    if data.get("opset"):
+        line += f", opset {data['opset']}"
+    console.print(line + (", dynamic batch" if data.get("dynamic_batch") else "") + f") in {data['seconds']:.1f} s")
+    if data.get("fallback_reason"):
+        console.print(f"note: {data['fallback_reason']}")
+    check = data.get("verification")
+    if check:
+        for kind in ("random", "real", "cast"):
+            parity = check.get(kind)
+            if parity:
+                console.print(f"verify ({check['runtime']}, {kind} inputs): max abs {parity['max_abs']:.3g}, "
+                              f"max rel {parity['max_rel']:.3g} (atol {check['atol']:g}) "
+                              + ("[green]ok[/]" if check["passed"] else "[red]failed[/]"))
+    for note in data.get("notes") or []:
+        console.print(f"note: {note}")
