@@ -68,7 +68,7 @@ def test_every_criterion_prunes_to_budget(key, method, files, tmp_path):
 def test_data_criterion_without_data_names_the_method(files, tmp_path):
     config = _config("sample", files, "l1", tmp_path)
     config = PruneConfig(config.source, config.budget, method="hrank", output=config.output)
-    with pytest.raises(DataError, match="hrank.*--data"):
+    with pytest.raises(DataError, match=r"hrank.*--data"):
         prune_model(config)
     assert not config.output.exists()
 
