@@ -98,7 +98,18 @@ def _channel_blocks(module: nn.Module) -> int:
         return module.groups
     if isinstance(module, nn.GroupNorm):
         return module.num_groups
+    if isinstance(module, nn.MultiheadAttention):
+        return module.num_heads  # every head keeps the same width, losing the same positions
     return 1
+
+
+def _sync_vision_transformer(model: nn.Module) -> None:
+    model.hidden_dim = model.conv_proj.out_channels
+
+
+# Attributes that some architectures keep outside their layers and read in ``forward``; pruning the layers
+# leaves them stale, so they are set again from the layers after every removal.
+ATTRIBUTE_SYNC = {"torchvision.models.vision_transformer.VisionTransformer": _sync_vision_transformer}
 
 
 class DependencyGraph:
@@ -194,3 +205,7 @@ class DependencyGraph:
             if not self._graph.check_pruning_group(items):
                 raise ArchitectureError(f"removing {len(positions)} channels would empty a layer in group {group.root}")
             items.prune()
+        for module in self.model.modules():
+            sync = ATTRIBUTE_SYNC.get(f"{type(module).__module__}.{type(module).__qualname__}")
+            if sync is not None:
+                sync(module)
