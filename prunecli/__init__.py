@@ -9,16 +9,29 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "analyze_model", "load", "prune_model", "save_slim", "score_model"]
+__all__ = [
+    "__version__",
+    "analyze_model",
+    "evaluate_model",
+    "export_artifact",
+    "finetune_model",
+    "load",
+    "prune_model",
+    "save_slim",
+    "score_model",
+]
 
 if TYPE_CHECKING:
-    from prunecli.api import analyze_model, prune_model, score_model
+    from prunecli.api import analyze_model, evaluate_model, export_artifact, finetune_model, prune_model, score_model
     from prunecli.io.slim import load, save_slim
 
 _LAZY = {
     "analyze_model": "prunecli.api",
     "prune_model": "prunecli.api",
     "score_model": "prunecli.api",
+    "evaluate_model": "prunecli.api",
+    "export_artifact": "prunecli.api",
+    "finetune_model": "prunecli.api",
     "load": "prunecli.io.slim",
     "save_slim": "prunecli.io.slim",
 }
