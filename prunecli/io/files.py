@@ -40,6 +40,7 @@ def atomic_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs get the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -49,6 +50,12 @@ def atomic_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> 
         raise ExportError(f"could not write {path}: {exc.strerror or exc}; check free space and permissions") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: Path) -> str:
