@@ -410,8 +410,8 @@ class PruneResult:
 
 
 def default_output(source: Path) -> Path:
-    """``model.pt`` -> ``model.slim.safetensors`` beside it."""
-    return source.with_name(f"{source.name.split('.')[0]}.slim.safetensors")
+    """``model.v2.pt`` -> ``model.v2.slim.safetensors`` beside it (a slim input gets ``.slim.slim``, never itself)."""
+    return source.with_name(f"{source.stem}.slim.safetensors")
 
 
 def _cost_function(budget_kind: str, cost_model: CostModel, groups: list[ChannelGroup]):
@@ -690,8 +690,7 @@ class FinetuneRunResult:
 
 def default_finetune_output(source: Path) -> Path:
     """``model.slim.safetensors`` -> ``model.slim.ft.safetensors`` beside it."""
-    stem = source.name.removesuffix(".safetensors").removesuffix(".pt").removesuffix(".pth")
-    return source.with_name(f"{stem}.ft.safetensors")
+    return source.with_name(f"{source.stem}.ft.safetensors")
 
 
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:

@@ -164,9 +164,9 @@ class _Progress:
     def __init__(self, enabled: bool, images: int | None = None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 
-        self.enabled = enabled
+        self.enabled = enabled and err.is_terminal  # no progress noise in pipes, logs and CI
         self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), console=err, transient=True, disable=not enabled)
+                             TimeRemainingColumn(), console=err, transient=True, disable=not self.enabled)
         self._stage = self._bar.add_task("starting", total=images)
 
     def __enter__(self):

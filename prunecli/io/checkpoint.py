@@ -48,12 +48,14 @@ def _sniff(path: Path) -> str:
     """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save) or 'unknown', from the first bytes."""
     with open(path, "rb") as handle:
         head = handle.read(9)
+    # safetensors first: its 8-byte little-endian header length may well begin with 0x80 (a 0x..80 byte header);
+    # bytes 5-7 of that length are zero (headers under 1 TiB), which neither a zip nor a pickle starts with
+    if len(head) >= 9 and head[8:9] == b"{" and head[5:8] == b"\0\0\0":
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "zip"
     if head[:1] == b"\x80":
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
     return "unknown"
 
 

@@ -10,6 +10,7 @@ resized to its stored shape, and the weights load with ``strict=True``.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -225,14 +226,33 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
                 shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
         raise CheckpointError("weights do not match the architecture: " + "; ".join(parts) + "; check --arch/--arch-kwargs")
-    model.load_state_dict(state, strict=True)
+    # safetensors files and rebuilt dicts carry no ``_metadata``; modules that read their state-dict version
+    # (torchvision's MNASNet raises without one) get the versions of the architecture we just built
+    versioned = OrderedDict(state)
+    versioned._metadata = getattr(state, "_metadata", None) or getattr(expected, "_metadata", None)
+    try:
+        model.load_state_dict(versioned, strict=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise CheckpointError(f"the weights do not load into the architecture ({type(exc).__name__}: {first})") from exc
 
 
 def load(path: str | Path) -> nn.Module:
-    """Load a prunecli slim safetensors file as a ready ``nn.Module`` in eval mode, without pickle."""
-    from safetensors.torch import load_file
+    """Load a prunecli slim model as a ready ``nn.Module`` in eval mode, without pickle: a ``.safetensors``
+    file, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar. Unreadable files raise CheckpointError."""
+    from prunecli.io.checkpoint import _check_file, _read_safetensors, _sniff, _torch_load, unwrap_state_dict
 
-    document = read_slim_metadata(path)
+    path = Path(path)
+    _check_file(path)
+    if _sniff(path) == "safetensors":
+        state = _read_safetensors(path)  # validates the header and offsets before reading
+        document = read_slim_metadata(path)
+        if document is None:
+            raise CheckpointError(f"{path} is a plain safetensors file, not a prunecli slim model; load it with --arch")
+        return rebuild(document, state)
+    document = read_sidecar(path)
     if document is None:
-        raise CheckpointError(f"{path} is a plain safetensors file, not a prunecli slim model; load it with --arch")
-    return rebuild(document, load_file(str(path)))
+        raise CheckpointError(
+            f"{path} is not a prunecli slim model (a .safetensors file, or a .pt/.pth with its .json sidecar)"
+        )
+    return rebuild(document, unwrap_state_dict(_torch_load(path, trust_pickle=False)))

@@ -1,0 +1,429 @@
+"""The command line through Typer's CliRunner: help, version, analyze and prune output, exit codes, and
+one-line errors that leave no file behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torchvision
+import typer
+from typer.testing import CliRunner
+
+import prunecli
+from prunecli.cli import app
+from prunecli.measure import totals
+from prunecli.samples import resnet20
+
+# Hand-computed for sample:resnet20 at 1x28x28 (conv + linear MACs, thop convention):
+#   stem 16*1*9*784 = 112,896; layer1 6 x 16*16*9*784 = 10,838,016;
+#   layer2 32*16*9*196 + 5 x 32*32*9*196 + shortcut 32*16*196 = 903,168 + 9,031,680 + 100,352;
+#   layer3 64*32*9*49 + 5 x 64*64*9*49 + shortcut 64*32*49 = 903,168 + 9,031,680 + 100,352; fc 64*10 = 640.
+R20_MACS = 31_021_952
+# conv weights 144 + 13,824 + 4,608 + 46,080 + 512 + 18,432 + 184,320 + 2,048; BN 2 x (16*7 + 32*7 + 64*7); fc 650
+R20_PARAMS = 272_186
+R20_LAYERS = 22  # 19 convs + 2 shortcut convs + fc
+# channel groups: stage residuals (16, 32, 64), the nine block-internal convs (3 x 16, 3 x 32, 3 x 64), and fc,
+# which only feeds the output
+R20_GROUPS, R20_PRUNABLE_GROUPS, R20_PRUNABLE_CHANNELS = 13, 12, 16 + 32 + 64 + 3 * (16 + 32 + 64)
+
+runner = CliRunner()
+
+
+class Payload:
+    """Unpickling this runs ``exec``, which would write ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def invoke(*args: str, columns: int | None = None):
+    """Run the app; rich renders at 80 columns unless ``columns`` widens it (tables and help fold otherwise)."""
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": str(columns)} if columns else None)
+
+
+def files_in(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def r20_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("r20") / "r20.pt"
+    torch.save(resnet20().state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def r20(tmp_path, r20_weights):
+    """A private copy, so default outputs land in this test's folder."""
+    return shutil.copy(r20_weights, tmp_path / "r20.pt") and tmp_path / "r20.pt"
+
+
+@pytest.fixture(scope="module")
+def r18_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("r18") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def assert_one_line_error(result, code: int = 1) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    message = result.stderr.strip()
+    assert message.startswith("error: "), message
+    assert "\n" not in message, message
+    return message
+
+
+# ----------------------------------------------------------------------------- help and version
+
+
+def _command_names() -> list[str]:
+    return sorted(typer.main.get_command(app).commands)
+
+
+def test_commands_include_analyze_and_prune():
+    assert {"analyze", "prune"} <= set(_command_names())
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in _command_names())])
+def test_help_exits_zero(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage: prunecli" in result.stdout
+    assert "Traceback" not in result.output
+
+
+def test_prune_help_lists_every_registered_method():
+    from prunecli.criteria import list_criteria
+
+    result = invoke("prune", "--help", columns=300)
+    assert result.exit_code == 0
+    assert "<" + "|".join(list_criteria()) + ">" in result.stdout
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"prunecli {prunecli.__version__}\n"
+
+
+def test_no_arguments_shows_help():
+    result = invoke()
+    assert result.exit_code in (0, 2)
+    assert "Usage: prunecli" in result.output
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+def test_analyze_text(r20):
+    result = invoke("analyze", r20, "--arch", "sample:resnet20", columns=250)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "total: 272.19K params, 31.02M MACs" in text
+    assert f"{R20_GROUPS} channel groups, {R20_PRUNABLE_GROUPS} prunable, {R20_PRUNABLE_CHANNELS} prunable channels" in text
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.startswith("│")]
+    rows = {row[0]: row[1:] for row in cells}
+    assert len(rows) == R20_LAYERS
+    # layer: type, in, out, kernel, params, MACs, % MACs, group, coupled layers, prunable
+    assert rows["layer3.1.conv2"] == ["Conv2d", "64", "64", "3x3", "36.86K", "1.81M", "5.8", "layer3.0.shortcut.0", "11",
+                                      "yes"]
+    assert rows["layer2.0.shortcut.0"] == ["Conv2d", "16", "32", "1x1", "512", "100.35K", "0.3", "layer2.0.shortcut.0",
+                                           "12", "yes"]
+    assert rows["fc"] == ["Linear", "64", "10", "-", "650", "640", "0.0", "fc", "1", "no (feeds the model output)"]
+
+
+def test_analyze_json(r20):
+    result = invoke("analyze", r20, "--arch", "sample:resnet20", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # stdout holds one JSON document and nothing else
+    model = resnet20()
+    measured = totals(model, torch.zeros(1, 1, 28, 28))
+    assert data["model"]["macs"] == measured.macs == R20_MACS
+    assert data["model"]["params"] == measured.params == R20_PARAMS
+    assert data["model"]["input_shape"] == [1, 28, 28]
+    assert data["model"]["arch"] == "sample:resnet20"
+    assert len(data["layers"]) == R20_LAYERS
+    assert sum(row["macs"] for row in data["layers"]) == R20_MACS
+    assert data["layers"][0] | {"macs_share": None} == {
+        "name": "conv1", "kind": "Conv2d", "in_channels": 1, "out_channels": 16, "kernel": [3, 3], "groups": 1,
+        "params": 144, "macs": 112_896, "macs_share": None, "group": "conv1", "coupled_layers": 13,
+        "prunable": True, "reason": "",
+    }
+    assert len(data["groups"]) == R20_GROUPS
+    assert sum(g["prunable"] for g in data["groups"]) == R20_PRUNABLE_GROUPS
+    assert data["prunable_channels"] == R20_PRUNABLE_CHANNELS
+    fc = next(g for g in data["groups"] if g["root"] == "fc")
+    assert (fc["channels"], fc["prunable"], fc["reason"]) == (10, False, "feeds the model output")
+
+
+def test_analyze_torchvision_weights_are_recognised(r18_weights):
+    result = invoke("analyze", r18_weights, "--input-shape", "3x64x64", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"]["arch"] == "torchvision:resnet18"
+    assert data["model"]["input_shape"] == [3, 64, 64]
+    assert data["model"]["params"] == 11_689_512
+    assert data["model"]["macs"] == totals(torchvision.models.resnet18(), torch.zeros(1, 3, 64, 64)).macs
+    assert len(data["layers"]) == 21  # 17 convs + 3 downsample convs + fc
+    assert "recognised the weights as torchvision:resnet18" in data["notes"]
+
+
+# ----------------------------------------------------------------------------- prune
+
+
+def test_prune_json(tmp_path, r20):
+    output = tmp_path / "slim.safetensors"
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "-o", output, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert abs(data["macs_kept"] - 0.5) <= 0.005
+    assert data["before"] == {"params": R20_PARAMS, "macs": R20_MACS}
+    assert data["after"]["macs"] == pytest.approx(R20_MACS * data["macs_kept"], rel=1e-12)
+    assert data["method"] == "l1" and data["budget"]["kind"] == "flops" and data["budget"]["value"] == 0.5
+    assert data["output"] == str(output)
+    assert data["channels_removed"] > 0
+    model = prunecli.load(output)
+    measured = totals(model, torch.zeros(1, 1, 28, 28))
+    assert (measured.macs, measured.params) == (data["after"]["macs"], data["after"]["params"])
+    assert files_in(tmp_path) == ["r20.pt", "slim.safetensors"]
+
+
+def test_prune_text_then_analyze_the_slim_file(tmp_path, r20):
+    output = tmp_path / "slim.safetensors"
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "-o", output, "-q")
+    assert result.exit_code == 0, result.output
+    assert "summary" in result.stdout and "method l1" in " ".join(result.stdout.split())
+    again = invoke("analyze", output, "--json")
+    assert again.exit_code == 0, again.output
+    data = json.loads(again.stdout)
+    assert data["model"]["arch"] == "sample:resnet20"
+    assert data["model"]["input_shape"] == [1, 28, 28]
+    assert data["provenance"]["method"] == "l1"
+    assert data["provenance"]["achieved"]["macs"] == data["model"]["macs"] < R20_MACS
+    # every prunable group lost a quarter of its channels, rounded to the nearest count
+    widths = {row["name"]: row["out_channels"] for row in data["layers"]}
+    assert widths["layer1.0.conv1"] == 12 and widths["layer2.0.conv1"] == 24 and widths["layer3.0.conv1"] == 48
+
+
+def test_prune_torchvision_resnet18(tmp_path, r18_weights):
+    output = tmp_path / "r18.slim.safetensors"
+    args = ("--arch", "torchvision:resnet18", "--input-shape", "3x64x64", "--flops-target", "50%", "-o", output, "--json")
+    result = invoke("prune", r18_weights, *args)  # detection is covered by the analyze test
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"]["arch"] == "torchvision:resnet18"
+    assert abs(data["macs_kept"] - 0.5) <= 0.005
+    model = prunecli.load(output)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+    assert totals(model, torch.zeros(1, 3, 64, 64)).macs == data["after"]["macs"]
+
+
+def test_default_output_and_refusal_to_clobber(tmp_path, r20):
+    args = ("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "--json")
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    expected = tmp_path / "r20.slim.safetensors"
+    assert json.loads(first.stdout)["output"] == str(expected)
+    assert files_in(tmp_path) == ["r20.pt", "r20.slim.safetensors"]
+    original = expected.read_bytes()
+
+    second = invoke(*args)
+    message = assert_one_line_error(second)
+    assert "--force" in message and "already exists" in message
+    assert expected.read_bytes() == original
+    assert files_in(tmp_path) == ["r20.pt", "r20.slim.safetensors"]
+
+    third = invoke(*args, "--force")
+    assert third.exit_code == 0, third.output
+    forced = expected.read_bytes()
+    fourth = invoke(*args, "--force")
+    assert fourth.exit_code == 0, fourth.output
+    assert expected.read_bytes() == forced  # same command, same input: byte-identical
+    assert files_in(tmp_path) == ["r20.pt", "r20.slim.safetensors"]
+
+
+def test_default_output_keeps_dotted_stems(tmp_path, r20):
+    dotted = tmp_path / "r20.v2.pt"
+    r20.rename(dotted)
+    result = invoke("prune", dotted, "--arch", "sample:resnet20", "--flops-target", "0.5", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["output"] == str(tmp_path / "r20.v2.slim.safetensors")
+
+
+def test_default_output_of_a_slim_input_is_a_new_file(tmp_path, r20):
+    first = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.2", "-q")
+    assert first.exit_code == 0, first.output
+    second = invoke("prune", tmp_path / "r20.slim.safetensors", "--ratio", "0.2", "--json")
+    assert second.exit_code == 0, second.output
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _random_bytes(n: int = 4096) -> bytes:
+    return bytes(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(7), dtype=torch.uint8).tolist())
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
+
+
+BAD = {
+    # name: (setup(tmp_path, r20) -> model path, extra args, words in the message)
+    "missing file": (lambda d, m: d / "nope.pt", ("--arch", "sample:resnet20"), "no such file"),
+    "directory": (lambda d, m: _mkdir(d / "weights"), ("--arch", "sample:resnet20"), "directory"),
+    "empty file": (lambda d, m: _write(d / "e.pt", b""), ("--arch", "sample:resnet20"), "empty"),
+    "random bytes": (
+        lambda d, m: _write(d / "r.pt", b"\x01" + _random_bytes()),
+        ("--arch", "sample:resnet20"),
+        "neither safetensors nor a torch.save file",
+    ),
+    "random bytes after a zip signature": (
+        lambda d, m: _write(d / "r.pt", b"PK\x03\x04" + _random_bytes()),
+        ("--arch", "sample:resnet20"),
+        "truncated or damaged",
+    ),
+    "weights not matching --arch": (lambda d, m: m, ("--arch", "torchvision:resnet18"), "42 missing"),
+    "unknown torchvision arch": (lambda d, m: m, ("--arch", "torchvision:resnet19"), "unknown torchvision classifier"),
+    "unknown sample arch": (lambda d, m: m, ("--arch", "sample:resnet21"), "unknown sample architecture"),
+    "malformed arch": (lambda d, m: m, ("--arch", "resnet20"), "is not of the form"),
+    "bad arch kwargs": (lambda d, m: m, ("--arch", "sample:resnet20", "--arch-kwargs", "{oops"), "not valid JSON"),
+    "wrong arch kwargs": (
+        lambda d, m: m, ("--arch", "sample:resnet20", "--arch-kwargs", '{"width": 2}'), "check --arch-kwargs"
+    ),
+    "bad input shape": (lambda d, m: m, ("--arch", "sample:resnet20", "--input-shape", "28x28"), "CxHxW"),
+    "input shape the model cannot run": (
+        lambda d, m: m, ("--arch", "sample:resnet20", "--input-shape", "3x28x28"), "--input-shape"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("command", ["analyze", "prune"])
+def test_bad_model_inputs(tmp_path, r20, command, case):
+    setup, extra, words = BAD[case]
+    path = setup(tmp_path, r20)
+    before = files_in(tmp_path)
+    budget = ("--flops-target", "0.5") if command == "prune" else ()
+    result = invoke(command, path, *extra, *budget)
+    message = assert_one_line_error(result)
+    assert words in message
+    assert files_in(tmp_path) == before
+
+
+BAD_PRUNE = {
+    # name: (args after the model, exit code, words in the message)
+    "flops target 0": (("--flops-target", "0"), 1, "strictly between 0 and 1"),
+    "flops target 1": (("--flops-target", "1"), 1, "strictly between 0 and 1"),
+    "ratio 1.5": (("--ratio", "1.5"), 1, "between 0 and 1"),
+    "flops target 1.5 (a count of 1.5 MACs)": (("--flops-target", "1.5"), 1, "cannot be reached"),
+    "flops target abc": (("--flops-target", "abc"), 1, "not a number"),
+    "params target -0.2": (("--params-target", "-0.2"), 1, "not a number"),
+    "budget above the model's MACs": (("--flops-target", "100G"), 1, "not below the model's own"),
+    "params above the model's": (("--params-target", "2M"), 1, "not below the model's own"),
+    "unreachable budget": (
+        ("--flops-target", "0.2", "--max-layer-ratio", "0.1"), 1, "cannot be reached"
+    ),
+    "max layer ratio 1": (("--flops-target", "0.5", "--max-layer-ratio", "1"), 1, "--max-layer-ratio"),
+    "everything ignored": (("--flops-target", "0.5", "--ignore", "*"), 1, "no prunable channel group"),
+    "cuda that is not there": (("--flops-target", "0.5", "--device", "cuda:7"), 1, "--device"),
+    "unknown device": (("--flops-target", "0.5", "--device", "tpu"), 1, "--device"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PRUNE))
+def test_bad_prune_options(tmp_path, r20, case):
+    args, code, words = BAD_PRUNE[case]
+    result = invoke("prune", r20, "--arch", "sample:resnet20", *args)
+    message = assert_one_line_error(result, code)
+    assert words in message
+    assert files_in(tmp_path) == ["r20.pt"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--flops-target", "0.5", "--method", "nonsense"),
+        (),
+        ("--flops-target", "0.5", "--ratio", "0.3"),
+        ("--flops-target", "0.5", "--params-target", "0.5", "--ratio", "0.3"),
+        ("--flops-target", "0.5", "--allocation", "greedy"),
+        ("--flops-target", "0.5", "--round-to", "0"),
+        ("--flops-target", "0.5", "--timeout", "0"),
+        ("--flops-target",),
+        ("--flops-target", "0.5", "--no-such-option"),
+    ],
+    ids=["unknown method", "no budget", "two budgets", "three budgets", "unknown allocation", "round-to 0",
+         "timeout 0", "budget without value", "unknown option"],
+)
+def test_usage_errors_exit_2(tmp_path, r20, args):
+    result = invoke("prune", r20, "--arch", "sample:resnet20", *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert files_in(tmp_path) == ["r20.pt"]
+
+
+def test_output_in_a_missing_directory(tmp_path, r20):
+    output = tmp_path / "missing" / "out.safetensors"
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "-o", output)
+    message = assert_one_line_error(result)
+    assert "does not exist" in message and str(tmp_path / "missing") in message
+    assert files_in(tmp_path) == ["r20.pt"]
+
+
+def test_output_is_a_directory(tmp_path, r20):
+    (tmp_path / "out").mkdir()
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "-o", tmp_path / "out")
+    assert "is a directory" in assert_one_line_error(result)
+    assert files_in(tmp_path) == ["out", "r20.pt"]
+    assert files_in(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_output_equal_to_input(tmp_path, r20, force):
+    original = r20.read_bytes()
+    args = ("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "-o", r20)
+    result = invoke(*args, *(["--force"] if force else []))
+    assert "is the input file" in assert_one_line_error(result)
+    assert r20.read_bytes() == original
+    assert files_in(tmp_path) == ["r20.pt"]
+
+
+def test_pickle_payload_through_the_cli_never_runs(tmp_path):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "evil.pt"
+    torch.save(Payload(marker), path)
+    for command in (("analyze", path), ("prune", path, "--ratio", "0.3")):
+        result = invoke(*command)
+        assert "--trust-pickle" in assert_one_line_error(result)
+        assert not marker.exists()
+    assert files_in(tmp_path) == ["evil.pt"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = invoke("--debug", "analyze", tmp_path / "nope.pt")
+    assert result.exit_code == 1
+    assert result.exception is not None and type(result.exception).__name__ == "CheckpointError"
+
+
+def test_prune_writes_no_blank_line_to_a_non_terminal_stderr(tmp_path):
+    result = invoke("prune", tmp_path / "nope.pt", "--ratio", "0.3")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {tmp_path / 'nope.pt'}: no such file; check the path\n"
