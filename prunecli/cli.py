@@ -196,7 +196,7 @@ def analyze(
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="The larger batch for --latency.", min=2)] = 16,
     compare: Annotated[Path | None, typer.Option("--compare", help="With --latency: time this original beside the model and show the speedup next to the MACs ratio.")] = None,
     compare_arch: Annotated[str | None, typer.Option("--compare-arch", help="--arch of the --compare model when it is a plain state dict (default: the model's base architecture).")] = None,
-    timeout: TimeoutOpt = 300.0,
+    timeout: TimeoutOpt = 120.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Layers, parameters, MACs (conv + linear multiply-accumulates, the thop convention the papers use)
@@ -247,7 +247,7 @@ def score(
     input_shape: InputShapeOpt = None,
     trust_pickle: TrustPickleOpt = False,
     import_path: ImportPathOpt = None,
-    timeout: TimeoutOpt = 300.0,
+    timeout: TimeoutOpt = 120.0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -308,7 +308,7 @@ def prune(
     input_shape: InputShapeOpt = None,
     trust_pickle: TrustPickleOpt = False,
     import_path: ImportPathOpt = None,
-    timeout: TimeoutOpt = 300.0,
+    timeout: TimeoutOpt = 120.0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -53,6 +53,10 @@ def parse_budget(kind: str, text: str) -> Budget:
     absolute = suffix != "" or number > 1
     if kind == "ratio" and absolute:
         raise BudgetError(f"{option} {text!r} must be a fraction of channels to remove, between 0 and 1 (e.g. 0.3)")
+    if absolute and suffix == "" and number < 1000:
+        raise BudgetError(
+            f"{option} {text!r} is neither a fraction nor a plausible count; use 0.5, 50% or a count such as 2.1G"
+        )
     if absolute:
         return Budget(kind, number * _SUFFIX[suffix], True, str(text))
     if not 0 < number < 1:
@@ -126,7 +130,7 @@ class ScoreConfig:
     force: bool = False
     ignore: tuple[str, ...] = ()
     preview: Budget | None = None
-    timeout: float | None = 300.0
+    timeout: float | None = 120.0
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ class FinetuneJob:
 class AnalyzeConfig:
     source: ModelSource
     ignore: tuple[str, ...] = ()
-    timeout: float | None = 300.0
+    timeout: float | None = 120.0
     latency: bool = False  # time PyTorch eager and onnxruntime at batch 1 and latency_batch
     latency_batch: int = 16
     compare: ModelSource | None = None  # the original, timed beside this model
@@ -189,7 +193,7 @@ class PruneConfig:
     force: bool = False
     seed: int = 0
     device: str = "cpu"
-    timeout: float | None = 300.0
+    timeout: float | None = 120.0
     criterion_options: dict[str, Any] = field(default_factory=dict)
     data: DataOptions | None = None
     scores: Path | None = None  # reuse a `prunecli score` file instead of scoring again

@@ -109,6 +109,17 @@ def _sync_vision_transformer(model: nn.Module) -> None:
 
 # Attributes that some architectures keep outside their layers and read in ``forward``; pruning the layers
 # leaves them stale, so they are set again from the layers after every removal.
+# Architectures Torch-Pruning's tracer cannot handle, refused at once instead of after a crash or a long
+# hang (seen on torchvision 0.29: swin and maxvit tracing grew past 10-20 GB without finishing).
+UNSUPPORTED = {
+    "torchvision.models.shufflenetv2.ShuffleNetV2": "its channel shuffle (view + transpose) breaks the channel "
+    "dependency tracer; prune another architecture",
+    "torchvision.models.swin_transformer.SwinTransformer": "tracing its shifted-window attention does not finish "
+    "(and exhausts memory); prune a CNN or a ViT instead",
+    "torchvision.models.maxvit.MaxVit": "tracing its block/grid attention does not finish (and exhausts memory); "
+    "prune a CNN or a ViT instead",
+}
+
 ATTRIBUTE_SYNC = {"torchvision.models.vision_transformer.VisionTransformer": _sync_vision_transformer}
 
 
@@ -131,6 +142,9 @@ class DependencyGraph:
     ):
         import torch_pruning as tp
 
+        refusal = UNSUPPORTED.get(f"{type(model).__module__}.{type(model).__qualname__}")
+        if refusal is not None:
+            raise ArchitectureError(f"{type(model).__name__} cannot be pruned: {refusal}")
         self.model = model
         self._names = {module: name for name, module in model.named_modules()}
         was_training = model.training
