@@ -332,7 +332,7 @@ BAD_PRUNE = {
     "flops target 0": (("--flops-target", "0"), 1, "strictly between 0 and 1"),
     "flops target 1": (("--flops-target", "1"), 1, "strictly between 0 and 1"),
     "ratio 1.5": (("--ratio", "1.5"), 1, "between 0 and 1"),
-    "flops target 1.5 (neither a fraction nor a count)": (("--flops-target", "1.5"), 1, "neither a fraction nor a plausible count"),
+    "flops target 1.5 (no fraction, no count)": (("--flops-target", "1.5"), 1, "neither a fraction nor a plausible count"),
     "flops target abc": (("--flops-target", "abc"), 1, "not a number"),
     "params target -0.2": (("--params-target", "-0.2"), 1, "not a number"),
     "budget above the model's MACs": (("--flops-target", "100G"), 1, "not below the model's own"),
