@@ -201,6 +201,12 @@ def _model_from_state(
     return model, arch
 
 
+def _consents(document: dict[str, Any], arch: ArchSpec | None, trust_pickle: bool) -> bool:
+    """The user vouched for the code a slim file's architecture spec runs: --trust-pickle, or --arch naming it."""
+    named = (document.get("arch") or {}).get("spec") if isinstance(document.get("arch"), dict) else None
+    return trust_pickle or (arch is not None and arch.spec == named)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -219,7 +225,7 @@ def load_model(
         state = _read_safetensors(path)
         document = read_slim_metadata(path)
         if document is not None:
-            model = rebuild(document, state)
+            model = rebuild(document, state, _consents(document, arch, trust_pickle), str(path))
             arch = ArchSpec.from_dict(document["arch"])
         else:
             model, arch = _model_from_state(state, arch, import_paths, notes)
@@ -234,7 +240,7 @@ def load_model(
         sidecar = read_sidecar(path)
         if sidecar is not None and not isinstance(obj, nn.Module):
             document = sidecar
-            model = rebuild(document, unwrap_state_dict(obj))
+            model = rebuild(document, unwrap_state_dict(obj), _consents(document, arch, trust_pickle), str(path))
             arch = ArchSpec.from_dict(document["arch"])
         elif isinstance(obj, nn.Module):
             model = obj.eval()

@@ -37,19 +37,22 @@ def atomic_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> 
     """
     path = Path(path)
     check_output_path(path, force=force, inputs=inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs get the usual permissions
+    mode = 0o666 & ~_umask()
+    tmp = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
+        os.close(fd)
         yield tmp
+        os.chmod(tmp, mode)  # after writing: mkstemp (and writers that rename their own temp) make it private
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         raise ExportError(f"could not write {path}: {exc.strerror or exc}; check free space and permissions") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:

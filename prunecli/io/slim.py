@@ -174,9 +174,29 @@ def _checked(document: Any, path: str | Path) -> dict[str, Any]:
     return document
 
 
-def rebuild(document: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> nn.Module:
+BUILTIN_KINDS = ("torchvision", "sample")
+
+
+def trusted_arch(document: Mapping[str, Any], trust_code: bool, source: str = "the file") -> ArchSpec:
+    """The base architecture a file names. Only torchvision and sample specs are taken from a file on its
+    word: any other spec imports and calls code the file chose, so it needs the user's consent."""
+    try:
+        arch = ArchSpec.from_dict(document["arch"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError("the prunecli metadata names no base architecture; the file is damaged") from exc
+    if arch.spec.partition(":")[0] not in BUILTIN_KINDS and not trust_code:
+        raise CheckpointError(
+            f"{source} asks to build its architecture with {arch.spec!r}, which runs code; pass --arch {arch.spec} "
+            "(or --trust-pickle) if you trust it"
+        )
+    return arch
+
+
+def rebuild(
+    document: Mapping[str, Any], state: Mapping[str, torch.Tensor], trust_code: bool = False, source: str = "the file"
+) -> nn.Module:
     """Build the slim architecture described by ``document`` and load ``state`` strictly."""
-    arch = ArchSpec.from_dict(document["arch"])
+    arch = trusted_arch(document, trust_code, source)
     full = dict(state)
     for alias, target in document.get("tied", {}).items():
         full[alias] = full[target]
@@ -237,7 +257,7 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         raise CheckpointError(f"the weights do not load into the architecture ({type(exc).__name__}: {first})") from exc
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path, trust_code: bool = False) -> nn.Module:
     """Load a prunecli slim model as a ready ``nn.Module`` in eval mode, without pickle: a ``.safetensors``
     file, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar. Unreadable files raise CheckpointError."""
     from prunecli.io.checkpoint import _check_file, _read_safetensors, _sniff, _torch_load, unwrap_state_dict
@@ -249,10 +269,10 @@ def load(path: str | Path) -> nn.Module:
         document = read_slim_metadata(path)
         if document is None:
             raise CheckpointError(f"{path} is a plain safetensors file, not a prunecli slim model; load it with --arch")
-        return rebuild(document, state)
+        return rebuild(document, state, trust_code, str(path))
     document = read_sidecar(path)
     if document is None:
         raise CheckpointError(
             f"{path} is not a prunecli slim model (a .safetensors file, or a .pt/.pth with its .json sidecar)"
         )
-    return rebuild(document, unwrap_state_dict(_torch_load(path, trust_pickle=False)))
+    return rebuild(document, unwrap_state_dict(_torch_load(path, trust_pickle=False)), trust_code, str(path))
