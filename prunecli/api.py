@@ -353,7 +353,7 @@ def read_scores(
     try:
         payload = json.loads(Path(path).read_text())
         made_for, entries, made_with = payload["model"]["sha256"], payload["groups"], payload["method"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DataError(f"--scores {path} is not a scores file written by `prunecli score`") from exc
     if made_for != loaded.sha256:
         raise DataError(f"--scores {path} was computed for another model (sha256 {made_for[:12]}...); score this one")

@@ -166,7 +166,10 @@ def read_slim_metadata(path: str | Path) -> dict[str, Any] | None:
 def _checked(document: Any, path: str | Path) -> dict[str, Any]:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"{path}: the metadata is not a prunecli slim document; the file is damaged")
-    if int(document.get("format_version", 0)) > FORMAT_VERSION:
+    version = document.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: the prunecli metadata has no integer format_version; the file is damaged")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: slim format {document.get('format')} v{document.get('format_version')} is not readable by "
             f"prunecli {__version__}; upgrade prunecli"
@@ -183,7 +186,7 @@ def trusted_arch(document: Mapping[str, Any], trust_code: bool, source: str = "t
     try:
         arch = ArchSpec.from_dict(document["arch"])
     except (KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError("the prunecli metadata names no base architecture; the file is damaged") from exc
+        raise CheckpointError(f"{source}: the prunecli metadata names no base architecture; the file is damaged") from exc
     if arch.spec.partition(":")[0] not in BUILTIN_KINDS and not trust_code:
         raise CheckpointError(
             f"{source} asks to build its architecture with {arch.spec!r}, which runs code; pass --arch {arch.spec} "
