@@ -844,7 +844,7 @@ class _Trainer:
         if self.val is not None:
             _check_labels(self.val, classes, "the validation data")
         if self.teacher is not None:
-            self.teacher.to(self.device).eval().requires_grad_(False)
+            self.teacher.to(self.device).eval()  # it runs under no_grad: the caller's model is not frozen
             taught = _num_classes(self.teacher, self.train.images, self.device, "the teacher")
             if taught != classes:
                 raise DataError(

@@ -148,6 +148,9 @@ class DependencyGraph:
         self.model = model
         self._names = {module: name for name, module in model.named_modules()}
         was_training = model.training
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for param in frozen:  # the tracer follows autograd: a frozen model would show no dependencies
+            param.requires_grad_(True)
         model.eval()
         try:
             with time_limit(timeout, "tracing the model's channel dependencies"), warnings.catch_warnings():
@@ -163,6 +166,8 @@ class DependencyGraph:
             ) from exc
         finally:
             model.train(was_training)
+            for param in frozen:
+                param.requires_grad_(False)
         self.groups = [self._describe(i, g, ignore) for i, g in enumerate(raw_groups)]
         self._pruned = False
 

@@ -183,3 +183,13 @@ def test_prune_with_empty_plan_changes_nothing():
     graph.prune({g.index: [] for g in graph.groups})
     for (name, a), (_, b) in zip(model.state_dict().items(), graph.model.state_dict().items(), strict=True):
         assert a.shape == b.shape, name
+
+
+def test_a_frozen_model_is_traced_and_stays_frozen():
+    """Tracing follows autograd; a model loaded with requires_grad=False must still show its groups."""
+    from prunecli.samples import resnet20
+
+    model = resnet20().requires_grad_(False)
+    graph = DependencyGraph(model, torch.randn(1, 1, 28, 28))
+    assert sum(g.prunable for g in graph.groups) == 12
+    assert not any(p.requires_grad for p in model.parameters())
