@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--finetune-images", type=int, default=15000, help="images in the one fine-tuning epoch")
     parser.add_argument("--methods", default=",".join(list_criteria()))
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--previous", type=Path, help="log of an earlier run: its rows are reused, their methods skipped")
     args = parser.parse_args()
     torch.manual_seed(0)
     work = Path("/tmp/prunecli-quality")
@@ -81,9 +82,13 @@ def main() -> None:
     x = test.images[:1]
     baseline = evaluate(teacher, test).top1
     rows, started = [], time.time()
+    if args.previous:
+        rows = [json.loads(line) for line in args.previous.read_text().splitlines() if line.startswith("{")]
     targets = [float(t) for t in args.targets.split(",")]
     for method in [*args.methods.split(","), "torch-pruning"]:
         for target in targets:
+            if any(r["method"] == method and r["target"] == target for r in rows):
+                continue
             row = {"method": method, "target": target}
             if method == "torch-pruning":
                 model, kept = torch_pruning_baseline(teacher, target, x)
