@@ -103,6 +103,18 @@ def _channel_blocks(module: nn.Module) -> int:
     return 1
 
 
+def _partial(module: nn.Module, dim: str, indices, blocks: int) -> bool:
+    """A layer that only partly belongs to a group where it must belong whole: a conv/linear producer holds
+    all its output channels in one group, and a grouped layer's block structure spans its whole input. Seen
+    otherwise only behind a concatenation that Torch-Pruning maps wrongly (into flatten or grouped convs)."""
+    if not isinstance(module, ROOT_TYPES):
+        return False
+    if dim == "out":
+        full = module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
+        return len(set(indices)) != full
+    return blocks > 1 and len(set(indices)) != module.in_channels
+
+
 def _sync_vision_transformer(model: nn.Module) -> None:
     model.hidden_dim = model.conv_proj.out_channels
 
@@ -172,7 +184,7 @@ class DependencyGraph:
         self._pruned = False
 
     def _describe(self, index: int, raw, ignore: Sequence[str]) -> ChannelGroup:
-        members, blocks, split = [], 1, False
+        members, blocks, split, ambiguous = [], 1, False, False
         is_out = self._graph.is_out_channel_pruning_fn
         for item in raw.items:
             module = item.dep.target.module
@@ -183,6 +195,7 @@ class DependencyGraph:
             dim = "out" if is_out(item.dep.handler) else "in"
             members.append(Member(name, dim, tuple(item.idxs), tuple(item.root_idxs)))
             blocks = math.lcm(blocks, _channel_blocks(module))
+            ambiguous = ambiguous or _partial(module, dim, item.idxs, _channel_blocks(module))
         root_module = raw[0].dep.target.module
         root = self._names[root_module]
         channels = len(raw[0].idxs)
@@ -196,6 +209,8 @@ class DependencyGraph:
             reason = "feeds the model output"
         elif split:
             reason = "split into fixed-size parts (split/chunk/slice/unbind)"
+        elif ambiguous:
+            reason = "a concatenation meets a grouped layer or a flatten; the channel mapping is ambiguous"
         elif channels // blocks < 2:
             reason = "too few channels"
         return ChannelGroup(index, root, channels, blocks, tuple(members), not reason, reason)
