@@ -18,6 +18,7 @@ The answers are worked out by hand from the forward pass, not copied from the li
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -468,6 +469,17 @@ def spread_positions(channels: int, blocks: int, remove: int, seed: int = 0) -> 
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.randperm(per_block, generator=generator)[: remove // blocks].tolist()
     return sorted(b * per_block + o for b in range(blocks) for o in offsets)
+
+
+def kill_and_prune(model: nn.Module, graph, plan) -> nn.Module:
+    """Kill the plan's channels in a copy of ``model`` (returned) and in ``graph.model``, then remove them there."""
+    dead = copy.deepcopy(model)
+    by_index = {g.index: g for g in graph.groups}
+    for index, positions in plan.items():
+        kill_channels(dead, by_index[index], positions)
+        kill_channels(graph.model, by_index[index], positions)
+    graph.prune(plan)
+    return dead
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import pickle
 import struct
 import warnings
 
+import models as M
 import pytest
 import torch
 import torchvision
@@ -58,24 +59,10 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-def randomise_norms(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Give every BN non-trivial affine parameters and running statistics, so outputs depend on all of them."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model.eval()
-
-
 @pytest.fixture
 def r20():
     torch.manual_seed(0)
-    return randomise_norms(resnet20())
+    return M.randomise_norms(resnet20(), seed=1).eval()
 
 
 @pytest.fixture
@@ -212,7 +199,7 @@ def test_autodetect_resnet18_state_dict(tmp_path):
 
 
 def test_autodetect_mobilenet_v2_with_ten_classes(tmp_path):
-    model = randomise_norms(torchvision.models.mobilenet_v2(num_classes=10))
+    model = M.randomise_norms(torchvision.models.mobilenet_v2(num_classes=10), seed=1).eval()
     path = tmp_path / "mbv2.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     loaded = load_model(path, input_shape=(3, 64, 64))
@@ -236,7 +223,7 @@ def test_weights_of_no_torchvision_model_need_arch(tmp_path, r20):
 
 
 def test_full_torchvision_model_loads_through_the_weights_only_allowlist(tmp_path):
-    model = randomise_norms(torchvision.models.resnet18())
+    model = M.randomise_norms(torchvision.models.resnet18(), seed=1).eval()
     path = tmp_path / "full.pt"
     torch.save(model, path)
     loaded = load_model(path, arch=ArchSpec("torchvision:resnet18"), input_shape=(3, 64, 64))  # detection: above
@@ -677,7 +664,7 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pic
 @pytest.mark.parametrize("form", ["safetensors", "plain dict .pt"])
 def test_state_dict_without_version_metadata_loads_into_mnasnet(tmp_path, form):
     """MNASNet reads its state-dict version from ``_metadata``, which safetensors and plain dicts do not carry."""
-    model = randomise_norms(torchvision.models.mnasnet0_5(num_classes=10))
+    model = M.randomise_norms(torchvision.models.mnasnet0_5(num_classes=10), seed=1).eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     path = tmp_path / ("m.safetensors" if form == "safetensors" else "m.pt")
     if form == "safetensors":

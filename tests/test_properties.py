@@ -388,12 +388,7 @@ def test_dead_channels_removed_exactly_and_round_trip(factory, spec, seed, data)
         offsets = data.draw(st.lists(st.integers(0, per_block - 1), min_size=1, max_size=per_block - 1, unique=True),
                             label=f"offsets in {group.root}")
         plan[group.index] = sorted(b * per_block + o for b in range(group.blocks) for o in offsets)
-    dead = copy.deepcopy(model)
-    by_index = {g.index: g for g in graph.groups}
-    for index, positions in plan.items():
-        M.kill_channels(dead, by_index[index], positions)
-        M.kill_channels(graph.model, by_index[index], positions)
-    graph.prune(plan)
+    dead = M.kill_and_prune(model, graph, plan)
     pruned = graph.model.eval()
     with torch.no_grad():
         alive_out, dead_out, pruned_out = model(x), dead(x), pruned(x)
@@ -406,6 +401,7 @@ def test_dead_channels_removed_exactly_and_round_trip(factory, spec, seed, data)
     def out_size(module):
         return module.num_features if isinstance(module, nn.BatchNorm2d) else module.weight.shape[0]
 
+    by_index = {g.index: g for g in graph.groups}
     for index, positions in plan.items():
         for member in by_index[index].members:
             if member.dim == "out":
@@ -453,12 +449,7 @@ def test_dead_channels_around_a_concat(factory, name):
     graph = DependencyGraph(copy.deepcopy(model), x)
     assert any("ambiguous" in g.reason for g in graph.groups)
     plan = {g.index: M.spread_positions(g.channels, g.blocks, g.blocks, seed=g.index) for g in graph.groups if g.prunable}
-    dead = copy.deepcopy(model)
-    by_index = {g.index: g for g in graph.groups}
-    for index, positions in plan.items():
-        M.kill_channels(dead, by_index[index], positions)
-        M.kill_channels(graph.model, by_index[index], positions)
-    graph.prune(plan)
+    dead = M.kill_and_prune(model, graph, plan)
     with torch.no_grad():
         torch.testing.assert_close(graph.model(x), dead(x))
 

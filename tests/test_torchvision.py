@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import warnings
 
+import models as M
 import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
-from torch import nn
 from torch.testing import assert_close
 
 import prunecli
@@ -32,20 +32,6 @@ MODELS = [
 ]
 
 
-def randomise_norms(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Non-trivial BN statistics, so a BN that is wrongly sliced or left at its defaults changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model.eval()
-
-
 @pytest.fixture
 def captured(monkeypatch):
     """The in-memory pruned model that prune_model hands to save_slim."""
@@ -65,7 +51,7 @@ def test_half_the_macs_and_an_exact_rebuild(tmp_path, captured, name):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # googlenet's init warning
-        model = randomise_norms(torchvision.models.get_model(name, weights=None))
+        model = M.randomise_norms(torchvision.models.get_model(name, weights=None), seed=1).eval()
     source = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
     output = tmp_path / "slim.safetensors"

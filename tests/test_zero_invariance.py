@@ -71,12 +71,7 @@ def prune_dead(model, x, plan_for):
     graph = DependencyGraph(copy.deepcopy(model), x)
     plan = plan_for(graph)
     assert plan and any(plan.values())
-    dead = copy.deepcopy(model)
-    by_index = {g.index: g for g in graph.groups}
-    for index, positions in plan.items():
-        M.kill_channels(dead, by_index[index], positions)
-        M.kill_channels(graph.model, by_index[index], positions)
-    graph.prune(plan)
+    dead = M.kill_and_prune(model, graph, plan)
     return dead, graph, plan
 
 
