@@ -531,7 +531,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         "method": method,
         "allocation": config.allocation,
         "budget": config.budget.to_dict(),
-        "config": config.to_dict(),
+        "config": config.provenance(),
         "achieved": {"macs": after.macs, "params": after.params},
         "original": {"macs": before.macs, "params": before.params},
         "source_sha256": loaded.sha256,

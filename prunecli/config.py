@@ -220,3 +220,10 @@ class PruneConfig:
         data["scores"] = str(self.scores) if self.scores else None
         data["soft"] = self.soft.to_dict() if self.soft is not None else None
         return data
+
+    def provenance(self) -> dict[str, Any]:
+        """The config as the artifact records it: without ``force``, which decides whether a file may be replaced,
+        not what is written, so the same prune gives the same bytes written fresh or over an old file."""
+        data = self.to_dict()
+        del data["force"]
+        return data

@@ -43,7 +43,7 @@ from torch import nn
 from prunecli import __version__
 from prunecli.errors import DataError, ExportError
 from prunecli.io.arch import ArchSpec
-from prunecli.io.files import atomic_output
+from prunecli.io.files import atomic_output, write_through_memory
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 EXPORTERS = ("auto", "dynamo", "legacy")
@@ -567,7 +567,7 @@ def _write_torchscript(model, tmp: Path, input_shape, config, real_inputs) -> di
             traced = torch.jit.trace(model, example, check_trace=False)
         except Exception as exc:
             raise ExportError(f"torch.jit.trace cannot trace the model ({_one_line(exc)}); export --format onnx") from exc
-        torch.jit.save(traced, str(tmp))
+        write_through_memory(tmp, lambda buffer: torch.jit.save(traced, buffer))
     notes = sorted(
         {
             f"torch.jit.trace: {str(w.message).splitlines()[0][:160]}"

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from prunecli.errors import ArchitectureError, CheckpointError, DataError, ExportError, PrunecliError
 from prunecli.io.data import ImageSet, iterate_batches
-from prunecli.io.files import atomic_output, check_output_path
+from prunecli.io.files import atomic_output, check_output_path, write_through_memory
 
 if TYPE_CHECKING:
     from prunecli.allocate import Plan
@@ -873,7 +873,7 @@ class _Trainer:
         if self.config.checkpoint is None or self.dist.rank != 0:
             return
         with atomic_output(Path(self.config.checkpoint), force=True) as tmp:
-            torch.save(payload, tmp)
+            write_through_memory(tmp, lambda buffer: torch.save(payload, buffer))
 
     # --- the run
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import struct
 import warnings
+from pathlib import Path
 
 import models as M
 import pytest
@@ -507,14 +508,13 @@ def test_atomic_output_replaces_on_success(tmp_path):
 
 
 def test_save_slim_failure_inside_the_writer_leaves_no_file(tmp_path, r20, monkeypatch):
-    import safetensors.torch
+    real_write_bytes = Path.write_bytes
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    def failing_write(self, data):
+        real_write_bytes(self, b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
     with pytest.raises(ExportError) as exc:
         save_slim(r20, tmp_path / "out.safetensors", arch="sample:resnet20", input_shape=(1, 28, 28))
     assert "No space left on device" in one_line(exc)

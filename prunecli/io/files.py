@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from prunecli.errors import ExportError
 
@@ -53,6 +55,18 @@ def atomic_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> 
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def write_through_memory(path: Path, serialise: Callable[[BinaryIO], object]) -> None:
+    """Serialise into memory, then write the bytes to ``path`` with plain file I/O.
+
+    torch.save and torch.jit.save name the folder inside their zip after the file they write (the random temp
+    name), but ``archive/`` for a buffer, so the bytes depend on the content only; and a full disk becomes an
+    ``OSError`` that :func:`atomic_output` reports, not a writer's RuntimeError or a C++ abort.
+    """
+    buffer = io.BytesIO()
+    serialise(buffer)
+    path.write_bytes(buffer.getbuffer())
 
 
 def _umask() -> int:

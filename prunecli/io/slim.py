@@ -21,7 +21,7 @@ from torch import nn
 from prunecli import __version__
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, build_model, build_skeleton
-from prunecli.io.files import atomic_output
+from prunecli.io.files import atomic_output, write_through_memory
 
 FORMAT = "prunecli-slim"
 FORMAT_VERSION = 1
@@ -122,13 +122,13 @@ def save_slim(
     if path.suffix in TORCH_SUFFIXES:
         sidecar = sidecar_path(path)
         with atomic_output(path, force=force, inputs=inputs) as tmp, atomic_output(sidecar, force=force) as tmp_json:
-            torch.save(tensors, tmp)
+            write_through_memory(tmp, lambda buffer: torch.save(tensors, buffer))
             tmp_json.write_text(text + "\n")
         return path
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     with atomic_output(path, force=force, inputs=inputs) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
+        tmp.write_bytes(save(tensors, metadata={METADATA_KEY: text}))  # a full disk is an OSError, unlike save_file's
     return path
 
 
