@@ -34,7 +34,7 @@ from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
-from prunecli.io.files import atomic_output, check_output_path
+from prunecli.io.files import atomic_output, check_output_path, check_suffix
 from prunecli.measure import CostModel, LayerCost, Totals, costs_and_output, count_params
 
 Progress = Callable[[str], None]
@@ -305,6 +305,7 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
     say = progress or (lambda message: None)
     torch.manual_seed(config.scoring.seed)
     if config.output is not None:
+        check_suffix(config.output, (".json",), "the scores file")
         check_output_path(config.output, force=config.force, inputs=(config.source.path,))
     _check_scoring(config.scoring)
     say("loading the model")
@@ -466,12 +467,13 @@ def group_dispersion(graph: DependencyGraph, scores: Mapping[int, torch.Tensor])
 
 def prune_model(config: PruneConfig, progress: Progress | None = None, batch_progress=None) -> PruneResult:
     """Score, allocate, physically remove channels and (when ``config.output``) write the slim artifact."""
-    from prunecli.io.slim import save_slim
+    from prunecli.io.slim import SUFFIXES, save_slim
 
     started = time.perf_counter()
     say = progress or (lambda message: None)
     torch.manual_seed(config.seed)
     output = config.output or default_output(config.source.path)
+    check_suffix(output, SUFFIXES, "a slim model")
     check_output_path(output, force=config.force, inputs=(config.source.path,))
     if config.scores is None:
         _check_scoring(config.scoring)
@@ -696,10 +698,11 @@ def default_finetune_output(source: Path) -> Path:
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
     from prunecli.finetune import evaluate, finetune, main_process
-    from prunecli.io.slim import save_slim
+    from prunecli.io.slim import SUFFIXES, save_slim
 
     say = progress or (lambda message: None)
     output = job.output or default_finetune_output(job.source.path)
+    check_suffix(output, SUFFIXES, "a slim model")
     if main_process():
         check_output_path(output, force=job.force, inputs=(job.source.path,))
     loaded = open_model(job.source)

@@ -43,7 +43,7 @@ from torch import nn
 from prunecli import __version__
 from prunecli.errors import DataError, ExportError
 from prunecli.io.arch import ArchSpec
-from prunecli.io.files import atomic_output, write_through_memory
+from prunecli.io.files import atomic_output, check_suffix, write_through_memory
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 EXPORTERS = ("auto", "dynamo", "legacy")
@@ -96,12 +96,7 @@ class ExportConfig:
         object.__setattr__(self, "output_names", tuple(self.output_names))
         if self.format not in FORMATS:
             raise ExportError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
-        suffixes = SUFFIXES[self.format]
-        if self.output.suffix.lower() not in suffixes:
-            raise ExportError(
-                f"output {self.output} does not end in {' or '.join(suffixes)} as --format {self.format} needs; "
-                f"rename it (e.g. {self.output.with_suffix(suffixes[0]).name}) or pick the matching --format"
-            )
+        check_suffix(self.output, SUFFIXES[self.format], f"--format {self.format}", " or pick the matching --format")
         if self.exporter not in EXPORTERS:
             raise ExportError(f"unknown --exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
         if self.dtype not in DTYPES:

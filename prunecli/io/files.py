@@ -7,7 +7,7 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +28,20 @@ def check_output_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = ())
         raise ExportError(f"output directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise ExportError(f"output directory {parent} is not writable; choose another -o path")
+
+
+def check_suffix(path: Path, suffixes: Sequence[str], needs: str, alternative: str = "") -> None:
+    """Refuse an output name whose extension promises another format than the one written, before any work.
+
+    Args:
+        needs: what dictates the format, e.g. "--format onnx" or "a slim model".
+        alternative: another way out, appended to the advice to rename.
+    """
+    if path.suffix.lower() not in suffixes:
+        raise ExportError(
+            f"output {path} does not end in {' or '.join(suffixes)} as {needs} needs; "
+            f"rename it (e.g. {path.with_suffix(suffixes[0]).name}){alternative}"
+        )
 
 
 @contextlib.contextmanager

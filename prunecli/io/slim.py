@@ -27,6 +27,7 @@ FORMAT = "prunecli-slim"
 FORMAT_VERSION = 1
 METADATA_KEY = "prunecli"
 TORCH_SUFFIXES = (".pt", ".pth")
+SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # what save_slim writes
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -119,7 +120,7 @@ def save_slim(
     document, tensors = describe(model, spec, input_shape, metadata, base)
     text = json.dumps(document, sort_keys=True)
     path = Path(path)
-    if path.suffix in TORCH_SUFFIXES:
+    if path.suffix.lower() in TORCH_SUFFIXES:
         sidecar = sidecar_path(path)
         with atomic_output(path, force=force, inputs=inputs) as tmp, atomic_output(sidecar, force=force) as tmp_json:
             write_through_memory(tmp, lambda buffer: torch.save(tensors, buffer))
