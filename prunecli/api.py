@@ -29,7 +29,7 @@ from prunecli.config import (
 )
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
-from prunecli.errors import ArchitectureError, BudgetError, DataError, PrunecliError
+from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError
 from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
@@ -305,8 +305,8 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
     say = progress or (lambda message: None)
     torch.manual_seed(config.scoring.seed)
     if config.output is not None:
-        check_suffix(config.output, (".json",), "the scores file")
         check_output_path(config.output, force=config.force, inputs=(config.source.path,))
+        check_suffix(config.output, (".json",), "the scores file")
     _check_scoring(config.scoring)
     say("loading the model")
     loaded = open_model(config.source)
@@ -473,8 +473,8 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     say = progress or (lambda message: None)
     torch.manual_seed(config.seed)
     output = config.output or default_output(config.source.path)
-    check_suffix(output, SUFFIXES, "a slim model")
     check_output_path(output, force=config.force, inputs=(config.source.path,))
+    check_suffix(output, SUFFIXES, "a slim model")
     if config.scores is None:
         _check_scoring(config.scoring)
     say("loading the model")
@@ -695,6 +695,22 @@ def default_finetune_output(source: Path) -> Path:
     return source.with_name(f"{source.stem}.ft.safetensors")
 
 
+def _finetune_inputs(job: FinetuneJob) -> tuple[Path, ...]:
+    """The files a fine-tuning run reads, which nothing it writes may replace."""
+    sources = [job.source.path, job.train.source, job.teacher.path if job.teacher else None,
+               job.val.source if job.val else None]
+    return tuple(Path(s) for s in sources if s is not None)
+
+
+def _check_checkpoint_path(checkpoint: Path | None, output: Path, inputs: tuple[Path, ...]) -> None:
+    """The resume state needs a file of its own: it is written every epoch, before the output and beside it."""
+    if checkpoint is None:
+        return
+    if Path(checkpoint).resolve() == output.resolve():
+        raise ExportError(f"--checkpoint {checkpoint} is also the output file; give the resume state a path of its own")
+    check_output_path(Path(checkpoint), force=True, inputs=inputs, option="--checkpoint")
+
+
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
     from prunecli.finetune import evaluate, finetune, main_process
@@ -702,9 +718,11 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
 
     say = progress or (lambda message: None)
     output = job.output or default_finetune_output(job.source.path)
-    check_suffix(output, SUFFIXES, "a slim model")
     if main_process():
-        check_output_path(output, force=job.force, inputs=(job.source.path,))
+        inputs = _finetune_inputs(job)
+        check_output_path(output, force=job.force, inputs=inputs)
+        _check_checkpoint_path(job.training.checkpoint, output, inputs)
+    check_suffix(output, SUFFIXES, "a slim model")
     loaded = open_model(job.source)
     if loaded.arch is None:
         raise ArchitectureError("the output must name its base architecture; pass --arch for this pickled model")

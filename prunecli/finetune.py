@@ -866,7 +866,7 @@ class _Trainer:
             raise ExportError(
                 f"checkpoint {path} already exists; pass --resume to continue that run or --force to start over"
             )
-        check_output_path(path, force=True)
+        check_output_path(path, force=True, option="--checkpoint")
         return None
 
     def _save(self, payload: dict[str, Any]) -> None:

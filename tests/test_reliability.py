@@ -383,12 +383,9 @@ OUTPUT_CASES = [
     Case("export", "disk full (the writer fails), onnx", lambda w: args_for(
         "export", w, out=w.root / "out.onnx", extra=("-f", "onnx")), 1, ("could not write", "check free space"), _disk_full),
     Case("finetune", "--checkpoint equal to the input (--force)",
-         _extra("finetune", "--checkpoint", "{model}", "--force"), 1, ("is the input file",),
-         bug="BUG: finetune checks --checkpoint with check_output_path(path, force=True) and no inputs: with --force "
-             "the resume state is written over the input model"),
-    Case("finetune", "--checkpoint equal to --output", _extra("finetune", "--checkpoint", "{out}"), 1, ("--checkpoint",),
-         bug="BUG: --checkpoint equal to -o trains, writes the resume state at the output path, then fails "
-             "'already exists' and leaves that non-slim file there"),
+         _extra("finetune", "--checkpoint", "{model}", "--force"), 1, ("--checkpoint", "is the input file")),
+    Case("finetune", "--checkpoint equal to --output", _extra("finetune", "--checkpoint", "{out}"), 1,
+         ("--checkpoint", "is also the output file")),
 ]
 
 DATA_CASES = [

@@ -14,20 +14,25 @@ from typing import BinaryIO
 from prunecli.errors import ExportError
 
 
-def check_output_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse outputs that would clobber a file or land in a directory that is not there."""
+def check_output_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o") -> None:
+    """Refuse outputs that would clobber a file or land in a directory that is not there.
+
+    Args:
+        option: the option that names ``path``, for the messages (``-o`` is called "output").
+    """
+    name = "output" if option == "-o" else option
     if path.exists() and path.is_dir():
-        raise ExportError(f"output {path} is a directory; give a file name such as {path / 'model.safetensors'}")
+        raise ExportError(f"{name} {path} is a directory; give a file name such as {path / 'model.safetensors'}")
     for source in inputs:
         if source.exists() and path.exists() and path.resolve() == source.resolve():
-            raise ExportError(f"output {path} is the input file; choose another -o path")
+            raise ExportError(f"{name} {path} is the input file; choose another {option} path")
     if path.exists() and not force:
-        raise ExportError(f"output {path} already exists; pass --force to overwrite it")
+        raise ExportError(f"{name} {path} already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise ExportError(f"output directory {parent} does not exist; create it first")
+        raise ExportError(f"{name} directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
-        raise ExportError(f"output directory {parent} is not writable; choose another -o path")
+        raise ExportError(f"{name} directory {parent} is not writable; choose another {option} path")
 
 
 def check_suffix(path: Path, suffixes: Sequence[str], needs: str, alternative: str = "") -> None:
