@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from prunecli import __version__
 from prunecli.errors import PrunecliError
+from prunecli.io.files import recording_outputs
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (exit 2) as one line ``error: ...``, like every other error, instead of Typer's boxed panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as exc:  # click's UsageError and its kin, re-raised outside standalone mode
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                context = getattr(exc, "ctx", None)
+                hint = f"; see '{context.command_path} --help'" if context is not None else ""
+                _say_error(exc.format_message().rstrip(".") + hint)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="prunecli",
     help="Make trained PyTorch CNNs smaller and faster by structured filter pruning.",
     rich_markup_mode="rich",
@@ -73,28 +98,63 @@ def main_options(
     _state["debug"] = debug
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _say_error(message: str) -> None:
     from rich.markup import escape
 
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    _say_error(message)
     raise typer.Exit(code)
 
 
-def _run(call):
-    """Domain errors become one line and exit 1; Ctrl-C exits 130; anything else is an internal error."""
-    if _state["debug"]:
-        return call()
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that cleanups (atomic_output's temp file) run as they do for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return call()
-    except PrunecliError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted; no output was written", 130)
-    except MemoryError:
-        _fail("out of memory; try a smaller --input-shape or batch size")
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        _fail(f"internal error ({type(exc).__name__}: {first[:200]}); rerun with --debug and report it")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _stopped(how: str, written: list[Path]) -> str:
+    """What a signal left: nothing, or complete outputs (one may land between the rename and the return)."""
+    if not written:
+        return f"{how}; no output was written"
+    return f"{how} after writing {' and '.join(map(str, written))} completely"
+
+
+def _run(call):
+    """Domain errors become one line and exit 1; Ctrl-C exits 130 and SIGTERM 143; anything else is an internal
+    error."""
+    with _sigterm_raises(), recording_outputs() as written:
+        if _state["debug"]:
+            return call()
+        try:
+            return call()
+        except PrunecliError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail(_stopped("interrupted", written), 130)
+        except _Terminated:
+            _fail(_stopped("terminated", written), 143)
+        except MemoryError:
+            _fail("out of memory; try a smaller --input-shape or batch size")
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _fail(f"internal error ({type(exc).__name__}: {first[:200]}); rerun with --debug and report it")
 
 
 ModelArg = Annotated[Path, typer.Argument(help="Model file: prunecli .safetensors, a state dict (.safetensors/.pt/.pth) or a pickled model.", show_default=False)]
@@ -317,8 +377,7 @@ def prune(
     """Physically remove channels to reach a MACs, parameter or ratio budget, and write a slim model."""
     budgets = [(k, v) for k, v in (("flops", flops_target), ("params", params_target), ("ratio", ratio)) if v is not None]
     if len(budgets) != 1:
-        err.print("[bold red]error:[/] give exactly one budget: --flops-target, --params-target or --ratio")
-        raise typer.Exit(2)
+        _fail("give exactly one budget: --flops-target, --params-target or --ratio", 2)
 
     def call():
         from prunecli.api import prune_model

@@ -25,7 +25,7 @@ from prunecli.config import Budget, ModelSource, PruneConfig, parse_budget
 from prunecli.errors import BudgetError, CheckpointError, ExportError
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import load_model
-from prunecli.io.files import atomic_output
+from prunecli.io.files import atomic_output, recording_outputs
 from prunecli.io.slim import read_slim_metadata, save_slim
 from prunecli.measure import totals
 from prunecli.samples import resnet20
@@ -496,6 +496,18 @@ def test_atomic_output_keeps_the_old_file_on_failure(tmp_path):
         raise KeyboardInterrupt
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]
     assert path.read_bytes() == b"old"
+
+
+def test_recording_outputs_lists_the_files_put_in_place(tmp_path):
+    with recording_outputs() as written:
+        with atomic_output(tmp_path / "a.json", force=False) as tmp:
+            tmp.write_text("{}")
+        with pytest.raises(KeyboardInterrupt), atomic_output(tmp_path / "b.json", force=False):
+            raise KeyboardInterrupt
+    with atomic_output(tmp_path / "c.json", force=False) as tmp:
+        tmp.write_text("{}")
+    assert written == [tmp_path / "a.json"]
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "c.json"]
 
 
 def test_atomic_output_replaces_on_success(tmp_path):

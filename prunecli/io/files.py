@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -49,6 +50,21 @@ def check_suffix(path: Path, suffixes: Sequence[str], needs: str, alternative: s
         )
 
 
+_recorders: list[list[Path]] = []  # the lists of open recording_outputs() blocks
+
+
+@contextlib.contextmanager
+def recording_outputs() -> Iterator[list[Path]]:
+    """Collect the outputs :func:`atomic_output` puts in place inside the block, so that a command stopped by a
+    signal can say truthfully whether it wrote anything."""
+    placed: list[Path] = []
+    _recorders.append(placed)
+    try:
+        yield placed
+    finally:
+        _recorders.remove(placed)
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
@@ -59,21 +75,46 @@ def atomic_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> 
     path = Path(path)
     check_output_path(path, force=force, inputs=inputs)
     mode = 0o666 & ~_umask()
-    tmp = None
+    tmp = written = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(tmp_name)
+        with _signals_held():  # no interrupt between creating the file and knowing its name
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmp = Path(tmp_name)
         os.close(fd)
         yield tmp
         os.chmod(tmp, mode)  # after writing: mkstemp (and writers that rename their own temp) make it private
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+            written = os.fstat(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         raise ExportError(f"could not write {path}: {exc.strerror or exc}; check free space and permissions") from exc
     finally:
+        if written is not None and _is_file(path, written):  # in place, even if an interrupt came right after
+            for placed in _recorders:
+                placed.append(path)
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block ends (where the platform can)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _is_file(path: Path, status: os.stat_result) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), status)
+    except OSError:
+        return False
 
 
 def write_through_memory(path: Path, serialise: Callable[[BinaryIO], object]) -> None:
