@@ -29,13 +29,14 @@ class GroupLimits:
     prunable: bool = True
     max_ratio: float = 0.9
     round_to: int = 1
+    parts: tuple[tuple[int, ...], ...] = ()  # positions held by one layer each (ChannelGroup.parts): one stays
 
     def allowed_keeps(self) -> np.ndarray:
         """Kept counts this group may end with, ascending."""
         if not self.prunable:
             return np.array([self.channels])
         step = math.lcm(self.blocks, self.round_to)
-        floor = math.ceil(self.channels * (1 - self.max_ratio) - 1e-9)
+        floor = max(math.ceil(self.channels * (1 - self.max_ratio) - 1e-9), len(self.parts))
         return np.array([k for k in range(step, self.channels, step) if k >= floor] + [self.channels])
 
 
@@ -60,19 +61,30 @@ def _quantise(desired: float, allowed: np.ndarray) -> int:
     return int(low if desired - low < high - desired else high)
 
 
-def lowest_positions(scores: Tensor, remove: int, blocks: int) -> tuple[int, ...]:
-    """The ``remove`` lowest-scoring channels; with blocks, the same positions from every block."""
-    if remove <= 0:
-        return ()
+def removal_order(scores: Tensor, blocks: int, parts: tuple[tuple[int, ...], ...] = ()) -> list[int]:
+    """Every channel position in the order plans remove them, lowest score first; with blocks, a position
+    goes from every block at once (by its mean score over the blocks). The best channel of each of ``parts``
+    goes last, so a plan that keeps ``len(parts)`` channels or more leaves every part one."""
     per_block = scores.numel() // blocks
     pooled = scores.double().reshape(blocks, per_block).mean(0)
-    order = torch.argsort(pooled, stable=True)[: remove // blocks]
-    return tuple(sorted(int(b * per_block + p) for b in range(blocks) for p in order.tolist()))
+    order = torch.argsort(pooled, stable=True).tolist()
+    rank = {p: i for i, p in enumerate(order)}
+    best = sorted({max((p % per_block for p in part), key=rank.__getitem__) for part in parts}, key=rank.__getitem__)
+    order = [p for p in order if p not in best] + best
+    return [b * per_block + p for p in order for b in range(blocks)]
+
+
+def lowest_positions(scores: Tensor, remove: int, blocks: int, parts: tuple[tuple[int, ...], ...] = ()) -> tuple[int, ...]:
+    """The ``remove`` lowest-scoring channels; with blocks, the same positions from every block; the best of
+    each of ``parts`` last."""
+    if remove <= 0:
+        return ()
+    return tuple(sorted(removal_order(scores, blocks, parts)[: remove - remove % blocks]))
 
 
 def _plan(keep: dict[int, int], scores: Mapping[int, Tensor], limits: Mapping[int, GroupLimits], cost, knob):
     removed = {
-        g: lowest_positions(scores[g], limits[g].channels - k, limits[g].blocks)
+        g: lowest_positions(scores[g], limits[g].channels - k, limits[g].blocks, limits[g].parts)
         for g, k in keep.items()
         if k < limits[g].channels
     }

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from prunecli import __version__
-from prunecli.allocate import GroupLimits, Plan, allocate
+from prunecli.allocate import GroupLimits, Plan, allocate, removal_order
 from prunecli.config import (
     AnalyzeConfig,
     DataOptions,
@@ -433,10 +433,11 @@ def plan_pruning(
 ) -> tuple[Plan, float]:
     """Turn scores and the budget into a plan; returns it with the absolute target."""
     limits = {
-        g.index: GroupLimits(g.channels, g.blocks, g.prunable, config.max_layer_ratio, config.round_to)
+        g.index: GroupLimits(g.channels, g.blocks, g.prunable, config.max_layer_ratio, config.round_to, g.parts)
         for g in graph.groups
     }
-    cost = _cost_function(config.budget.kind, cost_model, graph.groups)
+    orders = {g: removal_order(scores[g], limits[g].blocks, limits[g].parts) for g in scores}  # as the plans remove
+    cost = _cost_function(config.budget.kind, cost_model.removing_in_order(orders), graph.groups)
     original = cost({g.index: g.channels for g in graph.groups})
     target = config.budget.target(original)
     if not any(g.prunable for g in graph.groups):

@@ -57,6 +57,13 @@ class ChannelGroup:
     def layers(self, dim: str) -> list[str]:
         return list(dict.fromkeys(m.layer for m in self.members if m.dim == dim))
 
+    @property
+    def parts(self) -> tuple[tuple[int, ...], ...]:
+        """The positions of each layer that holds only part of the group (concat branches merged by an add or a
+        depthwise conv): a plan that takes all of them would empty that layer."""
+        found = {tuple(sorted(set(m.root_indices))) for m in self.members}
+        return tuple(sorted(p for p in found if len(p) < self.channels))
+
 
 @contextlib.contextmanager
 def time_limit(seconds: float | None, stage: str) -> Iterator[None]:

@@ -6,7 +6,9 @@ layers (``out * in/groups * prod(kernel)`` per output position), nothing for nor
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,7 +106,9 @@ class CostModel:
     """MACs and parameters as a function of how many channels each group keeps.
 
     Every layer dimension is affine in the groups' kept counts (``dim = base - sum_g m_g * removed_g``),
-    so the cost of any plan is a few vector operations: bisection never runs the model.
+    so the cost of any plan is a few vector operations: bisection never runs the model. A layer that holds
+    only some of a group's channels (one branch of a concatenation merged with another) loses a share that
+    depends on which channels go: :meth:`removing_in_order` adds those exact losses for a known order.
     """
 
     def __init__(self, model: nn.Module, costs: list[LayerCost], groups: list[ChannelGroup]):
@@ -115,14 +119,19 @@ class CostModel:
         self._out_loss = np.zeros((n_layers, n_groups))
         self._in_loss = np.zeros((n_layers, n_groups))
         other_loss: dict[str, np.ndarray] = {}
+        # (dimension kind, row, group, {layer channel: the group position it goes with}) of every layer in a group
+        self._coverage: list[tuple[str, int, int, dict[int, int]]] = []
         for g, group in enumerate(groups):
-            for member in group.members:
-                share = len(set(member.indices)) / group.channels
-                if member.layer in index:
-                    target = self._out_loss if member.dim == "out" else self._in_loss
-                    target[index[member.layer], g] = share
-                elif member.dim == "out":
-                    other_loss.setdefault(member.layer, np.zeros(n_groups))[g] = share
+            for (layer, dim), channels in _layer_channels(group).items():
+                share = len(channels) / group.channels
+                if layer in index:
+                    target = self._out_loss if dim == "out" else self._in_loss
+                    target[index[layer], g] = share
+                    self._coverage.append((dim, index[layer], g, channels))
+                elif dim == "out":
+                    other_loss.setdefault(layer, np.zeros(n_groups))[g] = share
+                    self._coverage.append(("other", list(other_loss).index(layer), g, channels))
+        self._exact: list[tuple[str, int, int, np.ndarray]] = []  # see removing_in_order
         self._out0 = np.array([c.out_channels for c in costs], dtype=float)
         self._in0 = np.array([c.in_channels for c in costs], dtype=float)
         depthwise = np.array([c.depthwise for c in costs])
@@ -152,21 +161,57 @@ class CostModel:
         base = self.evaluate(full)
         self._params_offset = self.base_params - base[1]
 
-    def dims(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def removing_in_order(self, orders: Mapping[int, Sequence[int]]) -> CostModel:
+        """This cost model, exact for plans that remove the first ``r`` positions of ``orders[group index]``
+        when a group loses ``r`` channels (as the allocator's plans do, lowest scores first)."""
+        exact = copy.copy(self)
+        exact._exact = []
+        for kind, row, g, channels in self._coverage:
+            order = orders.get(self.groups[g].index)
+            if order is None:
+                continue
+            rank = {position: i for i, position in enumerate(order)}
+            goes_at = np.sort([rank[position] for position in channels.values()])
+            removed = np.arange(self.groups[g].channels + 1)
+            # channels gone after r removals, less the proportional share the affine model already counts
+            correction = np.searchsorted(goes_at, removed) - len(channels) / self.groups[g].channels * removed
+            if np.abs(correction).max() > 1e-9:
+                exact._exact.append((kind, row, g, correction))
+        return exact
+
+    def _losses(self, keep: np.ndarray) -> dict[str, np.ndarray]:
+        """Channels lost by every conv/linear output and input, and by every other channel-sized layer."""
         removed = self._full - keep
-        return self._out0 - self._out_loss @ removed, self._in0 - self._in_loss @ removed
+        losses = {"out": self._out_loss @ removed, "in": self._in_loss @ removed, "other": self._other_loss @ removed}
+        for kind, row, g, correction in self._exact:
+            losses[kind][row] += correction[round(removed[g])]
+        return losses
+
+    def dims(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        losses = self._losses(keep)
+        return self._out0 - losses["out"], self._in0 - losses["in"]
 
     def evaluate(self, keep: np.ndarray) -> tuple[float, float]:
         """(MACs, params) of the model when group g keeps ``keep[g]`` channels."""
-        out, cin = self.dims(keep)
+        losses = self._losses(keep)
+        out, cin = self._out0 - losses["out"], self._in0 - losses["in"]
         in_per_group = cin * self._in_scale + self._in_fixed
         macs = float((out * in_per_group * self._kernel_positions).sum())
         params = float((out * in_per_group * self._kernel + out * self._bias_per_out).sum())
         if len(self._other_params):
-            removed = self._full - keep
             channels = np.maximum(self._other_channels, 1.0)
-            params += float((self._other_params * (1 - (self._other_loss @ removed) / channels)).sum())
+            params += float((self._other_params * (1 - losses["other"] / channels)).sum())
         return macs, params + getattr(self, "_params_offset", 0.0)
+
+
+def _layer_channels(group: ChannelGroup) -> dict[tuple[str, str], dict[int, int]]:
+    """Per (layer, "out"/"in") in the group: each of its channels that goes, with the group position it goes with."""
+    found: dict[tuple[str, str], dict[int, int]] = {}
+    for member in group.members:
+        channels = found.setdefault((member.layer, member.dim), {})
+        for channel, position in zip(member.indices, member.root_indices, strict=True):
+            channels.setdefault(channel, position)
+    return found
 
 
 def _channels_of(module: nn.Module) -> int:

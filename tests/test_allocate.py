@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunecli.allocate import GroupLimits, _quantise, allocate, lowest_positions
+from prunecli.allocate import GroupLimits, _quantise, allocate, lowest_positions, removal_order
 from prunecli.errors import BudgetError
 
 
@@ -87,6 +87,16 @@ def test_lowest_positions_with_blocks_removes_the_same_positions_per_block():
 def test_lowest_positions_four_blocks():
     scores = torch.arange(16, dtype=torch.float32).flip(0)  # position p of every block: means fall with p
     assert lowest_positions(scores, 4, 4) == (3, 7, 11, 15)
+
+
+def test_the_best_channel_of_each_part_goes_last():
+    # positions 0-1 are one concat branch, 2-5 the other: the 4 lowest would empty the first branch
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    parts = ((0, 1), (2, 3, 4, 5))
+    assert removal_order(scores, 1, parts) == [0, 2, 3, 4, 1, 5]
+    assert lowest_positions(scores, 4, 1) == (0, 1, 2, 3)
+    assert lowest_positions(scores, 4, 1, parts) == (0, 2, 3, 4)
+    assert GroupLimits(6, parts=parts).allowed_keeps().tolist() == [2, 3, 4, 5, 6]  # one channel per part stays
 
 
 # --- uniform ---------------------------------------------------------------------------------------------
