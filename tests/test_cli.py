@@ -102,12 +102,12 @@ def test_help_exits_zero(command):
     assert "Traceback" not in result.output
 
 
-def test_prune_help_lists_every_registered_method():
+def test_prune_help_lists_every_registered_method_and_edp():
     from prunecli.criteria import list_criteria
 
     result = invoke("prune", "--help", columns=300)
     assert result.exit_code == 0
-    assert "<" + "|".join(list_criteria()) + ">" in result.stdout
+    assert "<" + "|".join([*list_criteria(), "edp"]) + ">" in result.stdout
 
 
 def test_version():
