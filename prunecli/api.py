@@ -560,15 +560,18 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         for key in ("dataset", "test_accuracy"):
             if key in loaded.document:
                 metadata[f"parent_{key}"] = loaded.document[key]
-    save_slim(
-        pruned,
-        output,
-        arch=loaded.arch,
-        input_shape=loaded.input.shape,
-        metadata=metadata,
-        force=config.force,
-        inputs=(config.source.path,),
-    )
+    from prunecli.finetune import main_process
+
+    if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
+        save_slim(
+            pruned,
+            output,
+            arch=loaded.arch,
+            input_shape=loaded.input.shape,
+            metadata=metadata,
+            force=config.force,
+            inputs=(config.source.path,),
+        )
     return PruneResult(
         _summary(loaded, before),
         str(output),

@@ -272,3 +272,49 @@ def test_cli_edp_refuses_a_model_without_convolutions(tmp_path):
                                    "--method", "edp", "--data", str(data), "--flops-target", "0.5", "--device", "cpu"])
     assert run.exit_code == 1 and "has none it can decompose" in run.stderr.replace("\n", " ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.safetensors", "mlp.py", "mlp.safetensors"]
+
+
+DDP_SCRIPT = """
+import os, sys
+from pathlib import Path
+import torch
+from prunecli.cli import app
+
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+rank = int(os.environ["RANK"])
+torch.manual_seed(100 + rank)  # different RNG states: DDP must keep the ranks in step anyway
+import prunecli.edp as edp
+original = edp.prune_and_merge
+
+def record(graph, plan, groups, example, threshold):
+    result = original(graph, plan, groups, example, threshold)
+    torch.save(graph.model.state_dict(), out / f"rank{rank}.pt")
+    return result
+
+edp.prune_and_merge = record
+app(["prune", sys.argv[2], "--method", "edp", "--data", sys.argv[3], "--edp-epochs", "1", "--flops-target", "0.6",
+     "--batch-size", "64", "--device", "cpu", "-q", "-o", str(out / "slim.safetensors")], standalone_mode=False)
+"""
+
+
+@pytest.mark.slow
+def test_edp_under_torchrun_keeps_ranks_identical_and_writes_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "edp_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(out),
+         str(SAMPLE), str(CALIB)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name, value in ranks[0].items():
+        assert_close(ranks[1][name], value, rtol=0, atol=0, msg=name)
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.pt", "rank1.pt", "slim.safetensors"]
+    slim = load(out / "slim.safetensors")
+    assert_close(slim.state_dict(), ranks[0], rtol=0, atol=0)
