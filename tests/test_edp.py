@@ -318,3 +318,24 @@ def test_edp_under_torchrun_keeps_ranks_identical_and_writes_once(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["rank0.pt", "rank1.pt", "slim.safetensors"]
     slim = load(out / "slim.safetensors")
     assert_close(slim.state_dict(), ranks[0], rtol=0, atol=0)
+
+
+def test_edp_on_torchvision_mobilenet_v2_is_exact_and_round_trips(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=10).eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    generator = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator), "r")
+    prune = PruneConfig(ModelSource(Path("unused.pt")), parse_budget("flops", "0.5"), method="edp", allocation="global")
+    result = edp_prune(model, x[:1], data, None, FinetuneConfig(epochs=1, lr=0.01, batch_size=16, device="cpu"), prune)
+    # depthwise convs ride along in their expand conv's channel group, and are never decomposed themselves
+    assert result.prune_merge.max_output_change < 1e-5 and result.prune_merge.channels_removed > 0
+    assert all(block.basis.groups == 1 for block in decomposed_layers(result.model).values())
+    assert abs(totals(result.model, x[:1]).macs / totals(original, x[:1]).macs - 0.5) < 0.01
+    path = save_slim(result.model, tmp_path / "mnv2.safetensors", arch="torchvision:mobilenet_v2",
+                     arch_kwargs={"num_classes": 10}, input_shape=(3, 32, 32))
+    with torch.no_grad():
+        assert_close(load(path)(x), result.model(x), rtol=0, atol=0)
