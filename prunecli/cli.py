@@ -303,6 +303,11 @@ def prune(
     soft_epochs: Annotated[int, typer.Option("--soft-epochs", help="Soft pruning (LRMF/FPGM): train N epochs on --data with the selected channels held at zero, then remove them.", min=0)] = 0,
     reselect_every: Annotated[int, typer.Option("--reselect-every", help="Soft pruning: re-score and re-select channels every K epochs (0: never).", min=0)] = 5,
     lr: Annotated[float, typer.Option("--lr", help="Soft pruning: peak learning rate (SGD, Nesterov, cosine).")] = 0.01,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Labelled images to measure the top-1 of the original and the slim model on (shown and put in --report), e.g. fashion-mnist:test.")] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Evaluate on a seeded random subset of N images of --eval-data.", min=1)] = None,
+    latency: Annotated[bool, typer.Option("--latency", help="Time the original beside the slim model (median, PyTorch eager and onnxruntime, batch 1 and --latency-batch) and show the speedup next to the MACs ratio.")] = False,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="The larger batch for --latency.", min=2)] = 16,
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the before/after report: .json, .md or a self-contained .html page (by the extension).")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
@@ -321,10 +326,12 @@ def prune(
         raise typer.Exit(2)
 
     def call():
-        from prunecli.api import prune_model
-        from prunecli.config import PruneConfig, parse_budget
-        from prunecli.report import print_json, render_prune
+        from prunecli.api import default_output, prune_model
+        from prunecli.config import DataOptions, PruneConfig, parse_budget
+        from prunecli.report import check_report_path, print_json, render_prune, write_report
 
+        if report is not None:
+            check_report_path(report, force=force, inputs=(model,), outputs=(output or default_output(model),))
         chosen = method.value if method is not None else ("" if scores else "l1")
         scoring = _scoring(chosen or "l1", data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
                            seed, dct_band, icie_lambda)
@@ -353,9 +360,16 @@ def prune(
             recalibrate_bn=recalibrate_bn,
             soft=soft,
             reselect_every=reselect_every,
+            evaluate=DataOptions(eval_data, data_root, 1, batch_size, _floats(mean, "--mean"), _floats(std, "--std"))
+            if eval_data else None,
+            eval_limit=eval_limit,
+            latency=latency,
+            latency_batch=latency_batch,
         )
         with _Progress(not (quiet or as_json), calib_images if data else None) as progress:
             result = prune_model(config, progress=progress.stage, batch_progress=progress.images)
+        if report is not None:
+            write_report(result, report, force=force, inputs=(model,))
         print_json(result) if as_json else render_prune(result, out)
 
     _run(call)
