@@ -407,7 +407,7 @@ class PruneResult:
     seed: int
     notes: list[str] = field(default_factory=list)
     latency: dict[str, Any] | None = None  # a LatencyComparison of the original and the slim model (``--latency``)
-    accuracy: dict[str, Any] | None = None  # the source's recorded test accuracy, when its file carries one
+    accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
