@@ -383,6 +383,8 @@ class LayerChange:
     in_after: int
     macs_before: int
     macs_after: int
+    params_before: int
+    params_after: int
 
 
 @dataclass(frozen=True)
@@ -404,6 +406,8 @@ class PruneResult:
     seconds: float
     seed: int
     notes: list[str] = field(default_factory=list)
+    latency: dict[str, Any] | None = None  # a LatencyComparison of the original and the slim model (``--latency``)
+    accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -536,6 +540,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     deviation = 100 * (achieved - target) / base_cost if achieved is not None else 0.0
     result_layers = _layer_changes(costs, pruned_costs)
     notes = list(loaded.notes)
+    accuracy = _prune_accuracy(config, loaded, pruned, say)
     say(f"writing {output}")
     metadata = {
         "method": method,
@@ -572,6 +577,13 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
             force=config.force,
             inputs=(config.source.path,),
         )
+    latency = None
+    if config.latency:
+        from prunecli.export import compare_latency
+
+        say("timing the original and the slim model")
+        latency = compare_latency(loaded.model, pruned, tuple(loaded.input.shape),
+                                  batch_sizes=(1, config.latency_batch)).to_dict()
     return PruneResult(
         _summary(loaded, before),
         str(output),
@@ -590,7 +602,27 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         time.perf_counter() - started,
         config.seed,
         notes,
+        latency,
+        accuracy,
     )
+
+
+def _prune_accuracy(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.Module, say: Progress):
+    """Top-1 of the original and the slim model on ``config.evaluate``; else the source's recorded test accuracy."""
+    if config.evaluate is None:
+        document = loaded.document or {}
+        if document.get("test_accuracy") is None:
+            return None
+        return {"data": document.get("test_data") or document.get("dataset"), "images": None, "measured": False,
+                "original_top1": float(document["test_accuracy"]), "pruned_top1": None}
+    from prunecli.finetune import evaluate
+
+    images = load_images(config.evaluate, loaded, config.eval_limit, config.seed)
+    say(f"evaluating the original and the slim model on {len(images)} images")
+    batch, device = config.evaluate.batch_size, config.device
+    return {"data": images.description, "images": len(images), "measured": True,
+            "original_top1": evaluate(loaded.model, images, batch, device).top1,
+            "pruned_top1": evaluate(pruned, images, batch, device).top1}
 
 
 def _require_data(config: PruneConfig) -> DataOptions:
@@ -780,9 +812,10 @@ def _layer_changes(before: list[LayerCost], after: list[LayerCost]) -> list[Laye
         if c.name in pruned:
             now = pruned[c.name]
             rows.append(LayerChange(c.name, c.kind, c.out_channels, now.out_channels, c.in_channels, now.in_channels,
-                                    c.macs, now.macs))
+                                    c.macs, now.macs, c.params, now.params))
         elif f"{c.name}.basis" in pruned:
             basis, coeff = pruned[f"{c.name}.basis"], pruned[f"{c.name}.coeff"]
             rows.append(LayerChange(c.name, f"{c.kind} as rank {basis.out_channels}", c.out_channels, coeff.out_channels,
-                                    c.in_channels, basis.in_channels, c.macs, basis.macs + coeff.macs))
+                                    c.in_channels, basis.in_channels, c.macs, basis.macs + coeff.macs, c.params,
+                                    basis.params + coeff.params))
     return rows

@@ -315,6 +315,11 @@ def prune(
     edp_threshold: Annotated[float, typer.Option("--edp-threshold", help="EDP: Pruning & Merging also drops coefficient rows/columns with a norm below this.", min=0)] = 5e-3,
     edp_init: Annotated[EdpInit, typer.Option("--edp-init", help="EDP: initialise each block by SVD of the conv weight, or as the weight and an identity.")] = "svd",
     val_data: Annotated[str | None, typer.Option("--val-data", help="EDP: labelled images to validate on after every epoch (same forms as --data).")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Labelled images to measure the top-1 of the original and the slim model on (shown and put in --report), e.g. fashion-mnist:test.")] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Evaluate on a seeded random subset of N images of --eval-data.", min=1)] = None,
+    latency: Annotated[bool, typer.Option("--latency", help="Time the original beside the slim model (median, PyTorch eager and onnxruntime, batch 1 and --latency-batch) and show the speedup next to the MACs ratio.")] = False,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="The larger batch for --latency.", min=2)] = 16,
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the before/after report: .json, .md or a self-contained .html page (by the extension).")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
@@ -333,10 +338,12 @@ def prune(
         raise typer.Exit(2)
 
     def call():
-        from prunecli.api import prune_model
-        from prunecli.config import PruneConfig, parse_budget
-        from prunecli.report import print_json, render_prune
+        from prunecli.api import default_output, prune_model
+        from prunecli.config import DataOptions, PruneConfig, parse_budget
+        from prunecli.report import check_report_path, print_json, render_prune, write_report
 
+        if report is not None:
+            check_report_path(report, force=force, inputs=(model,), outputs=(output or default_output(model),))
         chosen = method.value if method is not None else ("" if scores else "l1")
         scoring = _scoring(chosen or "l1", data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
                            seed, dct_band, icie_lambda)
@@ -345,13 +352,16 @@ def prune(
         soft = None
         if soft_epochs:
             soft = FinetuneConfig(epochs=soft_epochs, lr=lr, batch_size=batch_size, seed=seed, device=scoring.device)
+
+        def labelled(source: str | None) -> DataOptions | None:
+            return DataOptions(source, data_root, 1, batch_size, _floats(mean, "--mean"), _floats(std, "--std")) if source else None
+
         edp = None
         if chosen == "edp":
-            from prunecli.config import DataOptions, EdpOptions
+            from prunecli.config import EdpOptions
 
-            val = DataOptions(val_data, data_root, calib_images, batch_size, _floats(mean, "--mean"), _floats(std, "--std")) if val_data else None
             training = FinetuneConfig(epochs=edp_epochs, lr=lr, batch_size=batch_size, seed=seed, device=scoring.device)
-            edp = EdpOptions(training, edp_lambda, edp_threshold, edp_init.value, val)
+            edp = EdpOptions(training, edp_lambda, edp_threshold, edp_init.value, labelled(val_data))
         config = PruneConfig(
             source=_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
             budget=parse_budget(*budgets[0]),
@@ -373,9 +383,15 @@ def prune(
             soft=soft,
             reselect_every=reselect_every,
             edp=edp,
+            evaluate=labelled(eval_data),
+            eval_limit=eval_limit,
+            latency=latency,
+            latency_batch=latency_batch,
         )
         with _Progress(not (quiet or as_json), calib_images if data else None) as progress:
             result = prune_model(config, progress=progress.stage, batch_progress=progress.images)
+        if report is not None:
+            write_report(result, report, force=force, inputs=(model,))
         print_json(result) if as_json else render_prune(result, out)
 
     _run(call)

@@ -220,6 +220,10 @@ class PruneConfig:
     soft: Any = None  # a prunecli.finetune.FinetuneConfig: train with the channels masked before removing them
     reselect_every: int = 5
     edp: EdpOptions | None = None  # --method edp: decomposition-and-pruning training instead of scoring
+    evaluate: DataOptions | None = None  # labelled images to measure top-1 of the original and the slim model on
+    eval_limit: int | None = None  # a seeded subset of ``evaluate``
+    latency: bool = False  # time the original beside the slim model (PyTorch eager and onnxruntime)
+    latency_batch: int = 16
 
     @property
     def scoring(self) -> ScoringOptions:
@@ -237,6 +241,7 @@ class PruneConfig:
         data["budget"] = self.budget.to_dict()
         data["output"] = str(self.output) if self.output else None
         data["data"] = self.data.to_dict() if self.data else None
+        data["evaluate"] = self.evaluate.to_dict() if self.evaluate else None
         data["scores"] = str(self.scores) if self.scores else None
         data["soft"] = self.soft.to_dict() if self.soft is not None else None
         data["edp"] = self.edp.to_dict() if self.edp is not None else None
