@@ -671,7 +671,9 @@ def _training_progress(say: Progress):
             say(f"epoch {event.get('epoch')}: train loss {event.get('train_loss', 0):.3f}, "
                 f"val top-1 {event.get('val_top1') if event.get('val_top1') is not None else '-'}")
         elif event.get("event") == "select":
-            say(f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal")
+            say(f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal"
+                + (f" ({event['zero_coefficient_groups']} coefficient rows/columns already zero, "
+                   f"{event['estimated_cost']:.4g} after removal)" if "estimated_cost" in event else ""))
         elif event.get("event") == "step":
             say(f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
                 f"{event.get('images_per_second', 0):.0f} img/s")

@@ -283,6 +283,15 @@ def proximal_group_lasso(blocks: Mapping[str, DecomposedConv], step: float) -> N
         a.mul_((1 - step / a.norm(dim=0, keepdim=True).clamp_min(1e-30)).clamp_min(0))
 
 
+def zero_coefficient_groups(blocks: Mapping[str, DecomposedConv]) -> int:
+    """How many rows and columns of all coefficient matrices are exactly zero (the sparsity reached so far)."""
+    count = 0
+    for block in blocks.values():
+        a = block.coeff.weight.detach()[:, :, 0, 0]
+        count += int((a.norm(dim=1) == 0).sum()) + int((a.norm(dim=0) == 0).sum())
+    return count
+
+
 class EdpTraining:
     """The training side of EDP, as a hook of the fine-tuning loop (``prunecli.finetune.TrainingHook``).
 
@@ -325,7 +334,7 @@ class EdpTraining:
         self.plan, self.radius = plan, radius
         self._slices = {g: group_slices(self.graph, self.by_index[g]) for g in radius}
         entry = {"epoch": epoch, "removed": sum(len(v) for v in plan.removed.values()),
-                 "estimated_cost": plan.cost}
+                 "zero_coefficient_groups": zero_coefficient_groups(self.blocks), "estimated_cost": plan.cost}
         self.selections.append(entry)
         return {"event": "select", **entry}
 

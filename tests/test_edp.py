@@ -215,6 +215,10 @@ def test_short_training_reaches_the_budget_with_exact_zeros():
                        progress=events.append)
     assert [e["epoch"] for e in events if e["event"] == "select"] == [0, 1]
     assert [s["epoch"] for s in result.selections] == [0, 1]
+    base_macs = totals(original, x).macs
+    for selection in result.selections:  # every selection is a plan that meets the budget after merging
+        assert abs(selection["estimated_cost"] / base_macs - 0.5) < 0.01
+        assert selection["zero_coefficient_groups"] >= 0
     # the selected groups were trained down to exact zeros, so removing them changed nothing
     assert result.prune_merge.max_output_change < 1e-4
     assert result.prune_merge.channels_removed > 0 and result.prune_merge.basis_removed > 0
