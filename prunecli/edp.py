@@ -246,18 +246,8 @@ def eligible_groups(graph: DependencyGraph, blocks: Mapping[str, DecomposedConv]
 def coefficient_norms(graph: DependencyGraph, group: ChannelGroup, blocks: Mapping[str, DecomposedConv]) -> Tensor:
     """Per group channel, the norm of its coefficients: rows of ``A`` for an output-channel group, columns for
     a rank group (basis filters)."""
-    coeffs = {f"{b}.coeff" for b in blocks}
-    slices = [
-        s for m in group.members if m.layer in coeffs
-        for s in group_slices(graph, _only(group, m)) if s.param.dim() == 4
-    ]
-    return _channel_norms(slices, group.channels)
-
-
-def _only(group: ChannelGroup, member) -> ChannelGroup:
-    from dataclasses import replace
-
-    return replace(group, members=(member,))
+    coefficients = {id(block.coeff.weight) for block in blocks.values()}
+    return _channel_norms([s for s in group_slices(graph, group) if id(s.param) in coefficients], group.channels)
 
 
 def edp_scores(
@@ -463,11 +453,10 @@ def prune_and_merge(
     folded = 0
     for group in groups:
         norms = coefficient_norms(graph, group, blocks)
-        small = [p for p in range(group.channels) if norms[p] < threshold and p not in removed.get(group.index, ())]
-        keep_at_least = group.blocks  # never empty a group
-        room = group.channels - len(removed.get(group.index, ())) - keep_at_least
-        small = small[: max(0, room)] if group.blocks == 1 else []
-        if not small:
+        planned = removed.get(group.index, set())
+        small = [p for p in range(group.channels) if norms[p] < threshold and p not in planned]
+        small = small[: max(0, group.channels - len(planned) - 1)]  # never empty a group
+        if not small or group.blocks > 1:  # grouped layers lose whole blocks only, as the plan does
             continue
         if not any(m.layer in basis and m.dim == "out" for m in group.members):
             small = _fold_constant_channels(graph, group, small, example)
