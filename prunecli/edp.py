@@ -309,20 +309,12 @@ class EdpTraining:
 
     def _choose(self, epoch: int) -> dict[str, Any]:
         plan, self.target = self.select()
+        self._slices = {g: group_slices(self.graph, self.by_index[g]) for g in plan.removed}
         radius = {}
         for g, positions in plan.removed.items():
-            group = self.by_index[g]
-            current = self.radius.get(g, {})
-            norms = None
-            for p in positions:
-                if p in current:
-                    radius.setdefault(g, {})[p] = current[p]
-                else:
-                    if norms is None:
-                        norms = _channel_norms(group_slices(self.graph, group), group.channels)
-                    radius.setdefault(g, {})[p] = (float(norms[p]), self.step)
+            norms, current = _channel_norms(self._slices[g], self.by_index[g].channels), self.radius.get(g, {})
+            radius[g] = {p: current.get(p, (float(norms[p]), self.step)) for p in positions}
         self.plan, self.radius = plan, radius
-        self._slices = {g: group_slices(self.graph, self.by_index[g]) for g in radius}
         entry = {"epoch": epoch, "removed": sum(len(v) for v in plan.removed.values()),
                  "zero_coefficient_groups": zero_coefficient_groups(self.blocks), "estimated_cost": plan.cost}
         self.selections.append(entry)

@@ -227,6 +227,18 @@ def test_short_training_reaches_the_budget_with_exact_zeros():
     assert result.model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
 
 
+def test_resuming_a_finished_run_gives_the_same_slim_model(tmp_path):
+    from prunecli.io.slim import load as load_slim
+
+    x = torch.randn(1, 1, 28, 28)
+    prune = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", "0.5"), method="edp", allocation="global")
+    config = FinetuneConfig(epochs=2, lr=0.01, batch_size=64, device="cpu", checkpoint=tmp_path / "edp.pt")
+    first = edp_prune(load_slim(SAMPLE), x, labelled(128), None, config, prune)
+    again = edp_prune(load_slim(SAMPLE), x, labelled(128), None, FinetuneConfig(**{**vars(config), "resume": True}), prune)
+    assert again.plan == first.plan and again.selections == first.selections
+    assert_close(again.model.state_dict(), first.model.state_dict(), rtol=0, atol=0)
+
+
 def invoke(*args):
     return CliRunner().invoke(app, list(map(str, args)), catch_exceptions=False)
 
