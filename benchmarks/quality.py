@@ -4,7 +4,9 @@ For every criterion and MACs target: top-1 on the full 10k test set right after 
 recalibration (20 batches of 128 training images), and after one fine-tuning epoch without and with
 SFP's variable-temperature distillation from the unpruned model. In the same run, the baseline a user
 would otherwise pick: Torch-Pruning's own MetaPruner with magnitude (L1) importance, its uniform ratio
-bisected to the same MACs. Writes a markdown table and an accuracy-vs-MACs-removed plot.
+bisected to the same MACs. EDP, which trains while it prunes, gets the same total training as the others'
+fine-tuning: one epoch over the same images is its whole training (at the fine-tuning target only), so its
+"pruned" column is the accuracy after that epoch. Writes a markdown table and an accuracy-vs-MACs-removed plot.
 
     python benchmarks/quality.py --targets 0.3,0.5,0.7 --finetune-target 0.5 --finetune-images 15000
 """
@@ -22,6 +24,7 @@ import torch
 from prunecli.api import prune_model
 from prunecli.config import DataOptions, ModelSource, PruneConfig, parse_budget
 from prunecli.criteria import get_criterion, list_criteria
+from prunecli.edp import edp_prune
 from prunecli.finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from prunecli.io.data import ImageSet, iterate_batches, load_fashion_mnist, normalize
 from prunecli.io.slim import load
@@ -65,12 +68,21 @@ def torch_pruning_baseline(reference, target: float, x: torch.Tensor):
     return best
 
 
+def edp(reference, train: ImageSet, epoch_images: int, target: float, x: torch.Tensor):
+    """EDP with the same total training as the others' one fine-tuning epoch: one epoch over the same images."""
+    config = FinetuneConfig(epochs=1, lr=0.01, batch_size=128, warmup_epochs=0.1, seed=0, device="cpu")
+    subset = ImageSet(train.images[:epoch_images], train.labels[:epoch_images], train.description)
+    prune = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(target)), method="edp", allocation="global")
+    result = edp_prune(copy.deepcopy(reference), x, subset, None, config, prune)
+    return result.model, totals(result.model, x).macs / totals(reference, x).macs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="0.3,0.5,0.7", help="MACs to keep")
     parser.add_argument("--finetune-target", type=float, default=0.5)
     parser.add_argument("--finetune-images", type=int, default=15000, help="images in the one fine-tuning epoch")
-    parser.add_argument("--methods", default=",".join(list_criteria()))
+    parser.add_argument("--methods", default=",".join([*list_criteria(), "edp"]))
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--previous", type=Path, help="log of an earlier run: its rows are reused, their methods skipped")
     args = parser.parse_args()
@@ -90,7 +102,11 @@ def main() -> None:
             if any(r["method"] == method and r["target"] == target for r in rows):
                 continue
             row = {"method": method, "target": target}
-            if method == "torch-pruning":
+            if method == "edp":
+                if target != args.finetune_target:
+                    continue
+                model, row["macs_kept"] = edp(teacher, train, args.finetune_images, target, x)
+            elif method == "torch-pruning":
                 model, kept = torch_pruning_baseline(teacher, target, x)
                 row["macs_kept"] = kept
             else:
@@ -103,7 +119,7 @@ def main() -> None:
             row["pruned"] = evaluate(model, test).top1
             recalibrate_bn(model, iterate_batches(train, 128), 20)
             row["recalibrated"] = evaluate(model, test).top1
-            if target == args.finetune_target:
+            if target == args.finetune_target and method != "edp":  # EDP's one epoch is its training
                 row["finetuned"] = recover(model, train, test, teacher, args.finetune_images, kd=False)
                 row["finetuned_kd"] = recover(model, train, test, teacher, args.finetune_images, kd=True)
             rows.append(row)

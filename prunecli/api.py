@@ -384,6 +384,8 @@ class LayerChange:
     in_after: int
     macs_before: int
     macs_after: int
+    params_before: int
+    params_after: int
 
 
 @dataclass(frozen=True)
@@ -405,6 +407,8 @@ class PruneResult:
     seconds: float
     seed: int
     notes: list[str] = field(default_factory=list)
+    latency: dict[str, Any] | None = None  # a LatencyComparison of the original and the slim model (``--latency``)
+    accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -415,29 +419,38 @@ def default_output(source: Path) -> Path:
     return source.with_name(f"{source.stem}.slim.safetensors")
 
 
-def _cost_function(budget_kind: str, cost_model: CostModel, groups: list[ChannelGroup]):
+def _cost_function(budget_kind: str, evaluate: Callable[[np.ndarray], tuple[float, float]], groups: list[ChannelGroup]):
     order = [g.index for g in groups]
 
     def vector(keep: Mapping[int, int]) -> np.ndarray:
         return np.array([keep[i] for i in order], dtype=float)
 
     if budget_kind == "flops":
-        return lambda keep: cost_model.evaluate(vector(keep))[0]
+        return lambda keep: evaluate(vector(keep))[0]
     if budget_kind == "params":
-        return lambda keep: cost_model.evaluate(vector(keep))[1]
+        return lambda keep: evaluate(vector(keep))[1]
     return lambda keep: float(sum(keep[g.index] for g in groups if g.prunable))
 
 
 def plan_pruning(
-    config: PruneConfig, graph: DependencyGraph, cost_model: CostModel, scores: Mapping[int, torch.Tensor]
+    config: PruneConfig,
+    graph: DependencyGraph,
+    cost_model: CostModel,
+    scores: Mapping[int, torch.Tensor],
+    evaluate: Callable[[np.ndarray], tuple[float, float]] | None = None,
 ) -> tuple[Plan, float]:
-    """Turn scores and the budget into a plan; returns it with the absolute target."""
+    """Turn scores and the budget into a plan; returns it with the absolute target.
+
+    ``evaluate`` (kept counts per group -> MACs, params) replaces ``cost_model.evaluate``, e.g. with EDP's cost
+    after merging."""
     limits = {
         g.index: GroupLimits(g.channels, g.blocks, g.prunable, config.max_layer_ratio, config.round_to, g.parts)
         for g in graph.groups
     }
-    orders = {g: removal_order(scores[g], limits[g].blocks, limits[g].parts) for g in scores}  # as the plans remove
-    cost = _cost_function(config.budget.kind, cost_model.removing_in_order(orders), graph.groups)
+    if evaluate is None:
+        orders = {g: removal_order(scores[g], limits[g].blocks, limits[g].parts) for g in scores}  # as plans remove
+        evaluate = cost_model.removing_in_order(orders).evaluate
+    cost = _cost_function(config.budget.kind, evaluate, graph.groups)
     original = cost({g.index: g.channels for g in graph.groups})
     target = config.budget.target(original)
     if not any(g.prunable for g in graph.groups):
@@ -476,7 +489,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     output = config.output or default_output(config.source.path)
     check_output_path(output, force=config.force, inputs=(config.source.path,))
     check_suffix(output, SUFFIXES, "a slim model")
-    if config.scores is None:
+    if config.scores is None and config.method != "edp":
         _check_scoring(config.scoring)
     say("loading the model")
     loaded = open_model(config.source)
@@ -486,27 +499,31 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         )
     x = example_input(loaded)
     costs, reference = _profile(loaded, x)
-    say("tracing channel dependencies")
-    graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
-    cost_model = CostModel(loaded.model, costs, graph.groups)
-    before = Totals(cost_model.base_params, cost_model.base_macs)
+    before = Totals(count_params(loaded.model), sum(c.macs for c in costs))
     method = config.method
-    if config.scores is not None:
-        scores, method = read_scores(config.scores, loaded, graph, config.method)
-    elif config.soft is not None:
-        scores = {}  # soft pruning scores (and re-scores) while it trains
+    if config.method == "edp":
+        pruned, target, removed, groups_pruned, training_record = _edp(config, loaded, x, say)
     else:
-        say(f"scoring channels with {config.method}")
-        scores = compute_scores(config.scoring, loaded, graph, say, batch_progress)
-    if config.soft is not None:
-        graph, plan, target, soft_record = _soft_prune(config, loaded, x, say, batch_progress)
-    else:
-        say("allocating the budget")
-        plan, target = plan_pruning(config, graph, cost_model, scores)
-        soft_record = None
-    say("removing channels")
-    graph.prune(plan.removed)
-    pruned = graph.model.eval()
+        say("tracing channel dependencies")
+        graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
+        cost_model = CostModel(loaded.model, costs, graph.groups)
+        if config.scores is not None:
+            scores, method = read_scores(config.scores, loaded, graph, config.method)
+        elif config.soft is not None:
+            scores = {}  # soft pruning scores (and re-scores) while it trains
+        else:
+            say(f"scoring channels with {config.method}")
+            scores = compute_scores(config.scoring, loaded, graph, say, batch_progress)
+        if config.soft is not None:
+            graph, plan, target, training_record = _soft_prune(config, loaded, x, say, batch_progress)
+        else:
+            say("allocating the budget")
+            plan, target = plan_pruning(config, graph, cost_model, scores)
+            training_record = None
+        say("removing channels")
+        graph.prune(plan.removed)
+        pruned = graph.model.eval()
+        removed, groups_pruned = sum(len(v) for v in plan.removed.values()), len(plan.removed)
     if config.recalibrate_bn:
         from prunecli.finetune import recalibrate_bn
 
@@ -526,9 +543,9 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     achieved = {"flops": after.macs, "params": after.params}.get(config.budget.kind)
     base_cost = {"flops": before.macs, "params": before.params}.get(config.budget.kind)
     deviation = 100 * (achieved - target) / base_cost if achieved is not None else 0.0
-    removed = sum(len(v) for v in plan.removed.values())
     result_layers = _layer_changes(costs, pruned_costs)
     notes = list(loaded.notes)
+    accuracy = _prune_accuracy(config, loaded, pruned, say)
     say(f"writing {output}")
     metadata = {
         "method": method,
@@ -544,8 +561,8 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         "std": list(loaded.input.std) if loaded.input.std else None,
         "num_classes": int(reference.shape[-1]) if reference.dim() == 2 else None,
     }
-    if soft_record is not None:
-        metadata["soft_pruning"] = soft_record
+    if training_record is not None:
+        metadata["edp" if config.method == "edp" else "soft_pruning"] = training_record
     if config.recalibrate_bn:
         metadata["recalibrate_bn"] = {"batches": config.recalibrate_bn, "data": config.data.source}
     if loaded.document:
@@ -553,15 +570,25 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         for key in ("dataset", "test_accuracy"):
             if key in loaded.document:
                 metadata[f"parent_{key}"] = loaded.document[key]
-    save_slim(
-        pruned,
-        output,
-        arch=loaded.arch,
-        input_shape=loaded.input.shape,
-        metadata=metadata,
-        force=config.force,
-        inputs=(config.source.path,),
-    )
+    from prunecli.finetune import main_process
+
+    if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
+        save_slim(
+            pruned,
+            output,
+            arch=loaded.arch,
+            input_shape=loaded.input.shape,
+            metadata=metadata,
+            force=config.force,
+            inputs=(config.source.path,),
+        )
+    latency = None
+    if config.latency:
+        from prunecli.export import compare_latency
+
+        say("timing the original and the slim model")
+        latency = compare_latency(loaded.model, pruned, tuple(loaded.input.shape),
+                                  batch_sizes=(1, config.latency_batch)).to_dict()
     return PruneResult(
         _summary(loaded, before),
         str(output),
@@ -575,17 +602,39 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         after.params / before.params,
         deviation,
         result_layers,
-        len(plan.removed),
+        groups_pruned,
         removed,
         time.perf_counter() - started,
         config.seed,
         notes,
+        latency,
+        accuracy,
     )
+
+
+def _prune_accuracy(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.Module, say: Progress):
+    """Top-1 of the original and the slim model on ``config.evaluate``; else the source's recorded test accuracy."""
+    if config.evaluate is None:
+        document = loaded.document or {}
+        if document.get("test_accuracy") is None:
+            return None
+        return {"data": document.get("test_data") or document.get("dataset"), "images": None, "measured": False,
+                "original_top1": float(document["test_accuracy"]), "pruned_top1": None}
+    from prunecli.finetune import evaluate
+
+    images = load_images(config.evaluate, loaded, config.eval_limit, config.seed)
+    say(f"evaluating the original and the slim model on {len(images)} images")
+    batch, device = config.evaluate.batch_size, config.device
+    return {"data": images.description, "images": len(images), "measured": True,
+            "original_top1": evaluate(loaded.model, images, batch, device).top1,
+            "pruned_top1": evaluate(pruned, images, batch, device).top1}
 
 
 def _require_data(config: PruneConfig) -> DataOptions:
     if config.data is None:
-        raise DataError("--recalibrate-bn and --soft-epochs train on images: pass --data (e.g. fashion-mnist:train)")
+        raise DataError(
+            "--method edp, --recalibrate-bn and --soft-epochs train on images: pass --data (e.g. fashion-mnist:train)"
+        )
     return config.data
 
 
@@ -603,6 +652,22 @@ def _soft_prune(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: 
     return result.graph, result.plan, result.target, record
 
 
+def _edp(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progress):
+    """EDP: decompose, train towards the budget, Pruning & Merging (see ``prunecli.edp``)."""
+    from prunecli.edp import edp_prune
+
+    if config.edp is None:
+        raise PrunecliError("--method edp trains the model: give --data and the EDP options (see prunecli prune --help)")
+    train = load_images(_require_data(config), loaded, None, config.seed)
+    val = load_images(config.edp.val, loaded, None, config.seed) if config.edp.val is not None else None
+    say(f"EDP: decomposing the convolutions, then {config.edp.training.epochs} epochs on {len(train)} images")
+    result = edp_prune(copy.deepcopy(loaded.model), x, train, val, config.edp.training, config, lam=config.edp.lam,
+                       threshold=config.edp.threshold, init=config.edp.init, progress=_training_progress(say))
+    record = result.record()
+    channels = record["channels_removed"] + record["basis_filters_removed"]
+    return result.model, result.target, channels, len(result.prune_merge.removed), record
+
+
 def _training_progress(say: Progress):
     """Turn the trainer's step/epoch events into one-line progress messages."""
 
@@ -610,6 +675,10 @@ def _training_progress(say: Progress):
         if event.get("event") == "epoch":
             say(f"epoch {event.get('epoch')}: train loss {event.get('train_loss', 0):.3f}, "
                 f"val top-1 {event.get('val_top1') if event.get('val_top1') is not None else '-'}")
+        elif event.get("event") == "select":
+            say(f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal"
+                + (f" ({event['zero_coefficient_groups']} coefficient rows/columns already zero, "
+                   f"{event['estimated_cost']:.4g} after removal)" if "estimated_cost" in event else ""))
         elif event.get("event") == "step":
             say(f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
                 f"{event.get('images_per_second', 0):.0f} img/s")
@@ -762,12 +831,17 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
 
 
 def _layer_changes(before: list[LayerCost], after: list[LayerCost]) -> list[LayerChange]:
+    """Before/after rows per original layer; a conv EDP kept decomposed is its basis and coefficient pair."""
     pruned = {c.name: c for c in after}
-    return [
-        LayerChange(
-            c.name, c.kind, c.out_channels, pruned[c.name].out_channels, c.in_channels, pruned[c.name].in_channels,
-            c.macs, pruned[c.name].macs,
-        )
-        for c in before
-        if c.name in pruned
-    ]
+    rows = []
+    for c in before:
+        if c.name in pruned:
+            now = pruned[c.name]
+            rows.append(LayerChange(c.name, c.kind, c.out_channels, now.out_channels, c.in_channels, now.in_channels,
+                                    c.macs, now.macs, c.params, now.params))
+        elif f"{c.name}.basis" in pruned:
+            basis, coeff = pruned[f"{c.name}.basis"], pruned[f"{c.name}.coeff"]
+            rows.append(LayerChange(c.name, f"{c.kind} as rank {basis.out_channels}", c.out_channels, coeff.out_channels,
+                                    c.in_channels, basis.in_channels, c.macs, basis.macs + coeff.macs, c.params,
+                                    basis.params + coeff.params))
+    return rows

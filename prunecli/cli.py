@@ -58,6 +58,8 @@ def _methods() -> list[str]:
 
 
 Method = Enum("Method", {name: name for name in _methods()}, type=str)
+# prune also takes EDP, a training-time method (prunecli/edp.py) rather than a scoring criterion
+PruneMethod = Enum("PruneMethod", {**{name: name for name in _methods()}, "edp": "edp"}, type=str)
 
 
 def _methods_help() -> str:
@@ -336,14 +338,19 @@ def score(
     _run(call)
 
 
+class EdpInit(str, Enum):
+    svd = "svd"
+    identity = "identity"
+
+
 @app.command()
 def prune(
     model: ModelArg,
-    method: Annotated[Method | None, typer.Option("--method", "-m", help="Importance criterion (default l1); see `prunecli score --help`.")] = None,
+    method: Annotated[PruneMethod | None, typer.Option("--method", "-m", help="Importance criterion (default l1); see `prunecli score --help`. [bold]edp[/]: EDP (Ruan et al., TNNLS 2021) decomposes every conv into basis + 1x1 coefficients, trains --edp-epochs on --data with a group-sparse regulariser steered to the budget, then prunes zero rows/columns and merges blocks back where decomposing does not pay [INFERRED: no code or full text is public].")] = None,
     flops_target: Annotated[str | None, typer.Option("--flops-target", help="MACs to keep: a fraction (0.5), a percentage (50%) or a count (2.1G).")] = None,
     params_target: Annotated[str | None, typer.Option("--params-target", help="Parameters to keep: a fraction, a percentage or a count (11M).")] = None,
     ratio: Annotated[str | None, typer.Option("--ratio", help="Share of each prunable group's channels to remove, e.g. 0.3.")] = None,
-    allocation: Annotated[Allocation, typer.Option("--allocation", help="uniform: the same ratio in every group; global: one threshold on normalised scores across groups; dispersion: SFP's kernel dispersion sets each group's ratio.")] = Allocation.uniform,
+    allocation: Annotated[Allocation | None, typer.Option("--allocation", help="uniform: the same ratio in every group; global: one threshold on normalised scores across groups; dispersion: SFP's kernel dispersion sets each group's ratio. Default: uniform, global for edp (ranks and widths per layer).")] = None,
     max_layer_ratio: Annotated[float, typer.Option("--max-layer-ratio", help="Most of one group's channels that may go (at least one always stays).")] = 0.9,
     round_to: Annotated[int, typer.Option("--round-to", help="Keep channel counts at multiples of N (hardware-friendly).", min=1)] = 1,
     ignore: IgnoreOpt = None,
@@ -362,7 +369,17 @@ def prune(
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", help="After removal, re-estimate batch-norm statistics on N batches of --data (cheap accuracy recovery).", min=0)] = 0,
     soft_epochs: Annotated[int, typer.Option("--soft-epochs", help="Soft pruning (LRMF/FPGM): train N epochs on --data with the selected channels held at zero, then remove them.", min=0)] = 0,
     reselect_every: Annotated[int, typer.Option("--reselect-every", help="Soft pruning: re-score and re-select channels every K epochs (0: never).", min=0)] = 5,
-    lr: Annotated[float, typer.Option("--lr", help="Soft pruning: peak learning rate (SGD, Nesterov, cosine).")] = 0.01,
+    lr: Annotated[float, typer.Option("--lr", help="Soft pruning and EDP: peak learning rate (SGD, Nesterov, cosine).")] = 0.01,
+    edp_epochs: Annotated[int, typer.Option("--edp-epochs", help="EDP: epochs of decomposed training on --data.", min=1)] = 3,
+    edp_lambda: Annotated[float, typer.Option("--edp-lambda", help="EDP: group-lasso strength on the rows and columns of every coefficient matrix (proximal step).", min=0)] = 1e-4,
+    edp_threshold: Annotated[float, typer.Option("--edp-threshold", help="EDP: Pruning & Merging also drops coefficient rows/columns with a norm below this.", min=0)] = 5e-3,
+    edp_init: Annotated[EdpInit, typer.Option("--edp-init", help="EDP: initialise each block by SVD of the conv weight, or as the weight and an identity.")] = "svd",
+    val_data: Annotated[str | None, typer.Option("--val-data", help="EDP: labelled images to validate on after every epoch (same forms as --data).")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Labelled images to measure the top-1 of the original and the slim model on (shown and put in --report), e.g. fashion-mnist:test.")] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Evaluate on a seeded random subset of N images of --eval-data.", min=1)] = None,
+    latency: Annotated[bool, typer.Option("--latency", help="Time the original beside the slim model (median, PyTorch eager and onnxruntime, batch 1 and --latency-batch) and show the speedup next to the MACs ratio.")] = False,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="The larger batch for --latency.", min=2)] = 16,
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the before/after report: .json, .md or a self-contained .html page (by the extension).")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
@@ -380,23 +397,35 @@ def prune(
         _fail("give exactly one budget: --flops-target, --params-target or --ratio", 2)
 
     def call():
-        from prunecli.api import prune_model
-        from prunecli.config import PruneConfig, parse_budget
-        from prunecli.report import print_json, render_prune
+        from prunecli.api import default_output, prune_model
+        from prunecli.config import DataOptions, PruneConfig, parse_budget
+        from prunecli.report import check_report_path, print_json, render_prune, write_report
 
+        if report is not None:
+            check_report_path(report, force=force, inputs=(model,), outputs=(output or default_output(model),))
         chosen = method.value if method is not None else ("" if scores else "l1")
         scoring = _scoring(chosen or "l1", data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
                            seed, dct_band, icie_lambda)
+        from prunecli.finetune import FinetuneConfig
+
         soft = None
         if soft_epochs:
-            from prunecli.finetune import FinetuneConfig
-
             soft = FinetuneConfig(epochs=soft_epochs, lr=lr, batch_size=batch_size, seed=seed, device=scoring.device)
+
+        def labelled(source: str | None) -> DataOptions | None:
+            return DataOptions(source, data_root, 1, batch_size, _floats(mean, "--mean"), _floats(std, "--std")) if source else None
+
+        edp = None
+        if chosen == "edp":
+            from prunecli.config import EdpOptions
+
+            training = FinetuneConfig(epochs=edp_epochs, lr=lr, batch_size=batch_size, seed=seed, device=scoring.device)
+            edp = EdpOptions(training, edp_lambda, edp_threshold, edp_init.value, labelled(val_data))
         config = PruneConfig(
             source=_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
             budget=parse_budget(*budgets[0]),
             method=chosen,
-            allocation=allocation.value,
+            allocation=allocation.value if allocation is not None else ("global" if chosen == "edp" else "uniform"),
             max_layer_ratio=max_layer_ratio,
             round_to=round_to,
             ignore=tuple(ignore or ()),
@@ -412,9 +441,16 @@ def prune(
             recalibrate_bn=recalibrate_bn,
             soft=soft,
             reselect_every=reselect_every,
+            edp=edp,
+            evaluate=labelled(eval_data),
+            eval_limit=eval_limit,
+            latency=latency,
+            latency_batch=latency_batch,
         )
         with _Progress(not (quiet or as_json), calib_images if data else None) as progress:
             result = prune_model(config, progress=progress.stage, batch_progress=progress.images)
+        if report is not None:
+            write_report(result, report, force=force, inputs=(model,))
         print_json(result) if as_json else render_prune(result, out)
 
     _run(call)

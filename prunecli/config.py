@@ -178,6 +178,25 @@ class ExportJob:
 
 
 @dataclass(frozen=True)
+class EdpOptions:
+    """``prune --method edp``: its training stage and its regulariser (see ``prunecli.edp``)."""
+
+    training: Any  # a prunecli.finetune.FinetuneConfig
+    lam: float = 1e-4
+    threshold: float = 5e-3
+    init: str = "svd"
+    val: DataOptions | None = None
+
+    def __post_init__(self):
+        if self.lam < 0 or self.threshold < 0:
+            raise BudgetError(f"--edp-lambda {self.lam} and --edp-threshold {self.threshold} must not be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"training": self.training.to_dict(), "lam": self.lam, "threshold": self.threshold, "init": self.init,
+                "val": self.val.to_dict() if self.val else None}
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """Everything ``prune`` needs; embedded in the slim artifact as provenance."""
 
@@ -200,6 +219,11 @@ class PruneConfig:
     recalibrate_bn: int = 0  # batches of --data to re-estimate BN statistics on after removal
     soft: Any = None  # a prunecli.finetune.FinetuneConfig: train with the channels masked before removing them
     reselect_every: int = 5
+    edp: EdpOptions | None = None  # --method edp: decomposition-and-pruning training instead of scoring
+    evaluate: DataOptions | None = None  # labelled images to measure top-1 of the original and the slim model on
+    eval_limit: int | None = None  # a seeded subset of ``evaluate``
+    latency: bool = False  # time the original beside the slim model (PyTorch eager and onnxruntime)
+    latency_batch: int = 16
 
     @property
     def scoring(self) -> ScoringOptions:
@@ -217,8 +241,10 @@ class PruneConfig:
         data["budget"] = self.budget.to_dict()
         data["output"] = str(self.output) if self.output else None
         data["data"] = self.data.to_dict() if self.data else None
+        data["evaluate"] = self.evaluate.to_dict() if self.evaluate else None
         data["scores"] = str(self.scores) if self.scores else None
         data["soft"] = self.soft.to_dict() if self.soft is not None else None
+        data["edp"] = self.edp.to_dict() if self.edp is not None else None
         return data
 
     def provenance(self) -> dict[str, Any]:

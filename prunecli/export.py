@@ -23,6 +23,7 @@ onnx and onnxruntime are imported inside the functions that need them, so ``impo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -32,7 +33,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -655,17 +656,19 @@ def onnx_bytes(
 # ----------------------------------------------------------------------------- latency
 
 
-def _median_ms(run: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    for _ in range(warmup):
-        run()
-    sync()
-    times = []
+def _medians_ms(runs: Sequence[Callable[[], Any]], warmup: int, repeats: int) -> list[float]:
+    """Median milliseconds of each of ``runs`` after ``warmup`` untimed calls; the runs alternate within each
+    repeat, so a change of load on the machine hits all of them alike."""
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        start = _clock()
-        run()
-        sync()
-        times.append(_clock() - start)
-    return 1000 * statistics.median(times)
+        for run, spent in zip(runs, times, strict=True):
+            start = _clock()
+            run()
+            spent.append(_clock() - start)
+    return [1000 * statistics.median(spent) for spent in times]
 
 
 def latency(
@@ -687,6 +690,13 @@ def latency(
         threads: intra-op threads; onnxruntime defaults to the CPU count, torch keeps its own setting
             unless given.
     """
+    with _runners(model, input_shape, batch_sizes, warmup, repeats, runtime, threads) as runs:
+        return {batch: _medians_ms([run], warmup, repeats)[0] for batch, run in runs.items()}
+
+
+@contextlib.contextmanager
+def _runners(model, input_shape, batch_sizes, warmup, repeats, runtime, threads) -> Iterator[dict[int, Callable[[], Any]]]:
+    """One forward pass per batch size as a callable (synchronised on CUDA), inside the runtime's settings."""
     if runtime not in RUNTIMES:
         raise ExportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if warmup < 0 or repeats < 1 or not batch_sizes or any(int(b) < 1 for b in batch_sizes):
@@ -696,42 +706,52 @@ def latency(
     if runtime == "torch":
         if not isinstance(model, nn.Module):
             raise ExportError("runtime 'torch' times an nn.Module; time ONNX files with runtime 'onnxruntime'")
-        return _torch_latency(model, inputs, warmup, repeats, threads)
+        with _torch_settings(model, threads):
+            yield _torch_runners(model, inputs)
+        return
     if isinstance(model, nn.Module):
         model = onnx_bytes(model, input_shape)
     session = _ort_session(str(model) if isinstance(model, str | Path) else model, threads)
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
-    result = {}
-    for batch, x in inputs.items():
+    for batch in inputs:
         if isinstance(fixed, int) and fixed != batch:
             raise ExportError(
                 f"the ONNX model has a fixed batch of {fixed}; re-export it with --dynamic-batch to time batch {batch}"
             )
+
+    def runner(x: torch.Tensor) -> Callable[[], Any]:
         feed = {name: x.numpy()}
-        result[batch] = _median_ms(lambda feed=feed: session.run(None, feed), warmup, repeats)
-    return result
+        return lambda: session.run(None, feed)
+
+    yield {batch: runner(x) for batch, x in inputs.items()}
 
 
-def _torch_latency(model: nn.Module, inputs: dict[int, torch.Tensor], warmup: int, repeats: int, threads: int | None):
-    parameter = next(iter(model.parameters()), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+@contextlib.contextmanager
+def _torch_settings(model: nn.Module, threads: int | None) -> Iterator[None]:
+    """Eval mode, ``threads`` and ``inference_mode`` while timing; the model's mode and the thread count restored."""
     was_training, previous_threads = model.training, torch.get_num_threads()
     model.eval()
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = {}
         with torch.inference_mode():
-            for batch, x in inputs.items():
-                x = x.to(device, dtype)
-                result[batch] = _median_ms(lambda x=x: model(x), warmup, repeats, sync)
-        return result
+            yield
     finally:
         model.train(was_training)
         torch.set_num_threads(previous_threads)
+
+
+def _torch_runners(model: nn.Module, inputs: dict[int, torch.Tensor]) -> dict[int, Callable[[], Any]]:
+    parameter = next(iter(model.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def runner(x: torch.Tensor) -> Callable[[], Any]:
+        return lambda: (model(x), sync())
+
+    return {batch: runner(x.to(device, dtype)) for batch, x in inputs.items()}
 
 
 @dataclass(frozen=True)
@@ -770,7 +790,8 @@ def compare_latency(
     runtimes: Sequence[str] = RUNTIMES,
     threads: int | None = None,
 ) -> LatencyComparison:
-    """Time ``original`` and ``slim`` under each runtime and batch size (``--latency --compare``)."""
+    """Time ``original`` and ``slim`` under each runtime and batch size (``--latency --compare``), their runs
+    alternating, so the speedup is a ratio of medians taken under the same load."""
     from prunecli.measure import layer_costs
 
     input_shape = tuple(int(d) for d in input_shape)
@@ -778,9 +799,11 @@ def compare_latency(
     macs = [sum(c.macs for c in layer_costs(m, example.to(_device_of(m)))) for m in (original, slim)]
     rows = []
     for runtime in runtimes:
-        before = latency(original, input_shape, batch_sizes, warmup, repeats, runtime, threads)
-        after = latency(slim, input_shape, batch_sizes, warmup, repeats, runtime, threads)
-        rows += [LatencyRow(runtime, b, before[b], after[b], before[b] / after[b]) for b in before]
+        with (_runners(original, input_shape, batch_sizes, warmup, repeats, runtime, threads) as before,
+              _runners(slim, input_shape, batch_sizes, warmup, repeats, runtime, threads) as after):
+            for batch in before:
+                old, new = _medians_ms([before[batch], after[batch]], warmup, repeats)
+                rows.append(LatencyRow(runtime, batch, old, new, old / new))
     return LatencyComparison(input_shape, rows, macs[0], macs[1], macs[0] / max(macs[1], 1), warmup, repeats)
 
 

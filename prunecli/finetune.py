@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from prunecli.allocate import Plan
     from prunecli.config import PruneConfig, ScoringOptions
     from prunecli.graph import DependencyGraph
+    from prunecli.measure import CostModel
 
 OPTIMIZERS = ("sgd", "adamw")
 KD_MODES = ("none", "fixed", "variable")
@@ -655,8 +656,28 @@ def _plan_from_dict(data: Mapping[str, Any]) -> Plan:
     )
 
 
+class TrainingHook(Protocol):
+    """What a training-aware pruning method adds to the fine-tuning loop (soft pruning, EDP's regulariser).
+
+    The trainer calls ``begin`` before the first epoch of a fresh run, ``after_backward`` before each optimiser
+    step, ``after_step`` after it, ``end_epoch`` after each epoch, and saves ``state()`` in its checkpoints.
+    """
+
+    keeps_best: bool  # False: the last epoch's weights are the result, whatever validation says
+
+    def refresh(self) -> None: ...  # re-bind to the parameters after the model moved to another device
+    def begin(self) -> dict[str, Any]: ...
+    def after_backward(self) -> None: ...
+    def after_step(self, step: int, total_steps: int, lr: float) -> None: ...
+    def end_epoch(self, epochs_done: int, epochs: int) -> dict[str, Any] | None: ...
+    def state(self) -> dict[str, Any]: ...
+    def load(self, state: Mapping[str, Any], history: bool = True) -> None: ...
+
+
 class _SoftPruning:
     """The soft-pruning side of a run: selection before training and every ``every`` epochs, masks in between."""
+
+    keeps_best = True
 
     def __init__(self, graph: DependencyGraph, select: Callable[[], tuple[Plan, float]], every: int):
         self.mask = _SoftMask(graph)
@@ -672,10 +693,24 @@ class _SoftPruning:
         self.plan = plan
         entry = {"epoch": epoch, "removed": sum(len(v) for v in plan.removed.values()), "changed": changed}
         self.selections.append(entry)
-        return entry
+        return {"event": "select", **entry}
 
-    def due(self, epochs_done: int, epochs: int) -> bool:
-        return self.every > 0 and epochs_done % self.every == 0 and epochs_done < epochs
+    def refresh(self) -> None:
+        self.mask.refresh()
+
+    def begin(self) -> dict[str, Any]:
+        return self.choose(0)
+
+    def after_backward(self) -> None:
+        self.mask.mask_grads()
+
+    def after_step(self, step: int, total_steps: int, lr: float) -> None:
+        self.mask.apply()  # momentum and weight decay must not regrow masked filters
+
+    def end_epoch(self, epochs_done: int, epochs: int) -> dict[str, Any] | None:
+        if self.every > 0 and epochs_done % self.every == 0 and epochs_done < epochs:
+            return self.choose(epochs_done)
+        return None
 
     def state(self) -> dict[str, Any]:
         return {"plan": _plan_to_dict(self.plan), "target": float(self.target),
@@ -795,7 +830,7 @@ def _run(
     config: FinetuneConfig,
     teacher: nn.Module | None,
     progress: Progress | None,
-    soft: _SoftPruning | None,
+    hook: TrainingHook | None,
 ) -> FinetuneResult:
     if config.kd != "none" and teacher is None:
         raise PrunecliError(f"--kd {config.kd} needs a --teacher model to distil from")
@@ -808,7 +843,7 @@ def _run(
         if device.type == "cuda":
             devices = [device.index if device.index is not None else torch.cuda.current_device()]
         with torch.random.fork_rng(devices=devices):
-            return _Trainer(model, train, val, config, teacher, progress, soft, distributed).run()
+            return _Trainer(model, train, val, config, teacher, progress, hook, distributed).run()
     finally:
         distributed.close()
 
@@ -816,10 +851,10 @@ def _run(
 class _Trainer:
     """One fine-tuning run; split into steps only for readability, the state lives in its attributes."""
 
-    def __init__(self, model, train, val, config, teacher, progress, soft, distributed: _Distributed):
+    def __init__(self, model, train, val, config, teacher, progress, hook, distributed: _Distributed):
         self.model: nn.Module = model
         self.train, self.val, self.config = train, val, config
-        self.teacher, self.soft, self.dist = teacher, soft, distributed
+        self.teacher, self.hook, self.dist = teacher, hook, distributed
         self.say = progress if distributed.rank == 0 else None
         self.device = distributed.device
         self.home = _model_device(model)
@@ -881,8 +916,8 @@ class _Trainer:
         started = time.perf_counter()
         config, train, device = self.config, self.train, self.device
         self.model.to(device)
-        if self.soft is not None:
-            self.soft.mask.refresh()
+        if self.hook is not None:
+            self.hook.refresh()
         self._validate()
         expected = _fingerprint(config, train, self.val, self.teacher)
         resume_state = self._prepare_checkpoint(expected)
@@ -909,17 +944,16 @@ class _Trainer:
                 raise CheckpointError(
                     f"--resume: the optimizer state in {config.checkpoint} does not fit this model ({exc}); start over"
                 ) from exc
-            if self.soft is not None:
-                self.soft.load(resume_state["soft"])
+            if self.hook is not None:
+                self.hook.load(resume_state["hook"])
             history = [EpochRecord(**r) for r in resume_state["history"]]
             best = resume_state.get("best")
             start_epoch = resumed_from = int(resume_state["epoch"])
             step = int(resume_state["step"])
             elapsed_before = float(resume_state.get("seconds", 0.0))
         else:
-            if self.soft is not None:
-                entry = self.soft.choose(0)
-                self._tell({"event": "select", **entry})
+            if self.hook is not None:
+                self._tell(self.hook.begin())
             if config.recalibrate_bn:
                 used = recalibrate_bn(
                     self.model, iterate_batches(train, config.batch_size, shuffle=True, seed=_mix(config.seed, 3)),
@@ -978,16 +1012,16 @@ class _Trainer:
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                if self.soft is not None:
-                    self.soft.mask.mask_grads()
+                if self.hook is not None:
+                    self.hook.after_backward()
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
-                if self.soft is not None:
-                    self.soft.mask.apply()  # momentum and weight decay must not regrow masked filters
                 step += 1
+                if self.hook is not None:
+                    self.hook.after_step(step, total_steps, lr)
                 with torch.no_grad():
                     hits = (logits.argmax(1) == y).sum()
                     sums += torch.stack([loss.detach().double() * len(y), hits.double(), sums.new_tensor(len(y))])
@@ -1019,18 +1053,18 @@ class _Trainer:
                 seen / seconds_training if seconds_training > 0 else 0.0,
             )
             history.append(record)
-            if val_result is not None and (best is None or val_result.top1 > best["top1"]):
+            keeps_best = self.hook is None or self.hook.keeps_best
+            if val_result is not None and keeps_best and (best is None or val_result.top1 > best["top1"]):
                 best = {"epoch": epoch + 1, "top1": val_result.top1, "state": _cpu_state(self.model),
-                        "soft": self.soft.state() if self.soft is not None else None}
-            if self.soft is not None and self.soft.due(epoch + 1, epochs):
-                entry = self.soft.choose(epoch + 1)
-                self._tell({"event": "select", **entry})
+                        "hook": self.hook.state() if self.hook is not None else None}
+            if self.hook is not None and (event := self.hook.end_epoch(epoch + 1, epochs)) is not None:
+                self._tell(event)
             self._save({
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "options": expected,
                 "world_size": self.dist.world, "epoch": epoch + 1, "step": step, "model": _cpu_state(self.model),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                 "history": [dataclasses.asdict(r) for r in history], "best": best,
-                "soft": self.soft.state() if self.soft is not None else None,
+                "hook": self.hook.state() if self.hook is not None else None,
                 "seconds": elapsed_before + time.perf_counter() - started,
             })
             self._tell({"event": "epoch", **dataclasses.asdict(record), "epochs": epochs,
@@ -1038,12 +1072,12 @@ class _Trainer:
 
         if best is not None:
             self.model.load_state_dict(best["state"])
-            if self.soft is not None and best["soft"] is not None:
-                self.soft.load(best["soft"], history=False)
+            if self.hook is not None and best["hook"] is not None:
+                self.hook.load(best["hook"], history=False)
         self.model.eval()
         self.model.to(self.home)
-        if self.soft is not None:
-            self.soft.mask.refresh()
+        if self.hook is not None:
+            self.hook.refresh()
         last = history[-1].epoch if history else None
         return FinetuneResult(
             config.to_dict(), history, best["epoch"] if best else last, best["top1"] if best else None, epochs, step,
@@ -1127,6 +1161,20 @@ def _soft_scores(scoring: ScoringOptions, graph: DependencyGraph, train: ImageSe
     return score_with_data(criterion, graph, groups, iterate_batches(subset, batch_size), scoring.group_reduction, device)
 
 
+def trace_for_training(model: nn.Module, example_input: Tensor, prune: PruneConfig) -> tuple[DependencyGraph, CostModel]:
+    """The channel groups and cost model of a model that is about to be trained in place (traced in eval mode)."""
+    from prunecli.graph import DependencyGraph
+    from prunecli.measure import CostModel, layer_costs
+
+    example_input = example_input.to(_model_device(model))
+    was_training = model.training
+    model.eval()
+    graph = DependencyGraph(model, example_input, prune.ignore, prune.timeout)
+    cost_model = CostModel(model, layer_costs(model, example_input), graph.groups)
+    model.train(was_training)
+    return graph, cost_model
+
+
 def soft_prune(
     model: nn.Module,
     example_input: Tensor,
@@ -1160,8 +1208,6 @@ def soft_prune(
     """
     from prunecli.api import plan_pruning
     from prunecli.criteria import get_criterion
-    from prunecli.graph import DependencyGraph
-    from prunecli.measure import CostModel, layer_costs
 
     if reselect_every < 0:
         raise PrunecliError(f"--reselect-every {reselect_every} must not be negative")
@@ -1170,12 +1216,7 @@ def soft_prune(
             f"--method {prune.method} scores with gradients, which would clash with DDP's gradient hooks; "
             "soft-prune with it in a single process, or use a weight or activation criterion"
         )
-    example_input = example_input.to(_model_device(model))
-    was_training = model.training
-    model.eval()
-    graph = DependencyGraph(model, example_input, prune.ignore, prune.timeout)
-    cost_model = CostModel(model, layer_costs(model, example_input), graph.groups)
-    model.train(was_training)
+    graph, cost_model = trace_for_training(model, example_input, prune)
 
     def select() -> tuple[Plan, float]:
         return plan_pruning(prune, graph, cost_model, _soft_scores(prune.scoring, graph, train))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,12 +104,12 @@ def test_help_exits_zero(command):
     assert "Traceback" not in result.output
 
 
-def test_prune_help_lists_every_registered_method():
+def test_prune_help_lists_every_registered_method_and_edp():
     from prunecli.criteria import list_criteria
 
     result = invoke("prune", "--help", columns=300)
     assert result.exit_code == 0
-    assert "<" + "|".join(list_criteria()) + ">" in result.stdout
+    assert "<" + "|".join([*list_criteria(), "edp"]) + ">" in result.stdout
 
 
 def test_version():
@@ -427,3 +429,161 @@ def test_prune_writes_no_blank_line_to_a_non_terminal_stderr(tmp_path):
     result = invoke("prune", tmp_path / "nope.pt", "--ratio", "0.3")
     assert result.exit_code == 1
     assert result.stderr == f"error: {tmp_path / 'nope.pt'}: no such file; check the path\n"
+
+
+# ----------------------------------------------------------------------------- --report
+
+# sample:resnet20 at --ratio 0.25: every group keeps 12 of 16, 24 of 32, 48 of 64 channels, so
+# layer1.0.conv1 is 12x12x3x3 = 1,296 weights applied at 28x28 (1,016,064 MACs, was 1,806,336),
+# layer3.0.conv1 48x24x3x3 = 10,368 at 7x7 (508,032 MACs), fc 10x48 + 10 = 490 params (480 MACs).
+R20_QUARTER = {
+    "layer1.0.conv1": (16, 12, 16, 12, 2_304, 1_296, 1_806_336, 1_016_064),
+    "layer3.0.conv1": (64, 48, 32, 24, 18_432, 10_368, 903_168, 508_032),
+    "fc": (10, 10, 64, 48, 650, 490, 640, 480),
+}
+
+
+def _prune_with_report(folder, model, report, *extra):
+    return invoke("prune", model, "--arch", "sample:resnet20", "--ratio", "0.25", "-o", folder / "slim.safetensors",
+                  "--report", report, *extra)
+
+
+def test_json_report_has_the_numbers_of_the_prune_result(tmp_path, r20):
+    result = _prune_with_report(tmp_path, r20, tmp_path / "report.json", "--json")
+    assert result.exit_code == 0, result.output
+    pruned, report = json.loads(result.stdout), json.loads((tmp_path / "report.json").read_text())
+    layers = {row["name"]: row for row in report["layers"]}
+    assert [row["name"] for row in report["layers"]] == [row["name"] for row in pruned["layers"]]
+    assert len(layers) == R20_LAYERS
+    for name, expected in R20_QUARTER.items():
+        row = layers[name]
+        assert (row["channels_before"], row["channels_after"], row["in_channels_before"], row["in_channels_after"],
+                row["params_before"], row["params_after"], row["macs_before"], row["macs_after"]) == expected
+    assert layers["layer1.0.conv1"]["channels_kept"] == 0.75
+    assert layers["layer1.0.conv1"]["macs_removed"] == pytest.approx(1 - 1_016_064 / 1_806_336)
+    assert layers["layer1.0.conv1"]["macs_share_before"] == pytest.approx(1_806_336 / R20_MACS)
+    assert layers["layer1.0.conv1"]["macs_share_after"] == pytest.approx(1_016_064 / pruned["after"]["macs"])
+    assert report["totals"] == {
+        "params": {"before": R20_PARAMS, "after": pruned["after"]["params"], "kept": pruned["params_kept"]},
+        "macs": {"before": R20_MACS, "after": pruned["after"]["macs"], "kept": pruned["macs_kept"]},
+        "channels_removed": pruned["channels_removed"], "groups_pruned": pruned["groups_pruned"],
+    }
+    assert pruned["channels_removed"] == R20_PRUNABLE_CHANNELS // 4
+    assert sum(row["macs_after"] for row in report["layers"]) == pruned["after"]["macs"]
+    assert report["budget"]["kind"] == "ratio" and report["budget"]["requested"] == "0.25"
+    assert report["method"] == "l1" and report["output"] == str(tmp_path / "slim.safetensors")
+    assert "accuracy" not in report and "latency" not in report  # unknown for random weights, not measured
+    assert files_in(tmp_path) == ["r20.pt", "report.json", "slim.safetensors"]
+
+
+def test_markdown_report_has_a_row_per_layer(tmp_path, r20):
+    result = _prune_with_report(tmp_path, r20, tmp_path / "report.md", "-q")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| layer") or line.startswith("| fc ")]
+    assert len(rows) == R20_LAYERS
+    assert ("| layer1.0.conv1 | Conv2d | 16 → 12 | 75.0% | 2.30K → 1.30K | 1.81M → 1.02M | 5.82% → "
+            in text)
+    assert "| `█████·······` 43.8% |" in next(r for r in rows if r.startswith("| layer1.0.conv1 "))
+    assert "| params | 272.19K |" in text and "| MACs | 31.02M |" in text
+    assert "| channels removed per group | 0.25 | 112 channels |" in text
+
+
+class _Page(HTMLParser):
+    """The parts of the HTML report the tests look at: bars, table cells, the title, anything external."""
+
+    def __init__(self):
+        super().__init__()
+        self.bars, self.cells, self.title, self.external, self._open = [], [], "", [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "svg" and attrs.get("class") == "bar":
+            self.bars.append(attrs["aria-label"])
+        if tag in ("script", "link", "img", "iframe") or any(k in attrs for k in ("src", "href")):
+            self.external.append(tag)
+        self._open = tag
+
+    def handle_endtag(self, tag):
+        self._open = None
+
+    def handle_data(self, data):
+        if self._open == "td":
+            self.cells.append(data)
+        elif self._open == "title" and not self.title:
+            self.title = data
+
+
+def test_html_report_is_self_contained_with_a_bar_per_layer(tmp_path, r20_weights):
+    folder = tmp_path / 'odd <name> & "quotes"'
+    folder.mkdir()
+    model = shutil.copy(r20_weights, folder / "r20.pt")
+    result = _prune_with_report(folder, model, folder / "report.html", "-q")
+    assert result.exit_code == 0, result.output
+    text = (folder / "report.html").read_text()
+    page = _Page()
+    page.feed(text)
+    page.close()
+    assert len(page.bars) == R20_LAYERS
+    assert page.bars[1] == "layer1.0.conv1: 43.8% of MACs removed"
+    assert page.external == []
+    assert page.title == f"prunecli report: {model} → {folder / 'slim.safetensors'}"
+    assert "<name>" not in text and "&lt;name&gt; &amp; &quot;quotes&quot;" in text
+    assert page.cells[page.cells.index("params"):][:2] == ["params", "272.19K"]
+    assert page.cells[page.cells.index("MACs"):][:2] == ["MACs", "31.02M"]
+
+
+@pytest.mark.parametrize("name", ["report.pdf", "report", "slim.safetensors"])
+def test_report_with_an_unknown_extension_fails_before_any_work(tmp_path, r20, name):
+    result = _prune_with_report(tmp_path, r20, tmp_path / name)
+    assert "use .json, .md or .html" in assert_one_line_error(result)
+    assert files_in(tmp_path) == ["r20.pt"]
+
+
+def test_report_is_not_clobbered_without_force(tmp_path, r20):
+    (tmp_path / "report.md").write_text("mine\n")
+    result = _prune_with_report(tmp_path, r20, tmp_path / "report.md")
+    assert "--force" in assert_one_line_error(result)
+    assert (tmp_path / "report.md").read_text() == "mine\n"
+    assert files_in(tmp_path) == ["r20.pt", "report.md"]
+    forced = _prune_with_report(tmp_path, r20, tmp_path / "report.md", "--force", "-q")
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "report.md").read_text().startswith("# prunecli report: ")
+
+
+def test_report_may_not_be_the_model_output(tmp_path, r20):
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "-o", tmp_path / "x.json",
+                    "--report", tmp_path / "x.json")
+    assert "also the model output" in assert_one_line_error(result)
+    assert files_in(tmp_path) == ["r20.pt"]
+
+
+SAMPLE = Path(__file__).parents[1] / "sample_models"
+
+
+def test_report_shows_the_recorded_accuracy_of_the_source(tmp_path):
+    result = invoke("prune", SAMPLE / "resnet20_fmnist.safetensors", "--ratio", "0.25", "-o", tmp_path / "slim.safetensors",
+                    "--report", tmp_path / "report.md", "-q")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.md").read_text()
+    assert "| fashion-mnist (recorded in the model file) | 92.96% | not measured (pass --eval-data) |" in text
+    assert "## Latency" not in text
+
+
+def test_report_with_measured_accuracy_and_latency(tmp_path):
+    result = invoke("prune", SAMPLE / "resnet20_fmnist.safetensors", "--ratio", "0.25", "-o", tmp_path / "slim.safetensors",
+                    "--eval-data", SAMPLE / "fmnist_calib.safetensors", "--eval-limit", "64", "--latency",
+                    "--latency-batch", "4", "--report", tmp_path / "report.json", "--json")
+    assert result.exit_code == 0, result.output
+    pruned, report = json.loads(result.stdout), json.loads((tmp_path / "report.json").read_text())
+    accuracy = report["accuracy"]
+    assert accuracy == pruned["accuracy"]
+    assert accuracy["measured"] and accuracy["images"] == 64
+    assert 0.8 <= accuracy["original_top1"] <= 1 and 0 <= accuracy["pruned_top1"] <= 1
+    latency = report["latency"]
+    assert latency["macs_ratio"] == pytest.approx(pruned["before"]["macs"] / pruned["after"]["macs"])
+    assert [(row["runtime"], row["batch"]) for row in latency["rows"]] == [
+        ("torch", 1), ("torch", 4), ("onnxruntime", 1), ("onnxruntime", 4)]
+    for row, measured in zip(latency["rows"], pruned["latency"]["rows"], strict=True):
+        assert row["speedup"] == measured["speedup"] == pytest.approx(row["original_ms"] / row["slim_ms"])
+        assert row["efficiency"] == pytest.approx(row["speedup"] / latency["macs_ratio"])

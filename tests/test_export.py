@@ -466,3 +466,15 @@ def test_onnx_is_imported_lazily():
     top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     assert "torch" in top_level and not top_level & {"onnx", "onnxruntime", "onnxscript"}
+
+
+def test_compare_latency_alternates_the_two_models(monkeypatch):
+    original, slim, calls = tiny(), tiny(), []
+    original.register_forward_hook(lambda module, args, out: calls.append("original"))
+    slim.register_forward_hook(lambda module, args, out: calls.append("slim"))
+    monkeypatch.setattr(export_module, "_clock", FakeClock([0.006, 0.002, 0.004, 0.003, 0.008, 0.001]))
+    comparison = compare_latency(original, slim, (1, 12, 12), batch_sizes=(2,), warmup=1, repeats=3, runtimes=("torch",))
+    # one costing pass each (the MACs ratio), one warm-up each, then three rounds of one run each
+    assert calls == ["original", "slim"] * 5
+    row = comparison.rows[0]
+    assert (row.original_ms, row.slim_ms) == pytest.approx((6.0, 2.0))  # medians of 6, 4, 8 and 2, 3, 1

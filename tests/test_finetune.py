@@ -36,13 +36,7 @@ from prunecli.samples import resnet20
 FMNIST_FILES = FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two busy cores: one intra-op thread is many times faster than two fighting over them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(classes: int = 4, seed: int = 0) -> nn.Module:

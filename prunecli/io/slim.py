@@ -41,10 +41,15 @@ def _plain_value(value: Any) -> Any:
 
 
 def attribute_changes(base: nn.Module, pruned: nn.Module) -> dict[str, dict[str, Any]]:
-    """Plain attributes (``in_channels``, ``groups``, ``normalized_shape``, ...) that differ from the base."""
+    """Plain attributes (``in_channels``, ``groups``, ``normalized_shape``, ...) that differ from the base.
+
+    EDP's decomposed convs are described by :func:`decomposed_shapes` instead."""
     base_modules = dict(base.named_modules())
+    decomposed = tuple(decomposed_shapes(pruned))
     changes: dict[str, dict[str, Any]] = {}
     for name, module in pruned.named_modules():
+        if decomposed and any(name == d or name.startswith(f"{d}.") for d in decomposed):
+            continue
         reference = base_modules.get(name)
         if reference is None:
             raise CheckpointError(f"module {name!r} is not in the base architecture; cannot describe the slim model")
@@ -55,6 +60,16 @@ def attribute_changes(base: nn.Module, pruned: nn.Module) -> dict[str, dict[str,
             if plain is not ... and plain != _plain_value(vars(reference).get(attr, ...)):
                 changes.setdefault(name, {})[attr] = plain
     return changes
+
+
+def decomposed_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """``[in_channels, out_channels, rank]`` of each conv EDP kept as a basis + coefficient pair."""
+    from prunecli.edp import decomposed_layers
+
+    return {
+        name: [block.basis.in_channels, block.coeff.out_channels, block.rank]
+        for name, block in decomposed_layers(model).items()
+    }
 
 
 def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -87,6 +102,7 @@ def describe(
         "arch": spec.to_dict(),
         "input_shape": list(input_shape),
         "modules": attribute_changes(base, model),
+        **({"decomposed": shapes} if (shapes := decomposed_shapes(model)) else {}),
         "tied": aliases,
         **dict(metadata or {}),
     }
@@ -220,6 +236,7 @@ def _shaped(model: nn.Module, document: Mapping[str, Any], state: Mapping[str, t
         for attr, value in attrs.items():
             current = getattr(modules[name], attr, None)
             setattr(modules[name], attr, tuple(value) if isinstance(current, tuple | torch.Size) else value)
+    _decompose_skeleton(model, document.get("decomposed", {}), modules)
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for name, param in list(module.named_parameters(recurse=False)):
@@ -231,6 +248,20 @@ def _shaped(model: nn.Module, document: Mapping[str, Any], state: Mapping[str, t
             if buffer is not None and stored is not None:
                 module._buffers[name] = torch.empty(stored.shape, dtype=buffer.dtype)
     return model
+
+
+def _decompose_skeleton(model: nn.Module, decomposed: Any, modules: Mapping[str, nn.Module]) -> None:
+    """Put EDP's basis + coefficient pair where the document says a conv was kept decomposed."""
+    from prunecli.edp import DecomposedConv
+
+    if not isinstance(decomposed, dict):
+        raise CheckpointError("the slim file's list of decomposed layers is damaged")
+    for name, dims in decomposed.items():
+        conv = modules.get(name)
+        if not isinstance(conv, nn.Conv2d) or not (isinstance(dims, list) and len(dims) == 3
+                                                   and all(isinstance(d, int) and d > 0 for d in dims)):
+            raise CheckpointError(f"slim file says {name!r} was decomposed, which this architecture cannot match")
+        model.set_submodule(name, DecomposedConv(conv, *dims, device=conv.weight.device))
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
