@@ -104,6 +104,7 @@ def main() -> None:
     )
     args.ort_version = onnxruntime.__version__
     args.machine = f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="prunecli-speedup-") as folder:
         for name in args.models:
