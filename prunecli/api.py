@@ -30,7 +30,7 @@ from prunecli.config import (
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
 from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError
-from prunecli.graph import ChannelGroup, DependencyGraph
+from prunecli.graph import ChannelGroup, DependencyGraph, time_limit
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
@@ -238,9 +238,22 @@ def _check_scoring(scoring: ScoringOptions) -> Criterion:
 
 
 def compute_scores(
-    scoring: ScoringOptions, loaded: LoadedModel, graph: DependencyGraph, say: Progress, batch_progress=None
+    scoring: ScoringOptions,
+    loaded: LoadedModel,
+    graph: DependencyGraph,
+    say: Progress,
+    batch_progress=None,
+    timeout: float | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Per-channel scores of every prunable group, on ``scoring.device``."""
+    """Per-channel scores of every prunable group, on ``scoring.device``, within ``timeout`` seconds if given."""
+    with time_limit(timeout, f"scoring channels with {scoring.method}",
+                    "raise --score-timeout, or give fewer --calib-images"):
+        return _compute_scores(scoring, loaded, graph, say, batch_progress)
+
+
+def _compute_scores(
+    scoring: ScoringOptions, loaded: LoadedModel, graph: DependencyGraph, say: Progress, batch_progress
+) -> dict[int, torch.Tensor]:
     criterion = _check_scoring(scoring)
     groups = [g for g in graph.groups if g.prunable]
     if not criterion.needs_data:
@@ -314,7 +327,7 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
     costs, _ = _profile(loaded, x)
     say("tracing channel dependencies")
     graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
-    scores = compute_scores(config.scoring, loaded, graph, say, batch_progress)
+    scores = compute_scores(config.scoring, loaded, graph, say, batch_progress, config.score_timeout)
     preview_removed: dict[int, int] = {}
     preview = None
     if config.preview is not None:
@@ -513,7 +526,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
             scores = {}  # soft pruning scores (and re-scores) while it trains
         else:
             say(f"scoring channels with {config.method}")
-            scores = compute_scores(config.scoring, loaded, graph, say, batch_progress)
+            scores = compute_scores(config.scoring, loaded, graph, say, batch_progress, config.score_timeout)
         if config.soft is not None:
             graph, plan, target, training_record = _soft_prune(config, loaded, x, say, batch_progress)
         else:

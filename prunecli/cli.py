@@ -169,6 +169,7 @@ IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Glob of l
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress output.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds allowed for tracing the model's dependencies.", min=1)]
+ScoreTimeoutOpt = Annotated[float | None, typer.Option("--score-timeout", help="Seconds allowed for scoring (the pass over --data for data-driven methods); default: no limit.", min=1)]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Calibration images for data-driven methods: an image folder, a tensor file (.safetensors/.pt/.npz with 'images' [N,C,H,W] and optional 'labels'), or fashion-mnist[:train|test].")]
 DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Folder of the Fashion-MNIST IDX files.")]
 CalibImagesOpt = Annotated[int, typer.Option("--calib-images", help="Calibration images to use (a seeded random subset).", min=1)]
@@ -312,6 +313,7 @@ def score(
     trust_pickle: TrustPickleOpt = False,
     import_path: ImportPathOpt = None,
     timeout: TimeoutOpt = 120.0,
+    score_timeout: ScoreTimeoutOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -330,6 +332,7 @@ def score(
             ignore=tuple(ignore or ()),
             preview=parse_budget("flops", preview_flops_target) if preview_flops_target else None,
             timeout=timeout,
+            score_timeout=score_timeout,
         )
         with _Progress(not (quiet or as_json), calib_images if data else None) as progress:
             result = score_model(config, progress=progress.stage, batch_progress=progress.images)
@@ -388,6 +391,7 @@ def prune(
     trust_pickle: TrustPickleOpt = False,
     import_path: ImportPathOpt = None,
     timeout: TimeoutOpt = 120.0,
+    score_timeout: ScoreTimeoutOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -435,6 +439,7 @@ def prune(
             seed=seed,
             device=scoring.device,
             timeout=timeout,
+            score_timeout=score_timeout,
             criterion_options=scoring.options,
             data=scoring.data,
             scores=scores,

@@ -131,6 +131,7 @@ class ScoreConfig:
     ignore: tuple[str, ...] = ()
     preview: Budget | None = None
     timeout: float | None = 120.0
+    score_timeout: float | None = None  # seconds allowed for scoring; None: no limit
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ class PruneConfig:
     seed: int = 0
     device: str = "cpu"
     timeout: float | None = 120.0
+    score_timeout: float | None = None  # seconds allowed for scoring; None: no limit
     criterion_options: dict[str, Any] = field(default_factory=dict)
     data: DataOptions | None = None
     scores: Path | None = None  # reuse a `prunecli score` file instead of scoring again

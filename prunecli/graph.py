@@ -66,12 +66,15 @@ class ChannelGroup:
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float | None, stage: str) -> Iterator[None]:
-    """Raise ArchitectureError if the block runs longer than ``seconds`` (main thread, POSIX only)."""
+def time_limit(
+    seconds: float | None, stage: str, hint: str = "raise --timeout or --ignore the slow part"
+) -> Iterator[None]:
+    """Raise ArchitectureError naming ``stage`` and ``hint`` if the block runs longer than ``seconds`` (main thread,
+    POSIX only)."""
     usable = seconds and hasattr(signal, "SIGALRM")
     if usable:
         try:
-            previous = signal.signal(signal.SIGALRM, _raise_timeout(stage, seconds))
+            previous = signal.signal(signal.SIGALRM, _raise_timeout(stage, seconds, hint))
         except ValueError:  # not in the main thread
             usable = False
     if not usable:
@@ -85,9 +88,9 @@ def time_limit(seconds: float | None, stage: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _raise_timeout(stage: str, seconds: float):
+def _raise_timeout(stage: str, seconds: float, hint: str):
     def handler(signum, frame):
-        raise ArchitectureError(f"{stage} took longer than {seconds:g} s; raise --timeout or --ignore the slow part")
+        raise ArchitectureError(f"{stage} took longer than {seconds:g} s; {hint}")
 
     return handler
 

@@ -587,3 +587,23 @@ def test_report_with_measured_accuracy_and_latency(tmp_path):
     for row, measured in zip(latency["rows"], pruned["latency"]["rows"], strict=True):
         assert row["speedup"] == measured["speedup"] == pytest.approx(row["original_ms"] / row["slim_ms"])
         assert row["efficiency"] == pytest.approx(row["speedup"] / latency["macs_ratio"])
+
+
+# ----------------------------------------------------------------------------- resource guards
+
+
+def test_tracing_and_scoring_stop_at_their_time_limits_and_name_the_stage():
+    from prunecli.api import score_model
+    from prunecli.config import DataOptions, ModelSource, ScoreConfig, ScoringOptions
+    from prunecli.errors import ArchitectureError
+    from prunecli.graph import DependencyGraph
+
+    with pytest.raises(ArchitectureError, match=r"^tracing the model's channel dependencies took longer than 0\.001 s; "
+                                                r"raise --timeout"):
+        DependencyGraph(torchvision.models.resnet18(weights=None), torch.randn(1, 3, 64, 64), timeout=0.001)
+    data = DataOptions(str(SAMPLE / "fmnist_calib.safetensors"), calib_images=512, batch_size=64)
+    config = ScoreConfig(ModelSource(SAMPLE / "resnet20_fmnist.safetensors"), ScoringOptions("hrank", data=data),
+                         score_timeout=0.05)
+    with pytest.raises(ArchitectureError, match=r"^scoring channels with hrank took longer than 0\.05 s; "
+                                                r"raise --score-timeout, or give fewer --calib-images$"):
+        score_model(config)
