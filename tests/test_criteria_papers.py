@@ -307,6 +307,7 @@ def test_hrank_hand_values():
 
 
 def nuclear_norm_reference(features: torch.Tensor) -> torch.Tensor:
+    """CHIP by its definition: one explicit SVD per image and per removed channel."""
     f = features.flatten(2).double()
     batch, n, _ = f.shape
     out = torch.zeros(n, dtype=torch.float64)
@@ -319,14 +320,38 @@ def nuclear_norm_reference(features: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 2, 2), (2, 3, 3, 3), (3, 4, 2, 2)])  # HW < n, HW > n, HW == n
-def test_chip_matches_explicit_nuclear_norms(shape):
+def low_rank_maps(batch: int, n: int, rank: int, height: int, width: int) -> torch.Tensor:
+    """Maps of an exact rank: small integer factors, so the product has no rounding."""
+    left = torch.randint(-3, 4, (batch, n, rank)).float()
+    right = torch.randint(-3, 4, (batch, rank, height * width)).float()
+    return (left @ right).reshape(batch, n, height, width)
+
+
+CHIP_CASES = {
+    "HW < n": lambda: torch.randn(2, 12, 2, 2).relu(),
+    "HW > n": lambda: torch.randn(2, 6, 4, 4).relu(),
+    "HW == n": lambda: torch.randn(3, 9, 3, 3).relu(),
+    "rank-deficient, HW > n": lambda: low_rank_maps(2, 8, 3, 5, 5),
+    "rank-deficient, HW < n": lambda: low_rank_maps(2, 20, 2, 3, 3),
+    "zero channels and a zero image": lambda: torch.cat([torch.randn(2, 4, 3, 3), torch.zeros(2, 2, 3, 3)], 1)
+    * torch.tensor([1.0, 0.0])[:, None, None, None],
+    "a channel on its own pixel, HW < n": lambda: torch.cat(
+        [torch.randn(1, 10, 4) * torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([[[0.0, 0.0, 0.0, 1e-3]]])], 1
+    ).reshape(1, 11, 2, 2),
+    "large scale": lambda: torch.randn(2, 7, 3, 3) * 1e4,
+    "a tiny channel": lambda: torch.cat([torch.randn(1, 5, 4, 4), 1e-6 * torch.randn(1, 1, 4, 4)], 1),
+}
+
+
+@pytest.mark.parametrize("case", CHIP_CASES)
+def test_chip_matches_explicit_nuclear_norms(case):
     torch.manual_seed(12)
-    features = torch.randn(*shape).relu()
+    features = CHIP_CASES[case]()
     expected = nuclear_norm_reference(features)
-    assert_close(channel_independence(features), expected, rtol=1e-7, atol=1e-9)
-    assert_close(channel_independence(features, budget=1), expected, rtol=1e-7, atol=1e-9)  # one pair per chunk
-    assert_close(get_criterion("chip")().feature_statistic(features), expected, rtol=1e-7, atol=1e-9)
+    atol = 1e-12 * torch.linalg.matrix_norm(features.flatten(2).double(), ord=2).max().item()  # float64 rounding
+    assert_close(channel_independence(features), expected, rtol=1e-9, atol=atol)
+    assert_close(channel_independence(features, budget=1), expected, rtol=1e-9, atol=atol)  # one image per chunk
+    assert_close(get_criterion("chip")().feature_statistic(features), expected, rtol=1e-9, atol=atol)
 
 
 def test_chip_hand_values():
