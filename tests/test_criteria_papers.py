@@ -127,7 +127,7 @@ def test_lrmf_matches_a_direct_double_loop():
         for i, j in itertools.product(range(4), range(4)):
             expected[i] += math.sqrt(sum((float(p) - float(q)) ** 2 for p, q in zip(z[i], z[j], strict=True)))
     assert_close(lrmf_statistic(features), expected, rtol=1e-5, atol=0)
-    assert_close(lrmf_statistic(features, budget=1), expected, rtol=1e-5, atol=0)  # one image per chunk
+    assert_close(lrmf_statistic(features, budget=1), expected, rtol=1e-5, atol=0)  # one row per tile
     assert_close(get_criterion("lrmf")().feature_statistic(features), expected, rtol=1e-5, atol=0)
 
 

@@ -149,11 +149,16 @@ def score_with_data(
         by_layer.setdefault(pair.member.layer, []).append((i, pair))
     sums: list[Tensor | None] = [None] * len(pairs)
     index_cache: dict[int, Tensor] = {}
+    selects_all: dict[int, bool] = {}
 
     def record(layer: str, tensor: Tensor) -> None:
         for i, pair in by_layer[layer]:
-            idx = index_cache.setdefault(i, torch.as_tensor(pair.member.indices, device=tensor.device))
-            stat = criterion.feature_statistic(tensor.detach().index_select(1, idx).float())
+            if selects_all.setdefault(i, list(pair.member.indices) == list(range(tensor.shape[1]))):
+                channels = tensor.detach()  # no copy of the whole activation for the common case
+            else:
+                idx = index_cache.setdefault(i, torch.as_tensor(pair.member.indices, device=tensor.device))
+                channels = tensor.detach().index_select(1, idx)
+            stat = criterion.feature_statistic(channels.float())
             if not torch.isfinite(stat).all():
                 raise DataError(f"non-finite activations in {layer}; check the data's normalisation (--mean/--std)")
             sums[i] = stat if sums[i] is None else sums[i] + stat
