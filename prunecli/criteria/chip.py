@@ -42,7 +42,7 @@ from torch import Tensor
 
 from prunecli.criteria import register_criterion
 from prunecli.criteria.base import Criterion
-from prunecli.criteria.dctbasis import as_maps, batch_chunk
+from prunecli.criteria.dctbasis import as_maps, batch_chunk, single_threaded_lapack
 
 NODE_STEP = 0.25
 NODE_RANGE = (1e-10, 1e5)  # quadrature nodes relative to the image's largest singular value
@@ -53,11 +53,14 @@ def _eigen_rows(maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     HW < n the squared norm of each row's part outside the m-dimensional basis [B, n] (else None)."""
     n, hw = maps.shape[-2:]
     if hw < n:
-        q, r = torch.linalg.qr(maps)
-        eigenvalues, w = torch.linalg.eigh(r @ r.transpose(1, 2))
+        with single_threaded_lapack(maps.device):
+            q, r = torch.linalg.qr(maps)
+            eigenvalues, w = torch.linalg.eigh(r @ r.transpose(1, 2))
         rows = (q @ w).square()
         return eigenvalues, rows, (1 - rows.sum(2)).clamp_min(0)
-    eigenvalues, u = torch.linalg.eigh(maps @ maps.transpose(1, 2))
+    gram = maps @ maps.transpose(1, 2)
+    with single_threaded_lapack(maps.device):
+        eigenvalues, u = torch.linalg.eigh(gram)
     return eigenvalues, u.square(), None
 
 
