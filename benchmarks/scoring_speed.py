@@ -1,8 +1,10 @@
 """Scoring time of each data-driven criterion relative to a plain forward pass over the same images.
 
 torchvision ResNet-50 (random weights) in eval mode on the CPU, calibration images drawn at random;
-every criterion runs the one streaming pass of prunecli's scorer. Peak memory is the growth of the
-process's maximum RSS during that criterion's pass (a lower bound after the first, larger one).
+every criterion runs the one streaming pass of prunecli's scorer. Each criterion's ratio is taken
+against a plain forward pass timed just before it, so both saw the same load on a shared machine.
+Peak memory is the process's maximum RSS after that criterion's pass (a lower bound after the first,
+larger one).
 
     python benchmarks/scoring_speed.py --images 256 --batch-size 32
 """
@@ -46,16 +48,21 @@ def main() -> None:
     labels = torch.randint(0, 1000, (args.images,))
     graph = DependencyGraph(copy.deepcopy(model), images[:1])
     groups = [g for g in graph.groups if g.prunable]
-    start = time.perf_counter()
-    with torch.no_grad():
-        for x, _ in batches(images, labels, args.batch_size):
-            graph.model(x)
-    forward = time.perf_counter() - start
-    print(f"ResNet-50, {args.images} images {args.size}x{args.size}, batch {args.batch_size}: "
-          f"plain forward pass {forward:.1f} s, peak RSS so far {peak_mib():.0f} MiB\n")
-    print("| method | seconds | x forward | peak RSS (MiB) |")
-    print("|---|---|---|---|")
+
+    def forward_seconds() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for x, _ in batches(images, labels, args.batch_size):
+                graph.model(x)
+        return time.perf_counter() - start
+
+    forward_seconds()  # warm-up
+    print(f"ResNet-50, {args.images} images {args.size}x{args.size}, batch {args.batch_size}; "
+          f"peak RSS after a forward pass {peak_mib():.0f} MiB\n")
+    print("| method | forward (s) | seconds | x forward | peak RSS (MiB) |")
+    print("|---|---|---|---|---|")
     for name in args.methods.split(","):
+        forward = forward_seconds()
         criterion = get_criterion(name)()
         before = peak_mib()
         start = time.perf_counter()
@@ -64,7 +71,8 @@ def main() -> None:
         else:
             score_weights(criterion, graph, groups)
         seconds = time.perf_counter() - start
-        print(f"| {name} | {seconds:.1f} | {seconds / forward:.2f} | {max(before, peak_mib()):.0f} |", flush=True)
+        print(f"| {name} | {forward:.1f} | {seconds:.1f} | {seconds / forward:.2f} | {max(before, peak_mib()):.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

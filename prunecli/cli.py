@@ -181,6 +181,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: random criter
 ReductionOpt = Annotated[Reduction, typer.Option("--group-reduction", help="How the layers of a coupled group combine their (per-layer normalised) scores.")]
 DctBandOpt = Annotated[str, typer.Option("--dct-band", help="dct: 'full' spectrum energy (the authors' code) or 'low' frequency block [INFERRED].")]
 IcieLambdaOpt = Annotated[float, typer.Option("--icie-lambda", help="icie: weight of information independence against capacity [INFERRED].")]
+IcieCapacityOpt = Annotated[str, typer.Option("--icie-capacity", help="icie: information capacity from the filters' 'weight' entropy (data-free) or the 'feature' entropy of the activation maps (needs --data) [INFERRED].")]
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -192,7 +193,8 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise PrunecliError(f"{option} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
-def _scoring(method, data, data_root, calib_images, batch_size, mean, std, group_reduction, device, seed, dct_band, icie_lambda):
+def _scoring(method, data, data_root, calib_images, batch_size, mean, std, group_reduction, device, seed, dct_band, icie_lambda,
+             icie_capacity):
     from prunecli.api import resolve_device
     from prunecli.config import DataOptions, ScoringOptions
 
@@ -201,7 +203,7 @@ def _scoring(method, data, data_root, calib_images, batch_size, mean, std, group
         data_options = DataOptions(data, data_root, calib_images, batch_size, _floats(mean, "--mean"), _floats(std, "--std"))
     return ScoringOptions(
         method=method,
-        options={"dct_band": dct_band, "icie_lambda": icie_lambda},
+        options={"dct_band": dct_band, "icie_lambda": icie_lambda, "icie_capacity": icie_capacity},
         data=data_options,
         group_reduction=group_reduction.value,
         device=str(resolve_device(device)),
@@ -304,6 +306,7 @@ def score(
     group_reduction: ReductionOpt = Reduction.mean,
     dct_band: DctBandOpt = "full",
     icie_lambda: IcieLambdaOpt = 1.0,
+    icie_capacity: IcieCapacityOpt = "weight",
     ignore: IgnoreOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -323,7 +326,7 @@ def score(
         from prunecli.report import print_json, render_score
 
         scoring = _scoring(method.value, data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
-                           seed, dct_band, icie_lambda)
+                           seed, dct_band, icie_lambda, icie_capacity)
         config = ScoreConfig(
             source=_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
             scoring=scoring,
@@ -369,6 +372,7 @@ def prune(
     group_reduction: ReductionOpt = Reduction.mean,
     dct_band: DctBandOpt = "full",
     icie_lambda: IcieLambdaOpt = 1.0,
+    icie_capacity: IcieCapacityOpt = "weight",
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", help="After removal, re-estimate batch-norm statistics on N batches of --data (cheap accuracy recovery).", min=0)] = 0,
     soft_epochs: Annotated[int, typer.Option("--soft-epochs", help="Soft pruning (LRMF/FPGM): train N epochs on --data with the selected channels held at zero, then remove them.", min=0)] = 0,
     reselect_every: Annotated[int, typer.Option("--reselect-every", help="Soft pruning: re-score and re-select channels every K epochs (0: never).", min=0)] = 5,
@@ -409,7 +413,7 @@ def prune(
             check_report_path(report, force=force, inputs=(model,), outputs=(output or default_output(model),))
         chosen = method.value if method is not None else ("" if scores else "l1")
         scoring = _scoring(chosen or "l1", data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
-                           seed, dct_band, icie_lambda)
+                           seed, dct_band, icie_lambda, icie_capacity)
         from prunecli.finetune import FinetuneConfig
 
         soft = None

@@ -112,6 +112,15 @@ def test_prune_help_lists_every_registered_method_and_edp():
     assert "<" + "|".join([*list_criteria(), "edp"]) + ">" in result.stdout
 
 
+def test_score_help_shows_the_icie_capacity_option_as_inferred():
+    result = invoke("score", "--help", columns=300)
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert ("--icie-capacity <str> icie: information capacity from the filters' 'weight' entropy (data-free) or the "
+            "'feature' entropy of the activation maps (needs --data) [INFERRED]. [default: weight]") in text
+    assert "--icie-capacity feature: entropy of the activation maps instead [INFERRED, needs --data]" in text
+
+
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0

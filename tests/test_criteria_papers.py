@@ -16,7 +16,7 @@ from prunecli.criteria.chip import channel_independence
 from prunecli.criteria.dct import dct_energy
 from prunecli.criteria.dctbasis import as_maps, dct2, dct_basis
 from prunecli.criteria.hrank import rank_statistic
-from prunecli.criteria.icie import icie_scores, information_capacity, information_independence
+from prunecli.criteria.icie import feature_capacity, icie_scores, information_capacity, information_independence
 from prunecli.criteria.lrmf import lrmf_statistic
 from prunecli.criteria.sfp import kernel_dispersion, similarity_scores
 from prunecli.criteria.taylor import taylor_gate_scores
@@ -127,7 +127,7 @@ def test_lrmf_matches_a_direct_double_loop():
         for i, j in itertools.product(range(4), range(4)):
             expected[i] += math.sqrt(sum((float(p) - float(q)) ** 2 for p, q in zip(z[i], z[j], strict=True)))
     assert_close(lrmf_statistic(features), expected, rtol=1e-5, atol=0)
-    assert_close(lrmf_statistic(features, budget=1), expected, rtol=1e-5, atol=0)  # one image per chunk
+    assert_close(lrmf_statistic(features, budget=1), expected, rtol=1e-5, atol=0)  # one row per tile
     assert_close(get_criterion("lrmf")().feature_statistic(features), expected, rtol=1e-5, atol=0)
 
 
@@ -181,9 +181,66 @@ def test_icie_zero_filter_scores_lowest():
     assert int(scores.argmin()) == 2 and scores[2].item() == 0
 
 
+def test_icie_feature_capacity_hand_values():
+    # Bins of width 1 on [0, 4]: bins {0, 0, 1, 1}: 1 bit; {0, 0, 0, 0}: 0; {0, 0, 3, 3}: 1 bit; {1, 1, 1, 3}: H(3/4, 1/4).
+    images = torch.tensor([[[0.2, 0.7, 1.2, 1.7], [0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 4.0, 4.0], [1.5, 1.5, 1.5, 3.5]]])
+    expected = torch.tensor([2.0, -0.75 * math.log2(0.75) - 0.25 * math.log2(0.25)], dtype=torch.float64)
+    value_range = (torch.tensor(0.0), torch.tensor(4.0))
+    assert_close(feature_capacity(images.reshape(2, 2, 2, 2), value_range, bins=4), expected)
+
+
+class RecordingICIE(get_criterion("icie")):
+    """ICIE in feature mode that keeps what the scorer gave it."""
+
+    def __init__(self, **options):
+        super().__init__(icie_capacity="feature", **options)
+        self.seen = []
+
+    def feature_statistic(self, features, value_range=None):
+        stat = super().feature_statistic(features, value_range)
+        self.seen.append((tuple(v.item() for v in value_range), stat))
+        return stat
+
+
+def test_icie_feature_capacity_uses_the_range_of_all_batches():
+    # conv1 passes its input through (identity, no bias); its 3 channels are scored where conv2 reads them.
+    model = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), nn.ReLU(), nn.Conv2d(3, 1, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3)[:, :, None, None])
+    graph = DependencyGraph(model, torch.zeros(1, 3, 2, 2))
+    groups = [g for g in graph.groups if g.prunable]
+    constant = torch.full((1, 4), 2.0)
+    first = torch.cat([torch.tensor([[0.2, 0.7, 1.2, 1.7], [0.0, 0.0, 0.0, 0.0]]), constant]).reshape(1, 3, 2, 2)
+    second = torch.cat([torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.5, 1.5, 1.5, 3.5]]), constant]).reshape(1, 3, 2, 2)
+    icie = RecordingICIE(icie_bins=4, icie_lambda=0)
+    assert icie.needs_data and icie.hook == "activation"
+    scores = score_with_data(icie, graph, groups, iter([(first, None), (second, None)]))  # a one-shot iterator
+    # The range [0, 4] comes from both batches: the first batch's own [0, 2] would give its first map 2 bits.
+    assert [r for r, _ in icie.seen] == [(0.0, 4.0), (0.0, 4.0)]
+    assert_close(icie.seen[0][1], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert_close(icie.seen[1][1], torch.tensor([1.0, 0.811278124459, 0.0], dtype=torch.float64))
+    mean = torch.tensor([1.0, 0.405639062229, 0.0], dtype=torch.float64)  # lambda 0: min-max of the capacity
+    assert_close(scores[groups[0].index], mean / mean.max())
+
+
+def test_icie_feature_capacity_adds_the_weight_independence():
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 1)).eval()
+    graph = DependencyGraph(model, torch.zeros(1, 3, 6, 6))
+    groups = [g for g in graph.groups if g.prunable]
+    batches = [(torch.randn(2, 3, 6, 6), None)]
+    capacity = score_with_data(get_criterion("icie")(icie_capacity="feature", icie_lambda=0), graph, groups, batches)
+    fused = score_with_data(get_criterion("icie")(icie_capacity="feature", icie_lambda=2), graph, groups, batches)
+    independence = information_independence(model[0].weight.detach())
+    minmax = (independence - independence.min()) / (independence.max() - independence.min())
+    assert_close(fused[groups[0].index], capacity[groups[0].index] + 2 * minmax)
+
+
 def test_icie_rejects_bad_options():
     with pytest.raises(PrunecliError, match="icie_bins"):
         get_criterion("icie")(icie_bins=1)
+    with pytest.raises(PrunecliError, match="icie_capacity must be one of weight, feature, got 'pixels'"):
+        get_criterion("icie")(icie_capacity="pixels")
     with pytest.raises(PrunecliError, match="icie_lambda"):
         get_criterion("icie")(icie_lambda=-1)
     with pytest.raises(PrunecliError, match="icie_lambda"):
@@ -307,6 +364,7 @@ def test_hrank_hand_values():
 
 
 def nuclear_norm_reference(features: torch.Tensor) -> torch.Tensor:
+    """CHIP by its definition: one explicit SVD per image and per removed channel."""
     f = features.flatten(2).double()
     batch, n, _ = f.shape
     out = torch.zeros(n, dtype=torch.float64)
@@ -319,14 +377,38 @@ def nuclear_norm_reference(features: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 2, 2), (2, 3, 3, 3), (3, 4, 2, 2)])  # HW < n, HW > n, HW == n
-def test_chip_matches_explicit_nuclear_norms(shape):
+def low_rank_maps(batch: int, n: int, rank: int, height: int, width: int) -> torch.Tensor:
+    """Maps of an exact rank: small integer factors, so the product has no rounding."""
+    left = torch.randint(-3, 4, (batch, n, rank)).float()
+    right = torch.randint(-3, 4, (batch, rank, height * width)).float()
+    return (left @ right).reshape(batch, n, height, width)
+
+
+CHIP_CASES = {
+    "HW < n": lambda: torch.randn(2, 12, 2, 2).relu(),
+    "HW > n": lambda: torch.randn(2, 6, 4, 4).relu(),
+    "HW == n": lambda: torch.randn(3, 9, 3, 3).relu(),
+    "rank-deficient, HW > n": lambda: low_rank_maps(2, 8, 3, 5, 5),
+    "rank-deficient, HW < n": lambda: low_rank_maps(2, 20, 2, 3, 3),
+    "zero channels and a zero image": lambda: torch.cat([torch.randn(2, 4, 3, 3), torch.zeros(2, 2, 3, 3)], 1)
+    * torch.tensor([1.0, 0.0])[:, None, None, None],
+    "a channel on its own pixel, HW < n": lambda: torch.cat(
+        [torch.randn(1, 10, 4) * torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([[[0.0, 0.0, 0.0, 1e-3]]])], 1
+    ).reshape(1, 11, 2, 2),
+    "large scale": lambda: torch.randn(2, 7, 3, 3) * 1e4,
+    "a tiny channel": lambda: torch.cat([torch.randn(1, 5, 4, 4), 1e-6 * torch.randn(1, 1, 4, 4)], 1),
+}
+
+
+@pytest.mark.parametrize("case", CHIP_CASES)
+def test_chip_matches_explicit_nuclear_norms(case):
     torch.manual_seed(12)
-    features = torch.randn(*shape).relu()
+    features = CHIP_CASES[case]()
     expected = nuclear_norm_reference(features)
-    assert_close(channel_independence(features), expected, rtol=1e-7, atol=1e-9)
-    assert_close(channel_independence(features, budget=1), expected, rtol=1e-7, atol=1e-9)  # one pair per chunk
-    assert_close(get_criterion("chip")().feature_statistic(features), expected, rtol=1e-7, atol=1e-9)
+    atol = 1e-12 * torch.linalg.matrix_norm(features.flatten(2).double(), ord=2).max().item()  # float64 rounding
+    assert_close(channel_independence(features), expected, rtol=1e-9, atol=atol)
+    assert_close(channel_independence(features, budget=1), expected, rtol=1e-9, atol=atol)  # one image per chunk
+    assert_close(get_criterion("chip")().feature_statistic(features), expected, rtol=1e-9, atol=atol)
 
 
 def test_chip_hand_values():

@@ -413,6 +413,11 @@ DATA_CASES = [
                   ("no such file or directory", "give an image folder")),
     *for_commands("data-driven method without --data", ("score", "prune"),
                   lambda c, w: args_for(c, w, extra=("-m", "hrank")), 1, ("needs calibration data", "pass --data")),
+    *for_commands("icie feature capacity without --data", ("score", "prune"),
+                  lambda c, w: args_for(c, w, extra=("-m", "icie", "--icie-capacity", "feature")), 1,
+                  ("method icie scores feature maps and needs calibration data", "pass --data")),
+    Case("score", "unknown --icie-capacity", _extra("score", "-m", "icie", "--icie-capacity", "pixels"), 1,
+         ("icie_capacity must be one of weight, feature, got 'pixels'",)),
     Case("score", "pickle that runs code as --data", lambda w: args_for(
         "score", w, extra=("-m", "hrank", "--data", str(w.pickle_payload()))), 1, ("is unreadable",)),
     Case("prune", "--scores that is not a scores file", lambda w: args_for(

@@ -36,6 +36,8 @@ class Criterion:
         hook: for data criteria, ``"output"`` (the layer's raw output, before any norm) or
             ``"activation"`` (the channels as the next layer receives them: after norm, activation and
             residual add).
+        needs_range: ``feature_statistic`` also takes each layer's activation range (min, max) over all
+            the calibration images, which a first pass over the data measures.
     """
 
     name: ClassVar[str]
@@ -45,6 +47,7 @@ class Criterion:
     needs_labels: ClassVar[bool] = False
     scored_types: ClassVar[tuple[type[nn.Module], ...]] = CONV_LINEAR
     hook: ClassVar[str] = "output"
+    needs_range: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, **options):
         self.seed = seed
@@ -54,9 +57,18 @@ class Criterion:
         """[n, ...] weights of n output channels -> [n] scores."""
         raise NotImplementedError(f"{self.name} does not score weights")
 
-    def feature_statistic(self, features: Tensor) -> Tensor:
-        """[B, n, ...] feature maps of n channels -> [n], summed over the batch (averaged later)."""
+    def feature_statistic(self, features: Tensor, value_range: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """[B, n, ...] feature maps of n channels -> [n], summed over the batch (averaged later).
+
+        ``value_range`` is the layer's (min, max) over all calibration images when ``needs_range`` is set.
+        """
         raise NotImplementedError(f"{self.name} does not score feature maps")
+
+    def finish(
+        self, scores: dict[int, Tensor], graph: DependencyGraph, groups: list[ChannelGroup], reduction: str
+    ) -> dict[int, Tensor]:
+        """Last step of data scoring, per group: the scores as they are, unless a criterion adds weight terms."""
+        return scores
 
     def gradient_statistic(self, module: nn.Module, indices: Tensor) -> Tensor:
         """After a backward pass: [n] scores of ``module``'s channels ``indices``, summed over the batch."""
@@ -141,7 +153,10 @@ def score_with_data(
     device: torch.device | str = "cpu",
     progress=None,
 ) -> dict[int, Tensor]:
-    """One streaming pass over ``batches``: hooks reduce each batch to per-channel sums at once."""
+    """One streaming pass over ``batches``: hooks reduce each batch to per-channel sums at once.
+
+    A criterion that ``needs_range`` gets a first pass that only measures each layer's activation range.
+    """
     model = graph.model
     pairs = scored_members(criterion, graph, groups)
     by_layer: dict[str, list[tuple[int, ScoredMember]]] = {}
@@ -149,11 +164,27 @@ def score_with_data(
         by_layer.setdefault(pair.member.layer, []).append((i, pair))
     sums: list[Tensor | None] = [None] * len(pairs)
     index_cache: dict[int, Tensor] = {}
+    selects_all: dict[int, bool] = {}
+    ranges: dict[int, tuple[Tensor, Tensor]] = {}
+    measuring = criterion.needs_range
 
     def record(layer: str, tensor: Tensor) -> None:
         for i, pair in by_layer[layer]:
-            idx = index_cache.setdefault(i, torch.as_tensor(pair.member.indices, device=tensor.device))
-            stat = criterion.feature_statistic(tensor.detach().index_select(1, idx).float())
+            if selects_all.setdefault(i, list(pair.member.indices) == list(range(tensor.shape[1]))):
+                channels = tensor.detach()  # no copy of the whole activation for the common case
+            else:
+                idx = index_cache.setdefault(i, torch.as_tensor(pair.member.indices, device=tensor.device))
+                channels = tensor.detach().index_select(1, idx)
+            if measuring:
+                low, high = channels.min().float(), channels.max().float()
+                if i in ranges:
+                    low, high = torch.minimum(low, ranges[i][0]), torch.maximum(high, ranges[i][1])
+                ranges[i] = (low, high)
+                continue
+            if criterion.needs_range:
+                stat = criterion.feature_statistic(channels.float(), ranges[i])
+            else:
+                stat = criterion.feature_statistic(channels.float())
             if not torch.isfinite(stat).all():
                 raise DataError(f"non-finite activations in {layer}; check the data's normalisation (--mean/--std)")
             sums[i] = stat if sums[i] is None else sums[i] + stat
@@ -169,6 +200,12 @@ def score_with_data(
     was_training = model.training
     model.eval()
     try:
+        if measuring:
+            batches = list(batches)  # read twice
+            with torch.no_grad():
+                for x, _ in batches:
+                    model(x.to(device))
+            measuring = False
         for x, y in batches:
             x = x.to(device)
             if criterion.needs_labels:
@@ -200,7 +237,7 @@ def score_with_data(
             per_group.setdefault(pair.group.index, []).append(
                 to_root(pair.member, total / images, pair.group.channels)
             )
-    return _finish(groups, per_group, reduction, criterion)
+    return criterion.finish(_finish(groups, per_group, reduction, criterion), graph, groups, reduction)
 
 
 def _finish(

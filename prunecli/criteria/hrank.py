@@ -19,7 +19,7 @@ from torch import Tensor
 
 from prunecli.criteria import register_criterion
 from prunecli.criteria.base import Criterion
-from prunecli.criteria.dctbasis import as_maps, batch_chunk
+from prunecli.criteria.dctbasis import as_maps, batch_chunk, single_threaded_lapack
 
 
 def rank_statistic(features: Tensor, budget: int = 1 << 24) -> Tensor:
@@ -28,8 +28,9 @@ def rank_statistic(features: Tensor, budget: int = 1 << 24) -> Tensor:
     batch, n, height, width = maps.shape
     total = torch.zeros(n, dtype=torch.float64, device=maps.device)
     step = batch_chunk(n * height * width, budget)  # bound the batched SVD's workspace
-    for start in range(0, batch, step):
-        total += torch.linalg.matrix_rank(maps[start : start + step]).double().sum(0)
+    with single_threaded_lapack(maps.device):
+        for start in range(0, batch, step):
+            total += torch.linalg.matrix_rank(maps[start : start + step]).double().sum(0)
     return total
 
 

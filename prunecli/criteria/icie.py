@@ -19,12 +19,20 @@ already pruned filter) is undefined. The formula would give it II = 1, the most 
 the layer; prunecli gives it II = 0 instead (it carries no information of its own), and counts its
 correlation with the others as 0. A zero filter then has the lowest IC (entropy 0) and the lowest II.
 
-Not implemented: the optional data-driven capacity mode (entropy of the post-ReLU feature maps), which
-the weight entropy approximates.
+[INFERRED] capacity ``icie_capacity="feature"`` (METHODS.md 3(c)), the quantity the weight entropy
+approximates: IC_i = mean over the calibration images of the entropy of channel i's post-ReLU map (the
+channels as the next layer receives them), each map quantised into Q bins with edges shared by the
+layer over its activation range. A streaming pass cannot know that range before it has seen every
+batch, so the scorer makes two passes: the first measures each layer's min and max over all the
+calibration images, the second histograms every map on those edges (the result does not depend on the
+batch size or order). II stays the weight term; the fusion minmax(IC) + lambda * minmax(II) is then
+taken per channel group, after the group's layers have been combined (``criteria.base``), since the
+feature hook and the filters sit on different layers.
 
 Options:
     icie_lambda: the balancing parameter lambda (default 1.0; the paper's value is unknown).
     icie_bins: the number of quantisation bins Q (default 256).
+    icie_capacity: "weight" (default, data-free) or "feature" (needs calibration data).
 """
 
 from __future__ import annotations
@@ -33,24 +41,39 @@ import torch
 from torch import Tensor
 
 from prunecli.criteria import register_criterion
-from prunecli.criteria.base import Criterion
+from prunecli.criteria.base import Criterion, score_weights
+from prunecli.criteria.dctbasis import as_maps
 from prunecli.errors import PrunecliError
+from prunecli.graph import ChannelGroup, DependencyGraph
 
 EPS = 1e-12
+CAPACITIES = ("weight", "feature")
 
 
 def _minmax(values: Tensor) -> Tensor:
     return (values - values.min()) / (values.max() - values.min() + EPS)
 
 
-def information_capacity(weight: Tensor, bins: int = 256) -> Tensor:
-    """[n, ...] -> [n]: entropy in bits of each filter's weights over ``bins`` layer-wide equal bins."""
-    flat = weight.flatten(1).double()
-    lo, hi = flat.min(), flat.max()
+def _entropy(flat: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
+    """[rows, m] -> [rows]: entropy in bits of each row's values over ``bins`` equal bins on [lo, hi]."""
     index = ((flat - lo) / (hi - lo + EPS) * bins).long().clamp_(0, bins - 1)
     counts = torch.zeros(flat.shape[0], bins, dtype=flat.dtype, device=flat.device)
     p = counts.scatter_add_(1, index, torch.ones_like(flat)) / flat.shape[1]
     return -(p * torch.log2(p.clamp_min(EPS))).sum(1)
+
+
+def information_capacity(weight: Tensor, bins: int = 256) -> Tensor:
+    """[n, ...] -> [n]: entropy in bits of each filter's weights over ``bins`` layer-wide equal bins."""
+    flat = weight.flatten(1).double()
+    return _entropy(flat, flat.min(), flat.max(), bins)
+
+
+def feature_capacity(features: Tensor, value_range: tuple[Tensor, Tensor], bins: int = 256) -> Tensor:
+    """[B, n, ...] -> [n]: entropy in bits of each channel's map over ``bins`` equal bins on the layer's
+    ``value_range``, summed over the images."""
+    maps = as_maps(features).flatten(2)  # [B, n, HW]
+    lo, hi = (v.double() for v in value_range)
+    return _entropy(maps.flatten(0, 1).double(), lo, hi, bins).view(maps.shape[:2]).sum(0)
 
 
 def information_independence(weight: Tensor) -> Tensor:
@@ -74,14 +97,32 @@ def icie_scores(weight: Tensor, bins: int = 256, lam: float = 1.0) -> Tensor:
     return _minmax(information_capacity(weight, bins)) + lam * _minmax(information_independence(weight))
 
 
+class _Independence(Criterion):
+    """ICIE's weight term alone, for the feature-capacity mode."""
+
+    name = "icie-independence"
+
+    def weight_scores(self, weight: Tensor) -> Tensor:
+        return information_independence(weight)
+
+
 @register_criterion
 class ICIE(Criterion):
     name = "icie"
     paper = "Tang et al., Filter Pruning Based on Information Capacity and Independence, IEEE TNNLS 2025"
-    summary = "[INFERRED] weight entropy + lambda * (1 - mean |correlation| with the other filters)"
+    summary = (
+        "[INFERRED] weight entropy + lambda * (1 - mean |correlation| with the other filters); "
+        "--icie-capacity feature: entropy of the activation maps instead [INFERRED, needs --data]"
+    )
 
     def __init__(self, seed: int = 0, **options):
         super().__init__(seed, **options)
+        self.capacity = str(self.options.get("icie_capacity", "weight"))
+        if self.capacity not in CAPACITIES:
+            raise PrunecliError(f"icie_capacity must be one of {', '.join(CAPACITIES)}, got {self.capacity!r}")
+        if self.capacity == "feature":
+            self.needs_data = self.needs_range = True
+            self.hook = "activation"
         lam, bins = self.options.get("icie_lambda", 1.0), self.options.get("icie_bins", 256)
         try:
             self.lam = float(lam)
@@ -98,3 +139,16 @@ class ICIE(Criterion):
 
     def weight_scores(self, weight: Tensor) -> Tensor:
         return icie_scores(weight, self.bins, self.lam)
+
+    def feature_statistic(self, features: Tensor, value_range: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return feature_capacity(features, value_range, self.bins)
+
+    def finish(
+        self, scores: dict[int, Tensor], graph: DependencyGraph, groups: list[ChannelGroup], reduction: str
+    ) -> dict[int, Tensor]:
+        """Fuse the groups' feature capacities with their filters' independence."""
+        independence = score_weights(_Independence(), graph, groups, reduction)
+        return {
+            index: _minmax(capacity) + self.lam * (_minmax(independence[index]) if index in independence else 0)
+            for index, capacity in scores.items()
+        }

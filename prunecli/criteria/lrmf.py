@@ -16,7 +16,8 @@ axes on square CIFAR maps); Linear or Conv1d outputs are treated as 1x1 / Lx1 ma
 Departures: the authors average over calibration *batches* and re-draw images per layer; prunecli makes
 one shared pass and averages over images (same ranking within a layer, seed recorded). The authors
 prune softly, re-scoring every few epochs during training; prunecli scores once and removes channels
-(soft pruning comes with ``finetune``). Distances are computed in float32 by the matmul form and summed in float64.
+(soft pruning comes with ``finetune``). Distances are computed in float32 by the matmul form and
+summed per image in float32, then over images in float64.
 """
 
 from __future__ import annotations
@@ -29,19 +30,26 @@ from prunecli.criteria.base import Criterion
 from prunecli.criteria.dctbasis import as_maps, batch_chunk, dct2, low_block
 
 
-def lrmf_statistic(features: Tensor, budget: int = 1 << 24) -> Tensor:
+def lrmf_statistic(features: Tensor, budget: int = 1 << 22) -> Tensor:
     """[B, n, H, W] conv outputs -> [n]: sum over images of each channel's summed DCT-domain distance."""
     maps = as_maps(features)
     a_h, a_w = low_block(*maps.shape[-2:])
     z = dct2(maps.float(), a_h, a_w).flatten(2)  # [B, n, a_h * a_w]
-    n = z.shape[1]
+    batch, n = z.shape[:2]
     total = torch.zeros(n, dtype=torch.float64, device=z.device)
-    step = batch_chunk(n * n, budget)  # bound the [chunk, n, n] distance matrices
-    for start in range(0, z.shape[0], step):
+    # Tiles of [images, rows, n] distances within ``budget`` elements: bounded memory, and the default (16 MB)
+    # stays in the CPU's cache between the distance, square root and sum passes (measured faster than whole
+    # batches on ResNet-50's 1024- and 2048-channel layers).
+    rows = min(n, max(1, budget // n))
+    step = batch_chunk(rows * n, budget)
+    for start in range(0, batch, step):
         part = z[start : start + step]
-        # The Gram-matrix (matmul) form in float32 is 2-4x faster than the direct one; its relative error
-        # (~1e-7) is far below the gaps between channels' summed distances, and sums accumulate in float64.
-        total += torch.cdist(part, part, compute_mode="use_mm_for_euclid_dist").sum(2, dtype=torch.float64).sum(0)
+        for row in range(0, n, rows):
+            # The Gram-matrix (matmul) form in float32 is 2-4x faster than the direct one, and summing each row
+            # in float32 before widening avoids a float64 copy of the distances (half the time); both relative
+            # errors (~1e-7) are far below the gaps between channels' summed distances.
+            block = torch.cdist(part[:, row : row + rows], part, compute_mode="use_mm_for_euclid_dist")
+            total[row : row + rows] += block.sum(2).double().sum(0)
     return total
 
 
