@@ -19,7 +19,10 @@ The answers are worked out by hand from the forward pass, not copied from the li
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -507,3 +510,15 @@ def kill_channels(model: nn.Module, group, positions) -> None:
             raise TypeError(f"do not know how to silence {type(module).__name__} {member.layer}")
         if getattr(module, "bias", None) is not None:
             module.bias[rows] = 0
+
+
+def torchrun(tmp_path, script: str, *args) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``script`` in 2 gloo processes under torchrun with an empty ``out`` folder as its first argument."""
+    path, out = tmp_path / "ddp_script.py", tmp_path / "out"
+    path.write_text(script)
+    out.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(path), str(out),
+         *map(str, args)], capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+    )
+    return run, out

@@ -316,17 +316,7 @@ app(["prune", sys.argv[2], "--method", "edp", "--data", sys.argv[3], "--edp-epoc
 
 @pytest.mark.slow
 def test_edp_under_torchrun_keeps_ranks_identical_and_writes_once(tmp_path):
-    import subprocess
-    import sys
-
-    script = tmp_path / "edp_ddp.py"
-    script.write_text(DDP_SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(out),
-         str(SAMPLE), str(CALIB)], capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
+    run, out = M.torchrun(tmp_path, DDP_SCRIPT, SAMPLE, CALIB)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, value in ranks[0].items():

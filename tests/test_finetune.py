@@ -6,8 +6,6 @@ physically pruned form, DDP under torchrun, and the refusal of bad input."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -410,14 +408,9 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ddp_ranks_end_with_identical_weights(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(out)],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
-    )
+    from models import torchrun
+
+    run, out = torchrun(tmp_path, DDP_SCRIPT)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
