@@ -17,3 +17,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def saved_models(monkeypatch):
+    """The in-memory pruned models that prune_model hands to save_slim, in order."""
+    import prunecli.io.slim as slim_module
+
+    models = []
+    original = slim_module.save_slim
+
+    def spy(model, path, **kwargs):
+        models.append(model)
+        return original(model, path, **kwargs)
+
+    monkeypatch.setattr(slim_module, "save_slim", spy)
+    return models

@@ -19,7 +19,6 @@ from torch import nn
 from torch.testing import assert_close
 
 import prunecli
-import prunecli.io.slim as slim_module
 from prunecli.api import prune_model
 from prunecli.config import Budget, ModelSource, PruneConfig, parse_budget
 from prunecli.errors import BudgetError, CheckpointError, ExportError
@@ -380,34 +379,20 @@ def r20_file(tmp_path, r20):
     return path
 
 
-@pytest.fixture
-def spy_save(monkeypatch):
-    """Capture the in-memory pruned model that prune_model hands to save_slim."""
-    captured = []
-    original = slim_module.save_slim
-
-    def spy(model, path, **kwargs):
-        captured.append(model)
-        return original(model, path, **kwargs)
-
-    monkeypatch.setattr(slim_module, "save_slim", spy)
-    return captured
-
-
 def _width(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     return module.out_channels, module.in_channels
 
 
-def test_slim_round_trip(tmp_path, r20_file, x28, spy_save):
+def test_slim_round_trip(tmp_path, r20_file, x28, saved_models):
     output = tmp_path / "r20.slim.safetensors"
     result = prune_model(prune_config(r20_file, output))
     assert result.output == str(output)
     assert abs(result.macs_kept - 0.5) <= 0.005
     assert result.before.macs == R20_MACS
 
-    (pruned,) = spy_save
+    (pruned,) = saved_models
     first, second = prunecli.load(output), prunecli.load(output)
     assert type(first).__name__ == "CifarResNet" and not first.training
 
@@ -637,11 +622,11 @@ def test_load_refuses_a_plain_state_dict(tmp_path, r20):
     assert "not a prunecli slim model" in one_line(exc)
 
 
-def test_slim_pt_with_json_sidecar_round_trip(tmp_path, r20_file, x28, spy_save):
+def test_slim_pt_with_json_sidecar_round_trip(tmp_path, r20_file, x28, saved_models):
     output = tmp_path / "r20.slim.pt"
     result = prune_model(prune_config(r20_file, output))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r20.pt", "r20.slim.pt", "r20.slim.pt.json"]
-    (pruned,) = spy_save
+    (pruned,) = saved_models
     reference = run(pruned, x28)
     assert_close(run(prunecli.load(output), x28), reference, rtol=0, atol=0)
     again = load_model(output)

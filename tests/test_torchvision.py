@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 import prunecli
-import prunecli.io.slim as slim_module
 from prunecli.api import prune_model
 from prunecli.config import ModelSource, PruneConfig, parse_budget
 from prunecli.io.slim import read_slim_metadata
@@ -32,22 +31,8 @@ MODELS = [
 ]
 
 
-@pytest.fixture
-def captured(monkeypatch):
-    """The in-memory pruned model that prune_model hands to save_slim."""
-    models = []
-    original = slim_module.save_slim
-
-    def spy(model, path, **kwargs):
-        models.append(model)
-        return original(model, path, **kwargs)
-
-    monkeypatch.setattr(slim_module, "save_slim", spy)
-    return models
-
-
 @pytest.mark.parametrize("name", MODELS)
-def test_half_the_macs_and_an_exact_rebuild(tmp_path, captured, name):
+def test_half_the_macs_and_an_exact_rebuild(tmp_path, saved_models, name):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # googlenet's init warning
@@ -67,7 +52,7 @@ def test_half_the_macs_and_an_exact_rebuild(tmp_path, captured, name):
     assert result.after.params < result.before.params
     assert result.channels_removed > 0
 
-    (pruned,) = captured
+    (pruned,) = saved_models
     loaded = prunecli.load(output)
     assert type(loaded) is type(model) and not loaded.training
     expected = pruned.state_dict()
