@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from models import torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -13,10 +14,8 @@ def seeded():
 @pytest.fixture
 def one_thread():
     """Two busy cores: one intra-op thread is many times faster than two fighting over them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -522,3 +524,14 @@ def torchrun(tmp_path, script: str, *args) -> tuple[subprocess.CompletedProcess,
          *map(str, args)], capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
     )
     return run, out
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Torch's intra-op thread count set to ``count`` inside the block (or the decorated test), then restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import pytest
 import torch
+from models import torch_threads
 from torch import nn
 from torch.testing import assert_close
 
@@ -14,7 +16,7 @@ from prunecli.criteria import get_criterion, list_criteria
 from prunecli.criteria.base import normalise, score_weights, score_with_data
 from prunecli.criteria.chip import channel_independence
 from prunecli.criteria.dct import dct_energy
-from prunecli.criteria.dctbasis import as_maps, dct2, dct_basis
+from prunecli.criteria.dctbasis import as_maps, dct2, dct_basis, sum_over_images
 from prunecli.criteria.hrank import rank_statistic
 from prunecli.criteria.icie import feature_capacity, icie_scores, information_capacity, information_independence
 from prunecli.criteria.lrmf import lrmf_statistic
@@ -340,6 +342,34 @@ def test_kernel_dispersion_hand_values():
 # ---------------------------------------------------------------- HRank
 
 
+@torch_threads(3)
+def test_sum_over_images_splits_the_batch_across_threads_and_restores_the_setting():
+    seen = []
+
+    def statistic(chunk):
+        seen.append((len(chunk), threading.get_ident(), torch.get_num_threads()))
+        return chunk.sum(0)
+
+    maps = torch.arange(7 * 2, dtype=torch.float64).reshape(7, 2)
+    assert_close(sum_over_images(statistic, maps, per_image=2), maps.sum(0))
+    assert sorted(size for size, _, _ in seen) == [1, 3, 3]  # ceil(7 / 3) images per chunk
+    assert {threads for _, _, threads in seen} == {1} and threading.get_ident() not in {t for _, t, _ in seen}
+    assert torch.get_num_threads() == 3
+    seen.clear()
+    sum_over_images(statistic, maps, per_image=2, budget=3 * 4)  # budget / 3 threads = 2 images of 2 elements
+    assert sorted(size for size, _, _ in seen) == [1, 2, 2, 2]
+
+
+@torch_threads(3)
+def test_chip_and_hrank_give_the_same_scores_on_one_thread_and_on_three():
+    torch.manual_seed(14)
+    features = torch.randn(5, 6, 4, 4).relu()
+    threaded = channel_independence(features), rank_statistic(features)
+    torch.set_num_threads(1)
+    assert_close(channel_independence(features), threaded[0], rtol=1e-12, atol=0)
+    assert_close(rank_statistic(features), threaded[1], rtol=0, atol=0)
+
+
 def test_hrank_matches_per_map_matrix_rank():
     torch.manual_seed(11)
     maps = torch.zeros(3, 4, 6, 5)
@@ -479,6 +509,25 @@ def test_taylor_matches_the_hand_computed_gradient_formula():
     scores = score_with_data(taylor, graph, groups, [(x[:3], y[:3]), (x[3:], y[3:])])
     assert list(scores) == [groups[0].index] and groups[0].root == "conv"
     assert_close(scores[groups[0].index], normalise(expected / 6), rtol=1e-5, atol=1e-9)
+
+
+def test_taylor_pass_differentiates_only_the_gates_and_restores_requires_grad():
+    """The backward pass skips the weight gradients it does not need; a frozen model scores the same."""
+    model = make_gate_net()
+    x, y = torch.randn(6, 1, 5, 5), torch.tensor([0, 1, 2, 3, 1, 0])
+    graph = DependencyGraph(model, x[:1])
+    groups = [g for g in graph.groups if g.prunable]
+    seen = []
+    model.fc.register_full_backward_hook(lambda *_: seen.append(model.fc.weight.requires_grad))
+    model.conv.weight.register_hook(lambda grad: seen.append("conv weight gradient"))
+    taylor = get_criterion("taylor")()
+    trainable = score_with_data(taylor, graph, groups, [(x, y)])
+    assert seen == [False]  # fc's input gradient is computed, its weight's and the conv's are not
+    assert all(p.requires_grad for p in model.parameters())
+    model.requires_grad_(False)
+    frozen = score_with_data(taylor, graph, groups, [(x, y)])
+    assert_close(frozen[groups[0].index], trainable[groups[0].index], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in model.parameters()) and model.bn.weight.grad is None
 
 
 def test_taylor_scores_zero_without_affine_parameters():

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from prunecli.criteria import register_criterion
 from prunecli.criteria.base import Criterion
-from prunecli.criteria.dctbasis import as_maps, batch_chunk, single_threaded_lapack
+from prunecli.criteria.dctbasis import as_maps, sum_over_images
 
 NODE_STEP = 0.25
 NODE_RANGE = (1e-10, 1e5)  # quadrature nodes relative to the image's largest singular value
@@ -53,14 +53,11 @@ def _eigen_rows(maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     HW < n the squared norm of each row's part outside the m-dimensional basis [B, n] (else None)."""
     n, hw = maps.shape[-2:]
     if hw < n:
-        with single_threaded_lapack(maps.device):
-            q, r = torch.linalg.qr(maps)
-            eigenvalues, w = torch.linalg.eigh(r @ r.transpose(1, 2))
+        q, r = torch.linalg.qr(maps)
+        eigenvalues, w = torch.linalg.eigh(r @ r.transpose(1, 2))
         rows = (q @ w).square()
         return eigenvalues, rows, (1 - rows.sum(2)).clamp_min(0)
-    gram = maps @ maps.transpose(1, 2)
-    with single_threaded_lapack(maps.device):
-        eigenvalues, u = torch.linalg.eigh(gram)
+    eigenvalues, u = torch.linalg.eigh(maps @ maps.transpose(1, 2))
     return eigenvalues, u.square(), None
 
 
@@ -90,14 +87,11 @@ def _independence(maps: Tensor) -> Tensor:
 def channel_independence(features: Tensor, budget: int = 1 << 24) -> Tensor:
     """[B, n, H, W] -> [n]: CI of each channel, summed over the images."""
     maps = as_maps(features).flatten(2)  # [B, n, HW]
-    batch, n, hw = maps.shape
+    _, n, hw = maps.shape
     m = min(n, hw)
     nodes = round(math.log(NODE_RANGE[1] / NODE_RANGE[0]) / NODE_STEP) + 1
-    step = batch_chunk(n * hw + 3 * n * m + 2 * m * nodes + 3 * n * nodes, budget)  # float64 working set
-    total = torch.zeros(n, dtype=torch.float64, device=maps.device)
-    for start in range(0, batch, step):
-        total += _independence(maps[start : start + step].double()).sum(0)
-    return total
+    per_image = n * hw + 3 * n * m + 2 * m * nodes + 3 * n * nodes  # float64 working set
+    return sum_over_images(lambda chunk: _independence(chunk.double()).sum(0), maps, per_image, budget)
 
 
 @register_criterion

@@ -9,8 +9,8 @@ compute. A low-frequency a x b block needs only the first a rows of ``D_H`` and 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
@@ -71,19 +71,28 @@ def batch_chunk(per_image: int, budget: int = 1 << 24) -> int:
     return max(1, budget // max(per_image, 1))
 
 
-@contextmanager
-def single_threaded_lapack(device: torch.device) -> Iterator[None]:
-    """Run batched CPU eigen/QR/SVD decompositions on one thread.
+def sum_over_images(statistic: Callable[[Tensor], Tensor], maps: Tensor, per_image: int, budget: int = 1 << 24) -> Tensor:
+    """``statistic`` of each chunk of images, summed: chunks of at most ``budget`` elements at ``per_image`` each.
 
-    Torch's threaded LAPACK path for batches of small matrices was 20-40x slower than one thread on the
-    2-core benchmark machine (eigh of 8 float64 512 x 512 Gram matrices: 19-24 s vs 0.5 s).
+    On the CPU the chunks run on ``torch.get_num_threads()`` Python threads with one torch thread each (torch
+    releases the GIL inside its ops). The batched eigen/QR/SVD decompositions of CHIP and HRank are the reason:
+    torch's own threaded LAPACK path for batches of small matrices was 20-40x slower than one thread on the
+    2-core benchmark machine (eigh of 8 float64 512 x 512 Gram matrices: 19-24 s vs 0.5 s), and one thread
+    alone leaves the other cores idle.
     """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
+    workers = torch.get_num_threads() if maps.device.type == "cpu" else 1
+    step = min(batch_chunk(per_image, budget // workers), -(-len(maps) // workers))
+    chunks = maps.split(step)
+    if workers == 1 or len(chunks) == 1:
+        return sum(statistic(chunk) for chunk in chunks)
+
+    def one_thread(chunk: Tensor) -> Tensor:
+        torch.set_num_threads(1)  # the setting is per thread under OpenMP
+        return statistic(chunk)
+
     torch.set_num_threads(1)
     try:
-        yield
+        with ThreadPoolExecutor(workers) as pool:
+            return sum(pool.map(one_thread, chunks))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(workers)

@@ -19,19 +19,14 @@ from torch import Tensor
 
 from prunecli.criteria import register_criterion
 from prunecli.criteria.base import Criterion
-from prunecli.criteria.dctbasis import as_maps, batch_chunk, single_threaded_lapack
+from prunecli.criteria.dctbasis import as_maps, sum_over_images
 
 
 def rank_statistic(features: Tensor, budget: int = 1 << 24) -> Tensor:
     """[B, n, H, W] -> [n]: each channel's map rank, summed over the images."""
     maps = as_maps(features).float()
-    batch, n, height, width = maps.shape
-    total = torch.zeros(n, dtype=torch.float64, device=maps.device)
-    step = batch_chunk(n * height * width, budget)  # bound the batched SVD's workspace
-    with single_threaded_lapack(maps.device):
-        for start in range(0, batch, step):
-            total += torch.linalg.matrix_rank(maps[start : start + step]).double().sum(0)
-    return total
+    per_image = maps[0].numel()  # the budget bounds the batched SVD's workspace
+    return sum_over_images(lambda chunk: torch.linalg.matrix_rank(chunk).double().sum(0), maps, per_image, budget)
 
 
 @register_criterion
