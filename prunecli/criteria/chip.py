@@ -19,15 +19,15 @@ difference of the two traces into::
 with ``G = U diag(l) U^T``: every channel's CI from the same U and l, as two matrix products with the
 weights of the quadrature nodes. The integrand lies in [0, 1] and, as a function of ``log u``, is analytic
 in a strip of half-width pi/2 (its poles sit at ``u^2 = -l_j`` and at the reduced eigenvalues), so the
-trapezoidal rule in ``log u`` converges like ``exp(-pi^2 / h)``: step 0.25 is below float64 rounding.
-Nodes span 1e-10 to 1e5 times the largest singular value; both tails, geometric there, are summed in
-closed form. When HW < n, G has rank <= HW: a thin QR ``A = Q R`` gives ``U = Q W`` from the HW x HW
-problem ``R R^T = W diag(l) W^T``, and the part of row i outside Q's span adds
-``(1 - ||U_i||^2) / u^2`` to T1. Cost per image O(n m^2 + m^3 + n m nodes), m = min(n, HW), instead of
-O(n m^3) for n reduced eigenproblems. The result agrees with explicit SVD nuclear norms to ~1e-14
-relative. Eigenvalues of G below its rounding level count as zero, so exactly rank-deficient maps are
-exact too; a singular value below ~1e-7 of the largest is not resolved by G (any Gram form shares this:
-G squares them), an error below the float32 resolution of the activations.
+trapezoidal rule in ``log u`` converges like ``exp(-pi^2 / h)``: step 0.3 gives ~5e-15.
+Nodes span 1e-9 to 1e4 times the largest singular value; both tails, geometric there, are summed in
+closed form. When HW < n, G has rank <= HW: the HW x HW problem ``A^T A = V diag(l) V^T`` gives
+``U = A V diag(l)^-1/2`` for the nonzero l (a thin QR of A, the former route, cost twice as much), and the
+part of row i outside U's span adds ``(1 - ||U_i||^2) / u^2`` to T1. Cost per image O(n m^2 + m^3 + n m nodes),
+m = min(n, HW), instead of O(n m^3) for n reduced eigenproblems. The result agrees with explicit SVD nuclear
+norms to ~1e-12 relative. Eigenvalues of G below its rounding level count as zero, so exactly rank-deficient
+maps are exact too; a singular value below ~1e-7 of the largest is not resolved by G (any Gram form shares
+this: G squares them), an error below the float32 resolution of the activations.
 
 Departures: the code rounds the maps to 4 decimals first; prunecli does not. One shared calibration
 pass instead of re-drawn batches per layer; channels of a residual group are scored together.
@@ -44,32 +44,33 @@ from prunecli.criteria import register_criterion
 from prunecli.criteria.base import Criterion
 from prunecli.criteria.dctbasis import as_maps, sum_over_images
 
-NODE_STEP = 0.25
-NODE_RANGE = (1e-10, 1e5)  # quadrature nodes relative to the image's largest singular value
+NODE_STEP = 0.3
+NODE_RANGE = (1e-9, 1e4)  # quadrature nodes relative to the image's largest singular value
 
 
 def _eigen_rows(maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """[B, n, HW] float64 -> eigenvalues [B, m] of A A^T, squared eigenvector rows [B, n, m], and for
-    HW < n the squared norm of each row's part outside the m-dimensional basis [B, n] (else None)."""
+    """[B, n, HW] float64 -> eigenvalues [B, m] of A A^T relative to the largest (those below its rounding level
+    set to 0), squared eigenvector rows [B, n, m], for HW < n the squared norm of each row's part outside the
+    eigenvectors of the nonzero eigenvalues [B, n] (else None), and the largest eigenvalue [B, 1]."""
     n, hw = maps.shape[-2:]
-    if hw < n:
-        q, r = torch.linalg.qr(maps)
-        eigenvalues, w = torch.linalg.eigh(r @ r.transpose(1, 2))
-        rows = (q @ w).square()
-        return eigenvalues, rows, (1 - rows.sum(2)).clamp_min(0)
-    eigenvalues, u = torch.linalg.eigh(maps @ maps.transpose(1, 2))
-    return eigenvalues, u.square(), None
+    small = maps.transpose(1, 2) if hw < n else maps
+    eigenvalues, vectors = torch.linalg.eigh(small @ small.transpose(1, 2))
+    top = eigenvalues[:, -1:].clamp_min(0)
+    # Eigenvalues below the rounding level of the Gram matrix are zero singular values (rank-deficient maps, e.g.
+    # a pixel where every channel is off after the ReLU); their square roots would add ~sqrt(eps) * the largest each.
+    nonzero = eigenvalues > eigenvalues.shape[-1] * torch.finfo(maps.dtype).eps * top
+    top[top == 0] = 1  # an all-zero image: every CI is 0 whatever the scale
+    scaled = torch.where(nonzero, eigenvalues / top, 0)  # in [0, 1]; the integral scales with sqrt(top)
+    if hw >= n:
+        return scaled, vectors.square(), None, top
+    # A^T A = V diag(l) V^T gives A A^T's eigenvectors as U = A V diag(l)^-1/2 for the nonzero l.
+    rows = (maps @ vectors).square() / torch.where(nonzero, eigenvalues, torch.inf)[:, None, :]
+    return scaled, rows, (1 - rows.sum(2)).clamp_min(0), top
 
 
 def _independence(maps: Tensor) -> Tensor:
     """[B, n, HW] float64 -> [B, n]: CI of each channel in each image (module docstring)."""
-    eigenvalues, rows, outside = _eigen_rows(maps)
-    top = eigenvalues[:, -1:].clamp_min(0)
-    # Eigenvalues of G below its rounding level are zero singular values (rank-deficient maps, e.g. a pixel
-    # where every channel is off after the ReLU); their square roots would add ~sqrt(eps) * the largest each.
-    eigenvalues = torch.where(eigenvalues > eigenvalues.shape[-1] * torch.finfo(maps.dtype).eps * top, eigenvalues, 0)
-    top[top == 0] = 1  # an all-zero image: every CI is 0 whatever the scale
-    scaled = eigenvalues / top  # in [0, 1]; the integral scales with sqrt(top)
+    scaled, rows, outside, top = _eigen_rows(maps)
     log_u = torch.arange(
         math.log(NODE_RANGE[0]), math.log(NODE_RANGE[1]) + NODE_STEP / 2, NODE_STEP, dtype=maps.dtype, device=maps.device
     )
