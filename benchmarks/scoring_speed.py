@@ -4,7 +4,8 @@ torchvision ResNet-50 (random weights) in eval mode on the CPU, calibration imag
 every criterion runs the one streaming pass of prunecli's scorer. Each criterion's ratio is taken
 against a plain forward pass timed just before it, so both saw the same load on a shared machine.
 Peak memory is the process's maximum RSS after that criterion's pass (a lower bound after the first,
-larger one).
+larger one). With taylor, a last row times a plain PyTorch forward + backward pass (only the batch norms'
+parameters requiring gradients, no prunecli code): the floor for any gradient criterion.
 
     python benchmarks/scoring_speed.py --images 256 --batch-size 32
 """
@@ -56,6 +57,19 @@ def main() -> None:
                 graph.model(x)
         return time.perf_counter() - start
 
+    def forward_backward_seconds() -> float:
+        model = copy.deepcopy(graph.model)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.requires_grad_(True)
+                module.bias.requires_grad_(True)
+        start = time.perf_counter()
+        for x, y in batches(images, labels, args.batch_size):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        return time.perf_counter() - start
+
     forward_seconds()  # warm-up
     print(f"ResNet-50, {args.images} images {args.size}x{args.size}, batch {args.batch_size}; "
           f"peak RSS after a forward pass {peak_mib():.0f} MiB\n")
@@ -73,6 +87,9 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"| {name} | {forward:.1f} | {seconds:.1f} | {seconds / forward:.2f} | {max(before, peak_mib()):.0f} |",
               flush=True)
+    if "taylor" in args.methods.split(","):
+        forward, seconds = forward_seconds(), forward_backward_seconds()
+        print(f"| plain forward + backward | {forward:.1f} | {seconds:.1f} | {seconds / forward:.2f} | {peak_mib():.0f} |")
 
 
 if __name__ == "__main__":
