@@ -470,6 +470,11 @@ class Optimizer(str, Enum):
     adamw = "adamw"
 
 
+class Augment(str, Enum):
+    auto = "auto"
+    none = "none"
+
+
 class KD(str, Enum):
     none = "none"
     fixed = "fixed"
@@ -538,6 +543,7 @@ def finetune(
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Cross-entropy label smoothing.")] = 0.0,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length in epochs (fractions allowed).")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size (split across processes under torchrun).", min=1)] = 128,
+    augment: Annotated[Augment, typer.Option("--augment", help="auto: random crop + horizontal flip; none: the images as they are (recovered more in a single epoch, docs/quality.md).")] = Augment.auto,
     teacher: Annotated[Path | None, typer.Option("--teacher", help="Distil from this model (usually the unpruned original).")] = None,
     teacher_arch: Annotated[str | None, typer.Option("--teacher-arch", help="--arch of the teacher when it is a plain state dict (default: the model's base architecture).")] = None,
     kd: Annotated[KD | None, typer.Option("--kd", help="Distillation: fixed temperature or SFP's variable schedule (default variable with --teacher).")] = None,
@@ -578,7 +584,7 @@ def finetune(
         training = FinetuneConfig(
             epochs=epochs, steps=steps, lr=lr, optimizer=optimizer.value, weight_decay=weight_decay,
             label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, batch_size=batch_size, seed=seed,
-            device=device, amp=amp, kd=(kd.value if kd else ("variable" if teacher else "none")), kd_alpha=kd_alpha,
+            device=device, amp=amp, augment=augment.value, kd=(kd.value if kd else ("variable" if teacher else "none")), kd_alpha=kd_alpha,
             kd_t_max=kd_t_max, kd_t_min=kd_t_min, kd_schedule=kd_schedule.value, recalibrate_bn=recalibrate_bn,
             checkpoint=checkpoint, resume=resume, force=force,
         )

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import prunecli
 from prunecli.cli import app
+from prunecli.io.slim import load
 from prunecli.measure import totals
 from prunecli.samples import resnet20
 
@@ -616,3 +617,18 @@ def test_tracing_and_scoring_stop_at_their_time_limits_and_name_the_stage():
     with pytest.raises(ArchitectureError, match=r"^scoring channels with hrank took longer than 0\.05 s; "
                                                 r"raise --score-timeout, or give fewer --calib-images$"):
         score_model(config)
+
+
+def test_finetune_augment_option_reaches_the_training_loop(tmp_path):
+    def finetune(augment: str):
+        out = tmp_path / f"{augment}.safetensors"
+        result = invoke("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--data", SAMPLE / "fmnist_calib.safetensors",
+                        "--limit", "16", "--batch-size", "8", "--steps", "2", "--device", "cpu", "--augment", augment,
+                        "--json", "-o", out)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["training"]["config"]["augment"] == augment
+        return load(out).conv1.weight
+
+    assert not torch.equal(finetune("none"), finetune("auto"))  # same seed: only the augmentation differs
+    result = invoke("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--augment", "mixup", "-o", tmp_path / "x.pt")
+    assert result.exit_code == 2 and "--augment" in result.output and not (tmp_path / "x.pt").exists()
