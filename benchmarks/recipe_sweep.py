@@ -6,6 +6,7 @@ quality.py does, then fine-tunes a copy with variable-temperature KD for one epo
 
     python benchmarks/recipe_sweep.py --method fpgm --images 60000 \
         --recipes '[{"batch_size": 128, "augment": "auto"}, {}, {"lr": 0.02}]'
+    python benchmarks/recipe_sweep.py --method torch-pruning --recipes '[{"seed": 1}, {"seed": 2}]'
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from quality import RECIPE, SAMPLE, images
+from quality import RECIPE, SAMPLE, images, torch_pruning_baseline
 
 from prunecli.api import prune_model
 from prunecli.config import ModelSource, PruneConfig, parse_budget
@@ -28,7 +29,7 @@ from prunecli.io.slim import load
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="fpgm", help="a weight criterion (no calibration data needed)")
+    parser.add_argument("--method", default="fpgm", help="a weight criterion (no calibration data needed) or torch-pruning")
     parser.add_argument("--target", type=float, default=0.5, help="MACs to keep")
     parser.add_argument("--images", type=int, default=60000, help="training images in the epoch")
     parser.add_argument("--recipes", type=json.loads, default=[{}], help="JSON list of FinetuneConfig overrides")
@@ -36,11 +37,14 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = load(SAMPLE)
     test, train = images("test"), images("train", seed=1)
-    output = Path("/tmp/prunecli-quality") / f"sweep-{args.method}-{args.target}.safetensors"
-    output.parent.mkdir(exist_ok=True)
-    prune_model(PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(args.target)), method=args.method,
-                            output=output, force=True))
-    model = load(output)
+    if args.method == "torch-pruning":
+        model, _ = torch_pruning_baseline(teacher, args.target, test.images[:1])
+    else:
+        output = Path("/tmp/prunecli-quality") / f"sweep-{args.method}-{args.target}.safetensors"
+        output.parent.mkdir(exist_ok=True)
+        prune_model(PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(args.target)), method=args.method,
+                                output=output, force=True))
+        model = load(output)
     recalibrate_bn(model, iterate_batches(train, 128), 20)
     subset = ImageSet(train.images[: args.images], train.labels[: args.images], train.description)
     for overrides in args.recipes:
