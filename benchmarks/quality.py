@@ -46,11 +46,31 @@ def images(split: str, limit: int | None = None, seed: int = 0) -> ImageSet:
 RECIPE = {"epochs": 1, "lr": 0.01, "batch_size": 64, "augment": "none", "warmup_epochs": 0.1, "seed": 0, "device": "cpu"}
 
 
-def recover(model, train: ImageSet, test: ImageSet, teacher, epochs_images: int, kd: bool) -> float:
-    config = FinetuneConfig(**RECIPE, kd="variable" if kd else "none")
-    subset = ImageSet(train.images[:epochs_images], train.labels[:epochs_images], train.description)
-    tuned = finetune(copy.deepcopy(model), subset, None, config, teacher=teacher if kd else None).model
+def first(train: ImageSet, count: int) -> ImageSet:
+    return ImageSet(train.images[:count], train.labels[:count], train.description)
+
+
+def recover(model, train: ImageSet, test: ImageSet, teacher, epoch_images: int, kd: bool, **overrides) -> float:
+    """Top-1 after one fine-tuning epoch of a copy of ``model`` with ``RECIPE`` (and ``overrides``)."""
+    config = FinetuneConfig(**{**RECIPE, "kd": "variable" if kd else "none", **overrides})
+    tuned = finetune(copy.deepcopy(model), first(train, epoch_images), None, config, teacher=teacher if kd else None).model
     return evaluate(tuned, test).top1
+
+
+def recalibrate(model, train: ImageSet) -> None:
+    recalibrate_bn(model, iterate_batches(train, 128), 20)
+
+
+def prune_sample(method: str, target: float, teacher, x: torch.Tensor, work: Path):
+    """The sample pruned by a criterion or by the Torch-Pruning baseline: (model, MACs kept)."""
+    if method == "torch-pruning":
+        return torch_pruning_baseline(teacher, target, x)
+    needs_data = get_criterion(method).needs_data
+    config = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(target)), method=method,
+                         output=work / f"{method}-{target}.safetensors", force=True,
+                         data=DataOptions(str(CALIB), calib_images=512, batch_size=128) if needs_data else None)
+    kept = prune_model(config).macs_kept
+    return load(config.output), kept
 
 
 def torch_pruning_baseline(reference, target: float, x: torch.Tensor):
@@ -75,9 +95,8 @@ def torch_pruning_baseline(reference, target: float, x: torch.Tensor):
 def edp(reference, train: ImageSet, epoch_images: int, target: float, x: torch.Tensor):
     """EDP with the same total training as the others' one fine-tuning epoch: one epoch over the same images."""
     config = FinetuneConfig(**RECIPE)
-    subset = ImageSet(train.images[:epoch_images], train.labels[:epoch_images], train.description)
     prune = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(target)), method="edp", allocation="global")
-    result = edp_prune(copy.deepcopy(reference), x, subset, None, config, prune)
+    result = edp_prune(copy.deepcopy(reference), x, first(train, epoch_images), None, config, prune)
     return result.model, totals(result.model, x).macs / totals(reference, x).macs
 
 
@@ -110,18 +129,10 @@ def main() -> None:
                 if target != args.finetune_target:
                     continue
                 model, row["macs_kept"] = edp(teacher, train, args.finetune_images, target, x)
-            elif method == "torch-pruning":
-                model, kept = torch_pruning_baseline(teacher, target, x)
-                row["macs_kept"] = kept
             else:
-                needs_data = get_criterion(method).needs_data
-                config = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(target)), method=method,
-                                     output=work / f"{method}-{target}.safetensors", force=True,
-                                     data=DataOptions(str(CALIB), calib_images=512, batch_size=128) if needs_data else None)
-                result = prune_model(config)
-                model, row["macs_kept"] = load(config.output), result.macs_kept
+                model, row["macs_kept"] = prune_sample(method, target, teacher, x, work)
             row["pruned"] = evaluate(model, test).top1
-            recalibrate_bn(model, iterate_batches(train, 128), 20)
+            recalibrate(model, train)
             row["recalibrated"] = evaluate(model, test).top1
             if target == args.finetune_target and method != "edp":  # EDP's one epoch is its training
                 row["finetuned"] = recover(model, train, test, teacher, args.finetune_images, kd=False)

@@ -12,24 +12,19 @@ quality.py does, then fine-tunes a copy with variable-temperature KD for one epo
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
-from quality import RECIPE, SAMPLE, images, torch_pruning_baseline
+from quality import SAMPLE, images, prune_sample, recalibrate, recover
 
-from prunecli.api import prune_model
-from prunecli.config import ModelSource, PruneConfig, parse_budget
-from prunecli.finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
-from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.io.slim import load
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="fpgm", help="a weight criterion (no calibration data needed) or torch-pruning")
+    parser.add_argument("--method", default="fpgm", help="a criterion, or torch-pruning")
     parser.add_argument("--target", type=float, default=0.5, help="MACs to keep")
     parser.add_argument("--images", type=int, default=60000, help="training images in the epoch")
     parser.add_argument("--recipes", type=json.loads, default=[{}], help="JSON list of FinetuneConfig overrides")
@@ -37,22 +32,14 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = load(SAMPLE)
     test, train = images("test"), images("train", seed=1)
-    if args.method == "torch-pruning":
-        model, _ = torch_pruning_baseline(teacher, args.target, test.images[:1])
-    else:
-        output = Path("/tmp/prunecli-quality") / f"sweep-{args.method}-{args.target}.safetensors"
-        output.parent.mkdir(exist_ok=True)
-        prune_model(PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(args.target)), method=args.method,
-                                output=output, force=True))
-        model = load(output)
-    recalibrate_bn(model, iterate_batches(train, 128), 20)
-    subset = ImageSet(train.images[: args.images], train.labels[: args.images], train.description)
+    work = Path("/tmp/prunecli-quality")
+    work.mkdir(exist_ok=True)
+    model, _ = prune_sample(args.method, args.target, teacher, test.images[:1], work)
+    recalibrate(model, train)
     for overrides in args.recipes:
         started = time.time()
-        config = FinetuneConfig(**{**RECIPE, "kd": "variable", **overrides})
-        tuned = finetune(copy.deepcopy(model), subset, None, config, teacher=teacher).model
-        print(json.dumps({**overrides, "top1": evaluate(tuned, test).top1, "seconds": round(time.time() - started)}),
-              flush=True)
+        top1 = recover(model, train, test, teacher, args.images, kd=True, **overrides)
+        print(json.dumps({**overrides, "top1": top1, "seconds": round(time.time() - started)}), flush=True)
 
 
 if __name__ == "__main__":

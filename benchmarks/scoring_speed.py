@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 from prunecli.criteria import get_criterion
-from prunecli.criteria.base import score_weights, score_with_data
+from prunecli.criteria.base import gradients_only_for, score_weights, score_with_data
 from prunecli.graph import DependencyGraph
 
 DATA_DRIVEN = ("lrmf", "dct", "taylor", "hrank", "chip")
@@ -58,16 +58,12 @@ def main() -> None:
         return time.perf_counter() - start
 
     def forward_backward_seconds() -> float:
-        model = copy.deepcopy(graph.model)
-        for param in model.parameters():
-            param.requires_grad_(False)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.requires_grad_(True)
-                module.bias.requires_grad_(True)
+        norms = [m for m in graph.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         start = time.perf_counter()
-        for x, y in batches(images, labels, args.batch_size):
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+        with gradients_only_for(graph.model, norms):
+            for x, y in batches(images, labels, args.batch_size):
+                torch.nn.functional.cross_entropy(graph.model(x), y).backward()
+        graph.model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
     forward_seconds()  # warm-up

@@ -48,7 +48,7 @@ NODE_STEP = 0.3
 NODE_RANGE = (1e-9, 1e4)  # quadrature nodes relative to the image's largest singular value
 
 
-def _eigen_rows(maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+def _eigen_rows(maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """[B, n, HW] float64 -> eigenvalues [B, m] of A A^T relative to the largest (those below its rounding level
     set to 0), squared eigenvector rows [B, n, m], for HW < n the squared norm of each row's part outside the
     eigenvectors of the nonzero eigenvalues [B, n] (else None), and the largest eigenvalue [B, 1]."""
