@@ -422,6 +422,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     latency: dict[str, Any] | None = None  # a LatencyComparison of the original and the slim model (``--latency``)
     accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
+    reconstruction: dict[str, Any] | None = None  # a ReconstructReport (``--reconstruct``)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -492,8 +493,12 @@ def group_dispersion(graph: DependencyGraph, scores: Mapping[int, torch.Tensor])
     return values
 
 
-def prune_model(config: PruneConfig, progress: Progress | None = None, batch_progress=None) -> PruneResult:
-    """Score, allocate, physically remove channels and (when ``config.output``) write the slim artifact."""
+def prune_model(
+    config: PruneConfig, progress: Progress | None = None, batch_progress=None, step_progress=None
+) -> PruneResult:
+    """Score, allocate, physically remove channels and (when ``config.output``) write the slim artifact.
+
+    ``step_progress(done, total)`` follows the layers of ``--reconstruct``."""
     from prunecli.io.slim import SUFFIXES, save_slim
 
     started = time.perf_counter()
@@ -504,6 +509,10 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     check_suffix(output, SUFFIXES, "a slim model")
     if config.scores is None and config.method != "edp":
         _check_scoring(config.scoring)
+    if config.reconstruct is not None:
+        if config.method == "edp":
+            raise PrunecliError("--reconstruct does not apply to --method edp, which trains its own weights; drop one")
+        _require_data(config)
     say("loading the model")
     loaded = open_model(config.source)
     if loaded.arch is None:
@@ -514,6 +523,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     costs, reference = _profile(loaded, x)
     before = Totals(count_params(loaded.model), sum(c.macs for c in costs))
     method = config.method
+    reconstruction = None
     if config.method == "edp":
         pruned, target, removed, groups_pruned, training_record = _edp(config, loaded, x, say)
     else:
@@ -534,9 +544,13 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
             plan, target = plan_pruning(config, graph, cost_model, scores)
             training_record = None
         say("removing channels")
+        kept = graph.kept_outputs(plan.removed)
+        unpruned = loaded.model if config.soft is None else copy.deepcopy(graph.model)  # the weights before removal
         graph.prune(plan.removed)
         pruned = graph.model.eval()
         removed, groups_pruned = sum(len(v) for v in plan.removed.values()), len(plan.removed)
+        if config.reconstruct is not None:
+            reconstruction = _reconstruct(config, loaded, unpruned, graph, kept, say, step_progress)
     if config.recalibrate_bn:
         from prunecli.finetune import recalibrate_bn
 
@@ -578,6 +592,8 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         metadata["edp" if config.method == "edp" else "soft_pruning"] = training_record
     if config.recalibrate_bn:
         metadata["recalibrate_bn"] = {"batches": config.recalibrate_bn, "data": config.data.source}
+    if reconstruction is not None:
+        metadata["reconstruct"] = {"data": config.data.source, **reconstruction.summary()}
     if loaded.document:
         metadata["parent"] = {k: loaded.document.get(k) for k in ("method", "budget", "source_sha256", "achieved")}
         for key in ("dataset", "test_accuracy"):
@@ -622,6 +638,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         notes,
         latency,
         accuracy,
+        reconstruction.to_dict() if reconstruction is not None else None,
     )
 
 
@@ -646,9 +663,38 @@ def _prune_accuracy(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.M
 def _require_data(config: PruneConfig) -> DataOptions:
     if config.data is None:
         raise DataError(
-            "--method edp, --recalibrate-bn and --soft-epochs train on images: pass --data (e.g. fashion-mnist:train)"
+            "--method edp, --recalibrate-bn, --reconstruct and --soft-epochs need images: pass --data "
+            "(e.g. fashion-mnist:train or an image folder; --reconstruct needs no labels)"
         )
     return config.data
+
+
+def _reconstruct(config: PruneConfig, loaded: LoadedModel, unpruned: torch.nn.Module, graph: DependencyGraph,
+                 kept: Mapping[str, list[int]], say: Progress, step_progress):
+    """Refit the changed layers of ``graph.model`` so they reproduce ``unpruned`` on the calibration images."""
+    from prunecli.reconstruct import reconstruct
+
+    options = config.data
+    images = load_images(options, loaded, options.calib_images, config.seed)
+    say(f"reconstructing the pruned layers on {len(images)} images on {config.device}")
+
+    def tell(layer: str, done: int, total: int) -> None:
+        say(f"reconstructing {layer}")
+        if step_progress is not None:
+            step_progress(done, total)
+
+    with time_limit(config.score_timeout, "reconstructing the pruned layers",
+                    "raise --score-timeout, or give fewer --calib-images"):
+        try:
+            return reconstruct(unpruned, graph.model, kept, images.images.split(options.batch_size),
+                               config.reconstruct, graph.sole_norm_consumer, torch.device(config.device), tell)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise PrunecliError(
+                f"CUDA ran out of memory while reconstructing {len(images)} images at once; give fewer --calib-images"
+            ) from exc
+        finally:
+            unpruned.to("cpu")
+            graph.model.to("cpu")
 
 
 def _soft_prune(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progress, batch_progress):

@@ -249,6 +249,9 @@ class _Progress:
     def images(self, count: int) -> None:
         self._bar.advance(self._stage, count)
 
+    def steps(self, done: int, total: int) -> None:
+        self._bar.update(self._stage, completed=done, total=total)
+
 
 @app.command()
 def analyze(
@@ -374,6 +377,9 @@ def prune(
     icie_lambda: IcieLambdaOpt = 1.0,
     icie_capacity: IcieCapacityOpt = "weight",
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", help="After removal, re-estimate batch-norm statistics on N batches of --data (cheap accuracy recovery).", min=0)] = 0,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="After removal, refit every conv/linear that lost channels by ridge least squares so its output on the pruned network's input matches the original's, on --calib-images unlabelled images of --data (He et al. 2017 / ThiNet; no training). Combine with --method recon and --recalibrate-bn.")] = False,
+    recon_ridge: Annotated[float, typer.Option("--recon-ridge", help="--reconstruct: ridge weight relative to the mean diagonal of each layer's Gram matrix (shrinks towards the pruned weights).", min=0)] = 1e-3,
+    recon_rows: Annotated[int, typer.Option("--recon-rows", help="--reconstruct: patch rows sampled per input dimension of a layer (caps the cost of high-resolution layers).", min=1)] = 64,
     soft_epochs: Annotated[int, typer.Option("--soft-epochs", help="Soft pruning (LRMF/FPGM): train N epochs on --data with the selected channels held at zero, then remove them.", min=0)] = 0,
     reselect_every: Annotated[int, typer.Option("--reselect-every", help="Soft pruning: re-score and re-select channels every K epochs (0: never).", min=0)] = 5,
     lr: Annotated[float, typer.Option("--lr", help="Soft pruning and EDP: peak learning rate (SGD, Nesterov, cosine).")] = 0.01,
@@ -406,7 +412,7 @@ def prune(
 
     def call():
         from prunecli.api import default_output, prune_model
-        from prunecli.config import DataOptions, PruneConfig, parse_budget
+        from prunecli.config import DataOptions, PruneConfig, ReconstructOptions, parse_budget
         from prunecli.report import check_report_path, print_json, render_prune, write_report
 
         if report is not None:
@@ -448,6 +454,7 @@ def prune(
             data=scoring.data,
             scores=scores,
             recalibrate_bn=recalibrate_bn,
+            reconstruct=ReconstructOptions(recon_ridge, recon_rows, seed=seed) if reconstruct else None,
             soft=soft,
             reselect_every=reselect_every,
             edp=edp,
@@ -457,7 +464,8 @@ def prune(
             latency_batch=latency_batch,
         )
         with _Progress(not (quiet or as_json), calib_images if data else None) as progress:
-            result = prune_model(config, progress=progress.stage, batch_progress=progress.images)
+            result = prune_model(config, progress=progress.stage, batch_progress=progress.images,
+                                 step_progress=progress.steps)
         if report is not None:
             write_report(result, report, force=force, inputs=(model,))
         print_json(result) if as_json else render_prune(result, out)

@@ -198,6 +198,39 @@ class EdpOptions:
 
 
 @dataclass(frozen=True)
+class ReconstructOptions:
+    """How layers are refit.
+
+    Attributes:
+        ridge: the ridge weight, relative to the mean diagonal of the layer's Gram matrix.
+        rows_per_input: patch rows sampled per input dimension of a layer (positions are drawn at random per
+            batch); caps the Gram cost of early, high-resolution layers. Layers with fewer positions use all.
+        holdout_every: every k-th image is held out to check each fit (0: no check).
+        seed: draws the sampled positions.
+    """
+
+    ridge: float = 1e-3
+    rows_per_input: int = 64
+    holdout_every: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.ridge > 0:
+            raise BudgetError(f"--recon-ridge {self.ridge} must be positive")
+        if self.rows_per_input < 1:
+            raise BudgetError(f"--recon-rows {self.rows_per_input} must be at least 1")
+        if self.holdout_every < 0 or self.holdout_every == 1:
+            raise BudgetError(f"the hold-out share 1/{self.holdout_every} must be 0 (none) or at least 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReconstructOptions:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """Everything ``prune`` needs; embedded in the slim artifact as provenance."""
 
@@ -219,6 +252,7 @@ class PruneConfig:
     data: DataOptions | None = None
     scores: Path | None = None  # reuse a `prunecli score` file instead of scoring again
     recalibrate_bn: int = 0  # batches of --data to re-estimate BN statistics on after removal
+    reconstruct: ReconstructOptions | None = None  # refit the changed layers on --calib-images of --data after removal
     soft: Any = None  # a prunecli.finetune.FinetuneConfig: train with the channels masked before removing them
     reselect_every: int = 5
     edp: EdpOptions | None = None  # --method edp: decomposition-and-pruning training instead of scoring
@@ -247,6 +281,7 @@ class PruneConfig:
         data["scores"] = str(self.scores) if self.scores else None
         data["soft"] = self.soft.to_dict() if self.soft is not None else None
         data["edp"] = self.edp.to_dict() if self.edp is not None else None
+        data["reconstruct"] = self.reconstruct.to_dict() if self.reconstruct is not None else None
         return data
 
     def provenance(self) -> dict[str, Any]:

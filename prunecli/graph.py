@@ -228,6 +228,31 @@ class DependencyGraph:
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
 
+    def kept_outputs(self, removal: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
+        """For every conv/linear that loses output channels under ``removal``: its original output indices that stay."""
+        kept = {}
+        for group in self.groups:
+            positions = {int(p) for p in removal.get(group.index, ())}
+            for member in group.members if positions else ():
+                module = self.module(member.layer)
+                if member.dim != "out" or not isinstance(module, ROOT_TYPES):
+                    continue
+                size = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+                gone = {i for i, root in zip(member.indices, member.root_indices, strict=True) if root in positions}
+                kept[member.layer] = [i for i in range(size) if i not in gone]
+        return kept
+
+    def sole_norm_consumer(self, layer: str) -> str | None:
+        """The batch norm that alone reads ``layer``'s output, if there is one: where a bias can fold into its mean."""
+        node = self._graph.module2node.get(self.module(layer))
+        consumers = {id(n.module): n.module for n in (node.outputs if node is not None else ())}
+        if len(consumers) != 1:
+            return None
+        (consumer,) = consumers.values()
+        if isinstance(consumer, nn.modules.batchnorm._BatchNorm):
+            return self._names.get(consumer)
+        return None
+
     def prune(self, removal: Mapping[int, Sequence[int]]) -> None:
         """Remove the given root-channel positions of each group (by group index), in place.
 

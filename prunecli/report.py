@@ -108,6 +108,13 @@ def render_prune(result: PruneResult, console: Console) -> None:
     )
     for note in result.notes:
         console.print(f"note: {note}")
+    if result.reconstruction:
+        r = result.reconstruction
+        console.print(f"reconstructed {r['layers_refit']} of {len(r['layers'])} changed layers on {r['images']} images "
+                      f"in {r['seconds']:.1f} s: mean relative output error {r['mean_error_before']:.4f} → "
+                      f"{r['mean_error_after']:.4f} (held-out images)")
+        for layer, why in r["skipped"].items():
+            console.print(f"note: {layer} not reconstructed: {why}")
     if result.accuracy and result.accuracy["measured"]:
         a = result.accuracy
         console.print(f"top-1 on {a['data']} ({a['images']} images): {100 * a['original_top1']:.2f}% original → "

@@ -8,7 +8,7 @@ from prunecli.criteria.base import Criterion
 from prunecli.errors import PrunecliError
 
 _REGISTRY: dict[str, type[Criterion]] = {}
-_BUILTIN = ("l1", "l2", "fpgm", "bn", "random", "lrmf", "dct", "icie", "sfp", "hrank", "chip", "taylor")
+_BUILTIN = ("l1", "l2", "fpgm", "bn", "random", "lrmf", "dct", "icie", "sfp", "hrank", "chip", "taylor", "recon")
 _loaded = False
 
 

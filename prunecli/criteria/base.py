@@ -39,6 +39,7 @@ class Criterion:
             residual add).
         needs_range: ``feature_statistic`` also takes each layer's activation range (min, max) over all
             the calibration images, which a first pass over the data measures.
+        own_pass: statistics that are not per-channel sums (Gram matrices): ``pass_scores`` reads the data itself.
     """
 
     name: ClassVar[str]
@@ -49,6 +50,7 @@ class Criterion:
     scored_types: ClassVar[tuple[type[nn.Module], ...]] = CONV_LINEAR
     hook: ClassVar[str] = "output"
     needs_range: ClassVar[bool] = False
+    own_pass: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, **options):
         self.seed = seed
@@ -74,6 +76,13 @@ class Criterion:
     def gradient_statistic(self, module: nn.Module, indices: Tensor) -> Tensor:
         """After a backward pass: [n] scores of ``module``'s channels ``indices``, summed over the batch."""
         raise NotImplementedError(f"{self.name} does not score gradients")
+
+    def pass_scores(
+        self, graph: DependencyGraph, groups: list[ChannelGroup], batches: list[Tensor], device, progress
+    ) -> dict[int, list[Tensor]]:
+        """With ``own_pass``: one pass of the criterion's own over the image batches -> per group, a [channels]
+        score of each member it reads (normalised and reduced like the hooked statistics)."""
+        raise NotImplementedError(f"{self.name} makes no pass of its own")
 
 
 def out_weight(module: nn.Module) -> Tensor | None:
@@ -177,6 +186,12 @@ def score_with_data(
 
     A criterion that ``needs_range`` gets a first pass that only measures each layer's activation range.
     """
+    if criterion.own_pass:
+        listed = [x for x, _ in batches]
+        if not listed:
+            raise DataError("the calibration data is empty; give at least one batch of images")
+        per_member = criterion.pass_scores(graph, groups, listed, device, progress)
+        return criterion.finish(_finish(groups, per_member, reduction, criterion), graph, groups, reduction)
     model = graph.model
     pairs = scored_members(criterion, graph, groups)
     by_layer: dict[str, list[tuple[int, ScoredMember]]] = {}

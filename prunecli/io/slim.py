@@ -239,10 +239,11 @@ def _shaped(model: nn.Module, document: Mapping[str, Any], state: Mapping[str, t
     _decompose_skeleton(model, document.get("decomposed", {}), modules)
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        for name, param in list(module.named_parameters(recurse=False)):
+        for name, param in list(module._parameters.items()):  # with the ones declared None (a conv's absent bias)
             stored = state.get(prefix + name)
-            if stored is not None:
-                setattr(module, name, nn.Parameter(torch.empty(stored.shape, dtype=param.dtype), param.requires_grad))
+            if stored is not None:  # reconstruction can give a bias-free layer a bias
+                dtype = param.dtype if param is not None else stored.dtype
+                setattr(module, name, nn.Parameter(torch.empty(stored.shape, dtype=dtype)))
         for name, buffer in list(module.named_buffers(recurse=False)):
             stored = state.get(prefix + name)
             if buffer is not None and stored is not None:
