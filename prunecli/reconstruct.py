@@ -35,6 +35,8 @@ from prunecli.config import ReconstructOptions
 from prunecli.errors import ArchitectureError, DataError
 
 REFIT_TYPES = (nn.Conv2d, nn.Linear)
+MIN_GAIN = 1e-3  # a fit must cut the held-out error by this share to replace the pruned weights
+EXACT = 1e-10  # a relative output error below this is rounding: the layer is exact as pruned
 
 
 @dataclass(frozen=True)
@@ -134,11 +136,12 @@ class GramStatistics:
     def add(self, columns: Tensor, targets: Tensor | None = None) -> None:
         """``columns`` ``[B, G, D, L]`` and ``targets`` ``[B, G, O, L]`` of the same rows."""
         batch, groups, _, positions = columns.shape
-        ones = columns.new_ones(batch, groups, 1, positions)
-        x = torch.cat([columns.float(), ones], dim=2).permute(1, 2, 0, 3).reshape(groups, -1, batch * positions)
+        dtype = torch.promote_types(columns.dtype, torch.float32)  # float64 models stay float64
+        ones = columns.new_ones(batch, groups, 1, positions, dtype=dtype)
+        x = torch.cat([columns.to(dtype), ones], dim=2).permute(1, 2, 0, 3).reshape(groups, -1, batch * positions)
         self.gram += (x @ x.transpose(1, 2)).double().cpu()
         if targets is not None:
-            y = targets.float().permute(1, 2, 0, 3).reshape(groups, -1, batch * positions)
+            y = targets.to(dtype).permute(1, 2, 0, 3).reshape(groups, -1, batch * positions)
             self.cross += (x @ y.transpose(1, 2)).double().cpu()
             self.energy += y.square().sum((1, 2)).double().cpu()
         self.rows += batch * positions
@@ -488,7 +491,7 @@ def _refit(
     before = judge.error(prior)
     solution = ridge_fit(fit, prior, options.ridge) if fit.rows else None
     after = judge.error(solution) if solution is not None else before
-    better = solution is not None and after < before
+    better = solution is not None and before > EXACT and after < before * (1 - MIN_GAIN)
     if better and held.rows:
         solution = ridge_fit(fit.merged(held), prior, options.ridge) if fit.rows else solution
         better = solution is not None
