@@ -11,6 +11,11 @@ Torch-Pruning's own plan followed by our reconstruction. Writes one JSON line pe
 
 from __future__ import annotations
 
+import os
+
+# Sleeping instead of spinning at OpenMP barriers keeps a shared machine from stalling every op (sample_models/train.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import json
@@ -100,7 +105,8 @@ def variants(loaded, graph: DependencyGraph, plan, calibration: ImageSet, test: 
     return row
 
 
-def run(model_name: str, methods: list[str], targets: list[float], log: Path) -> list[dict]:
+def run(model_name: str, methods: list[str], targets: list[float], log: Path, done: list[dict]) -> list[dict]:
+    """The rows of one model; rows already in ``done`` (an earlier run's log) are kept, not measured again."""
     source = ModelSource(ROOT / "sample_models" / MODELS[model_name])
     loaded = open_model(source)
     x = example_input(loaded)
@@ -112,6 +118,10 @@ def run(model_name: str, methods: list[str], targets: list[float], log: Path) ->
     for method in methods:
         scores = None
         for target in targets:
+            previous = [r for r in done if (r["model"], r["method"], r["target"]) == (model_name, method, target)]
+            if previous:
+                rows.append(previous[-1])
+                continue
             graph = DependencyGraph(copy.deepcopy(loaded.model), x)
             if method == "torch-pruning":
                 alone, plan = torch_pruning_plan(loaded.model, graph, target, x)
@@ -162,10 +172,11 @@ def main() -> None:
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "reconstruction.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     targets = [float(t) for t in args.targets.split(",")]
     rows = []
     for model_name in args.models.split(","):
-        rows += run(model_name, args.methods.split(","), targets, log)
+        rows += run(model_name, args.methods.split(","), targets, log, done)
     (args.out / "reconstruction.md").write_text(table(rows, targets))
     print(table(rows, targets))
 
