@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunecli import __version__
+from prunecli._version import __version__
 from prunecli.allocate import GroupLimits, Plan, allocate, removal_order
 from prunecli.config import (
     AnalyzeConfig,
@@ -30,32 +30,15 @@ from prunecli.config import (
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
 from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError
-from prunecli.graph import ChannelGroup, DependencyGraph, time_limit
+from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
 from prunecli.io.files import atomic_output, check_output_path, check_suffix
 from prunecli.measure import CostModel, LayerCost, Totals, costs_and_output, count_params
+from prunecli.runtime import main_process, time_limit
 
 Progress = Callable[[str], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an unavailable CUDA device is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise PrunecliError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PrunecliError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise PrunecliError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise PrunecliError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def open_model(source: ModelSource) -> LoadedModel:
@@ -583,8 +566,6 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         for key in ("dataset", "test_accuracy"):
             if key in loaded.document:
                 metadata[f"parent_{key}"] = loaded.document[key]
-    from prunecli.finetune import main_process
-
     if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
         save_slim(
             pruned,
@@ -796,7 +777,7 @@ def _check_checkpoint_path(checkpoint: Path | None, output: Path, inputs: tuple[
 
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
-    from prunecli.finetune import evaluate, finetune, main_process
+    from prunecli.finetune import evaluate, finetune
     from prunecli.io.slim import SUFFIXES, save_slim
 
     say = progress or (lambda message: None)

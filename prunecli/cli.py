@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from prunecli import __version__
+from prunecli._version import __version__
 from prunecli.errors import PrunecliError
 from prunecli.io.files import recording_outputs
 
@@ -195,8 +195,8 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 def _scoring(method, data, data_root, calib_images, batch_size, mean, std, group_reduction, device, seed, dct_band, icie_lambda,
              icie_capacity):
-    from prunecli.api import resolve_device
     from prunecli.config import DataOptions, ScoringOptions
+    from prunecli.runtime import resolve_device
 
     data_options = None
     if data is not None:
@@ -511,9 +511,10 @@ def evaluate(
     """Top-1/top-5 accuracy, loss and images/s on labelled data; with --compare, the original beside it."""
 
     def call():
-        from prunecli.api import evaluate_model, resolve_device
+        from prunecli.api import evaluate_model
         from prunecli.config import DataOptions, EvaluateConfig, ModelSource
         from prunecli.report import print_json, render_evaluate
+        from prunecli.runtime import resolve_device
 
         source = _source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path)
         other = None

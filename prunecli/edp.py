@@ -532,7 +532,8 @@ def edp_prune(
         init: ``svd`` or ``identity`` initialisation of the blocks.
     """
     from prunecli.api import plan_pruning
-    from prunecli.finetune import _model_device, _run, trace_for_training
+    from prunecli.finetune import _run, trace_for_training
+    from prunecli.runtime import model_device
 
     check_budget_kind(prune.budget.kind)
     names = decomposable(model, prune.ignore)
@@ -549,6 +550,6 @@ def edp_prune(
 
     hook = EdpTraining(graph, select, lam)
     trained = _run(model, train, val, training, None, progress, hook)
-    sample = (val if val is not None else train).images[:64].to(_model_device(model))
+    sample = (val if val is not None else train).images[:64].to(model_device(model))
     record = prune_and_merge(graph, hook.plan, groups, sample, threshold)
     return EdpResult(graph.model.eval(), hook.plan, hook.target, hook.selections, trained, record)

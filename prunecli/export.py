@@ -29,7 +29,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import statistics
 import time
 import warnings
@@ -41,10 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli import __version__
+from prunecli._version import __version__
 from prunecli.errors import DataError, ExportError
 from prunecli.io.arch import ArchSpec
 from prunecli.io.files import atomic_output, check_suffix, write_through_memory
+from prunecli.runtime import cpu_count, model_device
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 EXPORTERS = ("auto", "dynamo", "legacy")
@@ -190,13 +190,6 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     text = lines[0] if lines else ""
     text = text[:limit] + ("..." if len(text) > limit else "")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _flatten(output: Any) -> list[torch.Tensor]:
@@ -462,7 +455,7 @@ def _ort_session(model: str | bytes, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or _cpu_count()
+    options.intra_op_num_threads = threads or cpu_count()
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -796,7 +789,7 @@ def compare_latency(
 
     input_shape = tuple(int(d) for d in input_shape)
     example = _random_batches(input_shape, [1])[0]
-    macs = [sum(c.macs for c in layer_costs(m, example.to(_device_of(m)))) for m in (original, slim)]
+    macs = [sum(c.macs for c in layer_costs(m, example.to(model_device(m)))) for m in (original, slim)]
     rows = []
     for runtime in runtimes:
         with (_runners(original, input_shape, batch_sizes, warmup, repeats, runtime, threads) as before,
@@ -805,8 +798,3 @@ def compare_latency(
                 old, new = _medians_ms([before[batch], after[batch]], warmup, repeats)
                 rows.append(LatencyRow(runtime, batch, old, new, old / new))
     return LatencyComparison(input_shape, rows, macs[0], macs[1], macs[0] / max(macs[1], 1), warmup, repeats)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(iter(model.parameters()), None)
-    return parameter.device if parameter is not None else torch.device("cpu")

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from prunecli.errors import ArchitectureError, CheckpointError, DataError, ExportError, PrunecliError
 from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.io.files import atomic_output, check_output_path, write_through_memory
+from prunecli.runtime import model_device, resolve_device, world_size
 
 if TYPE_CHECKING:
     from prunecli.allocate import Plan
@@ -251,21 +252,6 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def _device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    from prunecli.api import resolve_device
-
-    return resolve_device(name)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -352,8 +338,8 @@ def evaluate(
     """
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size} must be at least 1")
-    target = _device(device)
-    original, was_training = _model_device(model), model.training
+    target = resolve_device(device)
+    original, was_training = model_device(model), model.training
     model.to(target).eval()
     try:
         if len(data) == 0:
@@ -400,7 +386,7 @@ def recalibrate_bn(
     norms = _batch_norms(model)
     if not norms:
         return 0
-    target = _device(device) if device is not None else _model_device(model)
+    target = resolve_device(device) if device is not None else model_device(model)
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:
@@ -495,11 +481,6 @@ class FinetuneResult:
         }
 
 
-def main_process() -> bool:
-    """True unless this is a torchrun worker of rank > 0: only the main process writes files."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -525,8 +506,8 @@ class _Distributed:
 
 
 def _setup_distributed(device_name: str) -> _Distributed:
-    device = _device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    device = resolve_device(device_name)
+    world = world_size()
     if world <= 1 or not torch.distributed.is_available():
         return _Distributed(0, 1, device)
     import torch.distributed as dist
@@ -857,7 +838,7 @@ class _Trainer:
         self.teacher, self.hook, self.dist = teacher, hook, distributed
         self.say = progress if distributed.rank == 0 else None
         self.device = distributed.device
-        self.home = _model_device(model)
+        self.home = model_device(model)
 
     # --- setup
 
@@ -1157,7 +1138,7 @@ def _soft_scores(scoring: ScoringOptions, graph: DependencyGraph, train: ImageSe
     batch_size = scoring.data.batch_size if scoring.data is not None else 64
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(scoring.seed))[:limit].sort().values
     subset = ImageSet(train.images[chosen], train.labels[chosen] if train.labels is not None else None, train.description)
-    device = _model_device(graph.model)
+    device = model_device(graph.model)
     return score_with_data(criterion, graph, groups, iterate_batches(subset, batch_size), scoring.group_reduction, device)
 
 
@@ -1166,7 +1147,7 @@ def trace_for_training(model: nn.Module, example_input: Tensor, prune: PruneConf
     from prunecli.graph import DependencyGraph
     from prunecli.measure import CostModel, layer_costs
 
-    example_input = example_input.to(_model_device(model))
+    example_input = example_input.to(model_device(model))
     was_training = model.training
     model.eval()
     graph = DependencyGraph(model, example_input, prune.ignore, prune.timeout)
@@ -1211,7 +1192,7 @@ def soft_prune(
 
     if reselect_every < 0:
         raise PrunecliError(f"--reselect-every {reselect_every} must not be negative")
-    if get_criterion(prune.method).needs_labels and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if get_criterion(prune.method).needs_labels and world_size() > 1:
         raise PrunecliError(
             f"--method {prune.method} scores with gradients, which would clash with DDP's gradient hooks; "
             "soft-prune with it in a single process, or use a weight or activation criterion"

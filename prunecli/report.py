@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from prunecli import __version__
+from prunecli._version import __version__
 from prunecli.api import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
 from prunecli.errors import ExportError
 from prunecli.io.files import atomic_output, check_output_path

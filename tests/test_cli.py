@@ -632,3 +632,24 @@ def test_finetune_augment_option_reaches_the_training_loop(tmp_path):
     assert not torch.equal(finetune("none"), finetune("auto"))  # same seed: only the augmentation differs
     result = invoke("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--augment", "mixup", "-o", tmp_path / "x.pt")
     assert result.exit_code == 2 and "--augment" in result.output and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.slow
+def test_time_limits_hold_a_hundred_times_under_a_cpu_burning_thread():
+    """The alarm can fire inside library code that catches ``Exception``; the limit must hold all the same."""
+    import threading
+
+    stop = threading.Event()
+
+    def burn():
+        while not stop.is_set():
+            sum(i * i for i in range(10_000))
+
+    burner = threading.Thread(target=burn, daemon=True)
+    burner.start()
+    try:
+        for _ in range(100):
+            test_tracing_and_scoring_stop_at_their_time_limits_and_name_the_stage()
+    finally:
+        stop.set()
+        burner.join()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli import __version__
+from prunecli._version import __version__
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, build_model, build_skeleton
 from prunecli.io.files import atomic_output, write_through_memory
