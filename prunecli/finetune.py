@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from prunecli.errors import ArchitectureError, CheckpointError, DataError, ExportError, PrunecliError
 from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.io.files import atomic_output, check_output_path, write_through_memory
+from prunecli.layers import NORMS, channel_params
 from prunecli.runtime import model_device, resolve_device, world_size
 
 if TYPE_CHECKING:
@@ -542,10 +543,11 @@ def _mix(*values: int) -> int:
 class _SoftMask:
     """Zeroes the selected channels of every out-member of their groups and keeps them zero.
 
-    Conv/linear weights and biases and BatchNorm weight and bias are zeroed (LRMF's code zeroes only the conv
-    weights; with the norm zeroed too, a masked channel outputs exactly 0, so validation during soft training
-    already measures the physically pruned model). A channel that a later selection releases gets its norm
-    reset to weight 1, bias 0, from which its filter regrows.
+    The parameters ``prunecli.layers.channel_params`` names are zeroed: conv/linear weights and biases and the
+    norm layers' weight and bias (LRMF's code zeroes only the conv weights; with the norm zeroed too, a masked
+    channel outputs exactly 0, so validation during soft training already measures the physically pruned model).
+    A channel that a later selection releases gets its norm reset to weight 1, bias 0, from which its filter
+    regrows.
     """
 
     def __init__(self, graph: DependencyGraph):
@@ -565,15 +567,6 @@ class _SoftMask:
                 channels = sorted({i for i, r in zip(member.indices, member.root_indices, strict=True) if r in chosen})
                 yield self.graph.module(member.layer), channels
 
-    @staticmethod
-    def _params(module: nn.Module) -> list[tuple[Tensor, int]]:
-        found: list[tuple[Tensor | None, int]] = []
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            found = [(module.weight, 1), (module.bias, 0)]
-        elif isinstance(module, nn.modules.conv._ConvNd | nn.Linear | nn.modules.batchnorm._BatchNorm):
-            found = [(module.weight, 0), (module.bias, 0)]
-        return [(p, dim) for p, dim in found if isinstance(p, Tensor)]
-
     @torch.no_grad()
     def set(self, removed: Mapping[int, Iterable[int]]) -> int:
         """Mask ``removed`` ({group index: root positions}) instead of the previous selection; returns how
@@ -583,17 +576,18 @@ class _SoftMask:
         changed = sum(len(v) for v in released.values())
         changed += sum(len(set(v) - set(self.removed.get(g, ()))) for g, v in new.items())
         for module, channels in self._targets(released):
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                index = torch.as_tensor(channels, device=module.weight.device if module.affine else None)
-                if module.affine:
-                    module.weight.index_fill_(0, index, 1.0)
-                    module.bias.index_fill_(0, index, 0.0)
-                if module.running_mean is not None:
+            if isinstance(module, NORMS):
+                index = torch.as_tensor(channels)
+                for name, fill in (("weight", 1.0), ("bias", 0.0)):
+                    param = getattr(module, name, None)
+                    if isinstance(param, nn.Parameter):
+                        param.index_fill_(0, index.to(param.device), fill)
+                if getattr(module, "running_mean", None) is not None:
                     module.running_mean.index_fill_(0, index.to(module.running_mean.device), 0.0)
                     module.running_var.index_fill_(0, index.to(module.running_var.device), 1.0)
         self._entries = []
         for module, channels in self._targets(new):
-            for param, dim in self._params(module):
+            for param, dim in channel_params(module, "out"):
                 self._entries.append((param, dim, torch.as_tensor(channels, dtype=torch.long, device=param.device)))
         self.removed = new
         self.apply()

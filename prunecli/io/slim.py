@@ -22,6 +22,7 @@ from prunecli._version import __version__
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, build_model, build_skeleton
 from prunecli.io.files import atomic_output, write_through_memory
+from prunecli.layers import DecomposedConv, decomposed_layers
 
 FORMAT = "prunecli-slim"
 FORMAT_VERSION = 1
@@ -64,8 +65,6 @@ def attribute_changes(base: nn.Module, pruned: nn.Module) -> dict[str, dict[str,
 
 def decomposed_shapes(model: nn.Module) -> dict[str, list[int]]:
     """``[in_channels, out_channels, rank]`` of each conv EDP kept as a basis + coefficient pair."""
-    from prunecli.edp import decomposed_layers
-
     return {
         name: [block.basis.in_channels, block.coeff.out_channels, block.rank]
         for name, block in decomposed_layers(model).items()
@@ -252,8 +251,6 @@ def _shaped(model: nn.Module, document: Mapping[str, Any], state: Mapping[str, t
 
 def _decompose_skeleton(model: nn.Module, decomposed: Any, modules: Mapping[str, nn.Module]) -> None:
     """Put EDP's basis + coefficient pair where the document says a conv was kept decomposed."""
-    from prunecli.edp import DecomposedConv
-
     if not isinstance(decomposed, dict):
         raise CheckpointError("the slim file's list of decomposed layers is damaged")
     for name, dims in decomposed.items():
