@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from prunecli._version import __version__
-from prunecli.allocate import GroupLimits, Plan, allocate, removal_order
 from prunecli.config import (
     AnalyzeConfig,
     DataOptions,
@@ -29,13 +24,29 @@ from prunecli.config import (
 )
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
-from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError
+from prunecli.errors import ArchitectureError, DataError, ExportError, PrunecliError
 from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
-from prunecli.io.files import atomic_output, check_output_path, check_suffix
-from prunecli.measure import CostModel, LayerCost, Totals, costs_and_output, count_params
+from prunecli.io.files import check_output_path, check_suffix
+from prunecli.io.scores import check_scores_output, read_scores, write_scores
+from prunecli.measure import CostModel, LayerCost, costs_and_output, count_params
+from prunecli.planning import plan_pruning
+from prunecli.provenance import finetune_metadata, prune_metadata
+from prunecli.results import (
+    AnalyzeResult,
+    EvaluateResult,
+    FinetuneRunResult,
+    GroupRow,
+    GroupScores,
+    LayerChange,
+    LayerRow,
+    ModelSummary,
+    PruneResult,
+    ScoreResult,
+    Totals,
+)
 from prunecli.runtime import main_process, time_limit
 
 Progress = Callable[[str], None]
@@ -70,58 +81,6 @@ def _profile(loaded: LoadedModel, x: torch.Tensor) -> tuple[list[LayerCost], tor
 
 
 # ----------------------------------------------------------------------------- analyze
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    name: str
-    kind: str
-    in_channels: int
-    out_channels: int
-    kernel: tuple[int, ...]
-    groups: int
-    params: int
-    macs: int
-    macs_share: float
-    group: str | None
-    coupled_layers: int
-    prunable: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class GroupRow:
-    root: str
-    channels: int
-    blocks: int
-    layers: tuple[str, ...]
-    prunable: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class ModelSummary:
-    source: str
-    arch: str | None
-    arch_kwargs: dict[str, Any]
-    input_shape: tuple[int, ...]
-    params: int
-    macs: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class AnalyzeResult:
-    model: ModelSummary
-    layers: list[LayerRow]
-    groups: list[GroupRow]
-    prunable_channels: int
-    notes: list[str] = field(default_factory=list)
-    provenance: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _summary(loaded: LoadedModel, total: Totals) -> ModelSummary:
@@ -266,43 +225,13 @@ def _compute_scores(
         graph.model.to("cpu")
 
 
-@dataclass(frozen=True)
-class GroupScores:
-    root: str
-    channels: int
-    blocks: int
-    layers: tuple[str, ...]
-    scores: list[float]
-    ranking: list[int]  # channel positions, first to prune first
-    preview_removed: int | None = None
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    model: ModelSummary
-    method: str
-    options: dict[str, Any]
-    data: dict[str, Any] | None
-    group_reduction: str
-    seed: int
-    groups: list[GroupScores]
-    output: str | None
-    preview: dict[str, Any] | None
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def score_model(config: ScoreConfig, progress: Progress | None = None, batch_progress=None) -> ScoreResult:
     """Score every prunable channel and (with ``config.output``) write the scores as JSON."""
     started = time.perf_counter()
     say = progress or (lambda message: None)
     torch.manual_seed(config.scoring.seed)
     if config.output is not None:
-        check_output_path(config.output, force=config.force, inputs=(config.source.path,))
-        check_suffix(config.output, (".json",), "the scores file")
+        check_scores_output(config.output, force=config.force, inputs=(config.source.path,))
     _check_scoring(config.scoring)
     say("loading the model")
     loaded = open_model(config.source)
@@ -336,143 +265,16 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
         time.perf_counter() - started, loaded.notes,
     )
     if config.output is not None:
-        payload = result.to_dict()
-        payload.pop("seconds")  # the file must not change between identical runs
-        with atomic_output(config.output, force=config.force, inputs=(config.source.path,)) as tmp:
-            tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        write_scores(result.to_dict(), config.output, force=config.force, inputs=(config.source.path,))
     return result
-
-
-def read_scores(
-    path: Path, loaded: LoadedModel, graph: DependencyGraph, method: str = ""
-) -> tuple[dict[int, torch.Tensor], str]:
-    """Scores from a `prunecli score` file, refused unless made for this very model (and ``method``, if given)."""
-    try:
-        payload = json.loads(Path(path).read_text())
-        made_for, entries, made_with = payload["model"]["sha256"], payload["groups"], payload["method"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"--scores {path} is not a scores file written by `prunecli score`") from exc
-    if made_for != loaded.sha256:
-        raise DataError(f"--scores {path} was computed for another model (sha256 {made_for[:12]}...); score this one")
-    if method and method != made_with:
-        raise DataError(f"--scores {path} holds {made_with} scores but --method {method} was given; drop one of them")
-    by_root = {g.root: g for g in graph.groups}
-    scores = {}
-    for entry in entries:
-        group = by_root.get(entry.get("root"))
-        if group is None or group.channels != len(entry.get("scores", ())):
-            raise DataError(f"--scores {path} does not match this model's channel groups; score it again")
-        if group.prunable:
-            scores[group.index] = torch.tensor(entry["scores"], dtype=torch.float64)
-    return scores, made_with
 
 
 # ----------------------------------------------------------------------------- prune
 
 
-@dataclass(frozen=True)
-class LayerChange:
-    name: str
-    kind: str
-    out_before: int
-    out_after: int
-    in_before: int
-    in_after: int
-    macs_before: int
-    macs_after: int
-    params_before: int
-    params_after: int
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    model: ModelSummary
-    output: str | None
-    method: str
-    allocation: str
-    budget: dict[str, Any]
-    target: float
-    before: Totals
-    after: Totals
-    macs_kept: float
-    params_kept: float
-    deviation_pp: float  # achieved minus requested share of the budgeted cost, in percentage points
-    layers: list[LayerChange]
-    groups_pruned: int
-    channels_removed: int
-    seconds: float
-    seed: int
-    notes: list[str] = field(default_factory=list)
-    latency: dict[str, Any] | None = None  # a LatencyComparison of the original and the slim model (``--latency``)
-    accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def default_output(source: Path) -> Path:
     """``model.v2.pt`` -> ``model.v2.slim.safetensors`` beside it (a slim input gets ``.slim.slim``, never itself)."""
     return source.with_name(f"{source.stem}.slim.safetensors")
-
-
-def _cost_function(budget_kind: str, evaluate: Callable[[np.ndarray], tuple[float, float]], groups: list[ChannelGroup]):
-    order = [g.index for g in groups]
-
-    def vector(keep: Mapping[int, int]) -> np.ndarray:
-        return np.array([keep[i] for i in order], dtype=float)
-
-    if budget_kind == "flops":
-        return lambda keep: evaluate(vector(keep))[0]
-    if budget_kind == "params":
-        return lambda keep: evaluate(vector(keep))[1]
-    return lambda keep: float(sum(keep[g.index] for g in groups if g.prunable))
-
-
-def plan_pruning(
-    config: PruneConfig,
-    graph: DependencyGraph,
-    cost_model: CostModel,
-    scores: Mapping[int, torch.Tensor],
-    evaluate: Callable[[np.ndarray], tuple[float, float]] | None = None,
-) -> tuple[Plan, float]:
-    """Turn scores and the budget into a plan; returns it with the absolute target.
-
-    ``evaluate`` (kept counts per group -> MACs, params) replaces ``cost_model.evaluate``, e.g. with EDP's cost
-    after merging."""
-    limits = {
-        g.index: GroupLimits(g.channels, g.blocks, g.prunable, config.max_layer_ratio, config.round_to, g.parts)
-        for g in graph.groups
-    }
-    if evaluate is None:
-        orders = {g: removal_order(scores[g], limits[g].blocks, limits[g].parts) for g in scores}  # as plans remove
-        evaluate = cost_model.removing_in_order(orders).evaluate
-    cost = _cost_function(config.budget.kind, evaluate, graph.groups)
-    original = cost({g.index: g.channels for g in graph.groups})
-    target = config.budget.target(original)
-    if not any(g.prunable for g in graph.groups):
-        raise BudgetError("the model has no prunable channel group; check --ignore (see `prunecli analyze`)")
-    dispersion = group_dispersion(graph, scores) if config.allocation == "dispersion" else None
-    plan = allocate(scores, limits, cost, target, config.allocation, dispersion)
-    return plan, target
-
-
-def group_dispersion(graph: DependencyGraph, scores: Mapping[int, torch.Tensor]) -> dict[int, float]:
-    """SFP's Kernel Dispersion of each scored group: the mean over its conv/linear producers."""
-    from prunecli.criteria.base import CONV_LINEAR, out_weight
-    from prunecli.criteria.sfp import kernel_dispersion
-
-    values = {}
-    for group in graph.groups:
-        if group.index not in scores:
-            continue
-        found = []
-        for member in group.members:
-            module = graph.module(member.layer)
-            if member.dim == "out" and isinstance(module, CONV_LINEAR):
-                weight = out_weight(module).detach()[torch.as_tensor(member.indices)]
-                found.append(float(kernel_dispersion(weight)))
-        values[group.index] = sum(found) / len(found) if found else 0.0
-    return values
 
 
 def prune_model(config: PruneConfig, progress: Progress | None = None, batch_progress=None) -> PruneResult:
@@ -504,7 +306,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
         cost_model = CostModel(loaded.model, costs, graph.groups)
         if config.scores is not None:
-            scores, method = read_scores(config.scores, loaded, graph, config.method)
+            scores, method = read_scores(config.scores, loaded.sha256, graph.groups, config.method)
         elif config.soft is not None:
             scores = {}  # soft pruning scores (and re-scores) while it trains
         else:
@@ -543,29 +345,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     notes = list(loaded.notes)
     accuracy = _prune_accuracy(config, loaded, pruned, say)
     say(f"writing {output}")
-    metadata = {
-        "method": method,
-        "allocation": config.allocation,
-        "budget": config.budget.to_dict(),
-        "config": config.provenance(),
-        "achieved": {"macs": after.macs, "params": after.params},
-        "original": {"macs": before.macs, "params": before.params},
-        "source_sha256": loaded.sha256,
-        "seed": config.seed,
-        "prunecli_version": __version__,
-        "mean": list(loaded.input.mean) if loaded.input.mean else None,
-        "std": list(loaded.input.std) if loaded.input.std else None,
-        "num_classes": int(reference.shape[-1]) if reference.dim() == 2 else None,
-    }
-    if training_record is not None:
-        metadata["edp" if config.method == "edp" else "soft_pruning"] = training_record
-    if config.recalibrate_bn:
-        metadata["recalibrate_bn"] = {"batches": config.recalibrate_bn, "data": config.data.source}
-    if loaded.document:
-        metadata["parent"] = {k: loaded.document.get(k) for k in ("method", "budget", "source_sha256", "achieved")}
-        for key in ("dataset", "test_accuracy"):
-            if key in loaded.document:
-                metadata[f"parent_{key}"] = loaded.document[key]
+    metadata = prune_metadata(config, loaded, method, before, after, reference, training_record)
     if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
         save_slim(
             pruned,
@@ -634,7 +414,7 @@ def _require_data(config: PruneConfig) -> DataOptions:
 
 def _soft_prune(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progress, batch_progress):
     """LRMF/FPGM-style soft pruning: train with the selected channels held at zero, re-selecting as it goes."""
-    from prunecli.finetune import soft_prune
+    from prunecli.methods.soft import soft_prune
 
     train = load_images(_require_data(config), loaded, None, config.seed)
     say(f"soft pruning: {config.soft.epochs} epochs on {len(train)} images, re-selecting every {config.reselect_every}")
@@ -647,8 +427,8 @@ def _soft_prune(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: 
 
 
 def _edp(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progress):
-    """EDP: decompose, train towards the budget, Pruning & Merging (see ``prunecli.edp``)."""
-    from prunecli.edp import edp_prune
+    """EDP: decompose, train towards the budget, Pruning & Merging (see ``prunecli.methods.edp``)."""
+    from prunecli.methods.edp import edp_prune
 
     if config.edp is None:
         raise PrunecliError("--method edp trains the model: give --data and the EDP options (see prunecli prune --help)")
@@ -704,18 +484,6 @@ def _with_base_arch(source: ModelSource, reference: LoadedModel) -> ModelSource:
     return dataclasses.replace(source, arch=reference.arch.spec, arch_kwargs=dict(reference.arch.kwargs))
 
 
-
-@dataclass(frozen=True)
-class EvaluateResult:
-    model: ModelSummary
-    data: str
-    metrics: dict[str, Any]
-    compare: dict[str, Any] | None = None  # {"model": summary, "metrics": {...}, "speedup_macs": ...}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     """Top-1/top-5 accuracy, loss and throughput on labelled data; with ``compare``, the original beside it."""
     from prunecli.finetune import evaluate
@@ -740,18 +508,6 @@ def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
 
 
 # ----------------------------------------------------------------------------- finetune
-
-
-@dataclass(frozen=True)
-class FinetuneRunResult:
-    model: ModelSummary
-    output: str | None
-    training: dict[str, Any]
-    before: dict[str, Any] | None  # validation metrics before training
-    after: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def default_finetune_output(source: Path) -> Path:
@@ -807,17 +563,7 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     costs, _ = costs_and_output(model, x)
     total = Totals(count_params(model), sum(c.macs for c in costs))
     if main_process():
-        document = {k: v for k, v in (loaded.document or {}).items() if k not in ("modules", "tied", "format",
-                                                                                   "format_version", "arch", "input_shape")}
-        history = list(document.get("finetune_history", []))
-        history.append({**result.record(), "train_data": job.train.to_dict(),
-                        "val_data": job.val.to_dict() if job.val else None,
-                        "teacher_sha256": teacher.sha256 if teacher else None,
-                        "val_top1": after["top1"] if after else None})
-        document.update({"finetune_history": history, "source_sha256": loaded.sha256, "prunecli_version": __version__})
-        if after:
-            document["test_accuracy"] = f"{after['top1']:.4f}"
-            document["test_data"] = job.val.source
+        document = finetune_metadata(job, loaded, result.record(), teacher.sha256 if teacher else None, after)
         save_slim(model, output, arch=loaded.arch, input_shape=loaded.input.shape, metadata=document,
                   force=job.force, inputs=(job.source.path,))
     return FinetuneRunResult(_summary(loaded, total), str(output) if main_process() else None, result.to_dict(),

@@ -180,7 +180,7 @@ class ExportJob:
 
 @dataclass(frozen=True)
 class EdpOptions:
-    """``prune --method edp``: its training stage and its regulariser (see ``prunecli.edp``)."""
+    """``prune --method edp``: its training stage and its regulariser (see ``prunecli.methods.edp``)."""
 
     training: Any  # a prunecli.finetune.FinetuneConfig
     lam: float = 1e-4

@@ -53,7 +53,6 @@ SUFFIXES = {"onnx": (".onnx",), "safetensors": (".safetensors",), "torchscript":
 RUNTIMES = ("torch", "onnxruntime")
 METADATA_PREFIX = "prunecli."
 # slim-document keys that ``save_slim`` regenerates from the model itself
-_STRUCTURAL_KEYS = ("format", "format_version", "prunecli_version", "arch", "input_shape", "modules", "tied")
 _REAL_CHUNK = 16  # real images per onnxruntime/torch call when the batch axis is dynamic
 _SEED = 1234  # random verification inputs are reproducible
 _clock = time.perf_counter  # latency's timer (a seam for tests)
@@ -516,7 +515,7 @@ def _write_onnx(model, tmp: Path, input_shape, document, config, real_inputs) ->
 
 
 def _write_safetensors(model, tmp: Path, input_shape, document, arch, config, real_inputs) -> dict[str, Any]:
-    from prunecli.io.slim import load, save_slim
+    from prunecli.io.slim import STRUCTURAL_KEYS, load, save_slim
 
     if document is not None and document.get("arch"):
         spec = ArchSpec.from_dict(document["arch"])
@@ -527,7 +526,7 @@ def _write_safetensors(model, tmp: Path, input_shape, document, arch, config, re
             "--format safetensors needs the base architecture: export a prunecli slim model or give the --arch"
         )
     cast = copy.deepcopy(model).to(DTYPES[config.dtype])
-    metadata = {k: v for k, v in (document or {}).items() if k not in _STRUCTURAL_KEYS}
+    metadata = {k: v for k, v in (document or {}).items() if k not in STRUCTURAL_KEYS}
     metadata["dtype"] = config.dtype
     save_slim(cast, tmp, arch=spec, input_shape=tuple(input_shape), metadata=metadata, force=True)
     verification = None

@@ -1,6 +1,6 @@
 """Layer-level facts shared by the pruning methods and the slim file format.
 
-EDP's :class:`DecomposedConv` lives here, not in ``prunecli.edp``, because a slim file can hold one and the
+EDP's :class:`DecomposedConv` lives here, not in ``prunecli.methods.edp``, because a slim file can hold one and the
 reader (``prunecli.io.slim``) must rebuild it without importing a training method. :func:`channel_params` is the
 one table of which parameters of a layer hold a channel, used by soft pruning (to mask channels) and by EDP (to
 regularise and scale them).

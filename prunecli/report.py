@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from prunecli._version import __version__
-from prunecli.api import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
 from prunecli.errors import ExportError
 from prunecli.io.files import atomic_output, check_output_path
+from prunecli.results import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
 
 
 def human(number: float, digits: int = 2) -> str:

@@ -24,11 +24,11 @@ from prunecli.finetune import (
     kd_loss,
     learning_rate,
     recalibrate_bn,
-    soft_prune,
     temperature,
 )
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import FASHION_MNIST_ROOT, ImageSet, load_fashion_mnist, normalize
+from prunecli.methods.soft import soft_prune
 from prunecli.samples import resnet20
 
 FMNIST_FILES = FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz"

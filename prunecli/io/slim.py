@@ -22,6 +22,7 @@ from prunecli._version import __version__
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, build_model, build_skeleton
 from prunecli.io.files import atomic_output, write_through_memory
+from prunecli.io.readers import check_file, read_safetensors, sniff, torch_load, unwrap_state_dict
 from prunecli.layers import DecomposedConv, decomposed_layers
 
 FORMAT = "prunecli-slim"
@@ -30,6 +31,8 @@ METADATA_KEY = "prunecli"
 TORCH_SUFFIXES = (".pt", ".pth")
 SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # what save_slim writes
 _PLAIN = (bool, int, float, str, type(None))
+# the keys save_slim writes from the model itself; a copy of a document's provenance leaves them out
+STRUCTURAL_KEYS = ("format", "format_version", "prunecli_version", "arch", "input_shape", "modules", "decomposed", "tied")
 
 
 def _plain_value(value: Any) -> Any:
@@ -292,12 +295,10 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 def load(path: str | Path, trust_code: bool = False) -> nn.Module:
     """Load a prunecli slim model as a ready ``nn.Module`` in eval mode, without pickle: a ``.safetensors``
     file, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar. Unreadable files raise CheckpointError."""
-    from prunecli.io.checkpoint import _check_file, _read_safetensors, _sniff, _torch_load, unwrap_state_dict
-
     path = Path(path)
-    _check_file(path)
-    if _sniff(path) == "safetensors":
-        state = _read_safetensors(path)  # validates the header and offsets before reading
+    check_file(path)
+    if sniff(path) == "safetensors":
+        state = read_safetensors(path)  # validates the header and offsets before reading
         document = read_slim_metadata(path)
         if document is None:
             raise CheckpointError(f"{path} is a plain safetensors file, not a prunecli slim model; load it with --arch")
@@ -307,4 +308,4 @@ def load(path: str | Path, trust_code: bool = False) -> nn.Module:
         raise CheckpointError(
             f"{path} is not a prunecli slim model (a .safetensors file, or a .pt/.pth with its .json sidecar)"
         )
-    return rebuild(document, unwrap_state_dict(_torch_load(path, trust_pickle=False)), trust_code, str(path))
+    return rebuild(document, unwrap_state_dict(torch_load(path, trust_pickle=False)), trust_code, str(path))

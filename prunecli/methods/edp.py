@@ -41,11 +41,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from prunecli.allocate import Plan
+from prunecli.criteria.base import normalise
 from prunecli.errors import ArchitectureError, BudgetError
+from prunecli.finetune import finetune
 from prunecli.layers import DecomposedConv, channel_params, decomposed_layers, is_depthwise
+from prunecli.planning import plan_pruning, trace_for_training
+from prunecli.runtime import model_device
 
 if TYPE_CHECKING:
-    from prunecli.allocate import Plan
     from prunecli.graph import ChannelGroup, DependencyGraph
     from prunecli.measure import CostModel
 
@@ -169,8 +173,6 @@ def edp_scores(
     graph: DependencyGraph, groups: Sequence[ChannelGroup], blocks: Mapping[str, DecomposedConv]
 ) -> dict[int, Tensor]:
     """Scores for the allocator: coefficient norms scaled to mean 1 per group (higher = keep)."""
-    from prunecli.criteria.base import normalise
-
     return {g.index: normalise(coefficient_norms(graph, g, blocks)) for g in groups}
 
 
@@ -258,16 +260,12 @@ class EdpTraining:
         return self._choose(epochs_done) if epochs_done < epochs else None
 
     def state(self) -> dict[str, Any]:
-        from prunecli.finetune import _plan_to_dict
-
-        return {"plan": _plan_to_dict(self.plan), "target": float(self.target), "step": self.step,
+        return {"plan": self.plan.to_dict(), "target": float(self.target), "step": self.step,
                 "radius": [[g, p, r, s] for g, chosen in self.radius.items() for p, (r, s) in chosen.items()],
                 "selections": [dict(s) for s in self.selections]}
 
     def load(self, state: Mapping[str, Any], history: bool = True) -> None:
-        from prunecli.finetune import _plan_from_dict
-
-        self.plan, self.target, self.step = _plan_from_dict(state["plan"]), float(state["target"]), int(state["step"])
+        self.plan, self.target, self.step = Plan.from_dict(state["plan"]), float(state["target"]), int(state["step"])
         self.radius = {}
         for g, p, r, s in state["radius"]:
             self.radius.setdefault(int(g), {})[int(p)] = (float(r), int(s))
@@ -446,9 +444,6 @@ def edp_prune(
         threshold: Pruning & Merging also drops rows and columns whose norm is below it.
         init: ``svd`` or ``identity`` initialisation of the blocks.
     """
-    from prunecli.api import plan_pruning
-    from prunecli.finetune import _run, trace_for_training
-    from prunecli.runtime import model_device
 
     check_budget_kind(prune.budget.kind)
     names = decomposable(model, prune.ignore)
@@ -464,7 +459,7 @@ def edp_prune(
                             after_merging.evaluate)
 
     hook = EdpTraining(graph, select, lam)
-    trained = _run(model, train, val, training, None, progress, hook)
+    trained = finetune(model, train, val, training, progress=progress, hook=hook)
     sample = (val if val is not None else train).images[:64].to(model_device(model))
     record = prune_and_merge(graph, hook.plan, groups, sample, threshold)
     return EdpResult(graph.model.eval(), hook.plan, hook.target, hook.selections, trained, record)

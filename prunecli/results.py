@@ -1,0 +1,162 @@
+"""The results of the library verbs: frozen dataclasses that ``to_dict`` into the ``--json`` documents.
+
+Only ``prunecli.report`` renders them; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A model's parameter count and MACs (conv + linear multiply-accumulates, the thop convention)."""
+
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    groups: int
+    params: int
+    macs: int
+    macs_share: float
+    group: str | None
+    coupled_layers: int
+    prunable: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    root: str
+    channels: int
+    blocks: int
+    layers: tuple[str, ...]
+    prunable: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    source: str
+    arch: str | None
+    arch_kwargs: dict[str, Any]
+    input_shape: tuple[int, ...]
+    params: int
+    macs: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    model: ModelSummary
+    layers: list[LayerRow]
+    groups: list[GroupRow]
+    prunable_channels: int
+    notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    root: str
+    channels: int
+    blocks: int
+    layers: tuple[str, ...]
+    scores: list[float]
+    ranking: list[int]  # channel positions, first to prune first
+    preview_removed: int | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    model: ModelSummary
+    method: str
+    options: dict[str, Any]
+    data: dict[str, Any] | None
+    group_reduction: str
+    seed: int
+    groups: list[GroupScores]
+    output: str | None
+    preview: dict[str, Any] | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    name: str
+    kind: str
+    out_before: int
+    out_after: int
+    in_before: int
+    in_after: int
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    model: ModelSummary
+    output: str | None
+    method: str
+    allocation: str
+    budget: dict[str, Any]
+    target: float
+    before: Totals
+    after: Totals
+    macs_kept: float
+    params_kept: float
+    deviation_pp: float  # achieved minus requested share of the budgeted cost, in percentage points
+    layers: list[LayerChange]
+    groups_pruned: int
+    channels_removed: int
+    seconds: float
+    seed: int
+    notes: list[str] = field(default_factory=list)
+    latency: dict[str, Any] | None = None  # a LatencyComparison of the original and the slim model (``--latency``)
+    accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    model: ModelSummary
+    data: str
+    metrics: dict[str, Any]
+    compare: dict[str, Any] | None = None  # {"model": summary, "metrics": {...}, "speedup_macs": ...}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneRunResult:
+    model: ModelSummary
+    output: str | None
+    training: dict[str, Any]
+    before: dict[str, Any] | None  # validation metrics before training
+    after: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
