@@ -471,7 +471,8 @@ def export_artifact(job: ExportJob) -> Any:
     _profile(loaded, example_input(loaded))
     real = load_images(job.data, loaded, job.data.calib_images, 0).images if job.data is not None else None
     return export_model(loaded.model, input_shape=tuple(loaded.input.shape), document=loaded.document,
-                        config=job.export, real_inputs=real, arch=loaded.arch, inputs=(job.source.path,))
+                        config=job.export, real_inputs=real, arch=loaded.arch, inputs=(job.source.path,),
+                        import_paths=job.source.import_paths)
 
 
 # ----------------------------------------------------------------------------- evaluate

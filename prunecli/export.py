@@ -514,7 +514,7 @@ def _write_onnx(model, tmp: Path, input_shape, document, config, real_inputs) ->
 # ----------------------------------------------------------------------------- safetensors and TorchScript
 
 
-def _write_safetensors(model, tmp: Path, input_shape, document, arch, config, real_inputs) -> dict[str, Any]:
+def _write_safetensors(model, tmp: Path, input_shape, document, arch, config, real_inputs, import_paths) -> dict[str, Any]:
     from prunecli.io.slim import STRUCTURAL_KEYS, load, save_slim
 
     if document is not None and document.get("arch"):
@@ -531,7 +531,7 @@ def _write_safetensors(model, tmp: Path, input_shape, document, arch, config, re
     save_slim(cast, tmp, arch=spec, input_shape=tuple(input_shape), metadata=metadata, force=True)
     verification = None
     if config.verify:
-        reloaded = load(tmp)
+        reloaded = load(tmp, trust_code=True, import_paths=import_paths)  # the architecture the source was built with
         dtype = next((p.dtype for p in reloaded.parameters()), torch.float32)
         rounded = copy.deepcopy(cast).to(dtype)  # the weights the file holds, in the dtype load gives back
         verification = _verify(
@@ -587,6 +587,7 @@ def export_model(
     real_inputs: torch.Tensor | None = None,
     arch: ArchSpec | str | None = None,
     inputs: tuple[Path, ...] = (),
+    import_paths: tuple[Path, ...] = (),
 ) -> ExportResult:
     """Write ``model`` as ``config.format`` atomically, after checking and (``config.verify``) verifying it.
 
@@ -600,6 +601,7 @@ def export_model(
             the random inputs.
         arch: the base architecture, needed for ``safetensors`` when there is no document.
         inputs: source files the output must not overwrite.
+        import_paths: folders where a ``pkg.module:factory`` architecture is found, to reload a safetensors copy.
 
     Raises:
         ExportError: bad output path, exporter failure, opset the exporter does not support, a checker
@@ -615,7 +617,7 @@ def export_model(
         if config.format == "onnx":
             details = _write_onnx(model, tmp, input_shape, document, config, real_inputs)
         elif config.format == "safetensors":
-            details = _write_safetensors(model, tmp, input_shape, document, arch, config, real_inputs)
+            details = _write_safetensors(model, tmp, input_shape, document, arch, config, real_inputs, import_paths)
         else:
             details = _write_torchscript(model, tmp, input_shape, config, real_inputs)
     return ExportResult(

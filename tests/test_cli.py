@@ -653,3 +653,56 @@ def test_time_limits_hold_a_hundred_times_under_a_cpu_burning_thread():
     finally:
         stop.set()
         burner.join()
+
+
+USER_MODULE = '''
+from torch import nn
+
+
+def net(num_classes=10):
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+    )
+'''
+
+
+def test_import_path_finds_the_architecture_of_a_slim_custom_model_on_every_command(tmp_path):
+    import sys
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "prunecli_user_net.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(folder))
+    try:
+        import prunecli_user_net
+    finally:
+        sys.path.remove(str(folder))
+    del sys.modules["prunecli_user_net"]
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in prunecli_user_net.net().state_dict().items()}, str(base))
+    calib = SAMPLE / "fmnist_calib.safetensors"
+    model = ["--arch", "prunecli_user_net:net", "--import-path", folder]
+    slim = tmp_path / "slim.safetensors"
+    commands = {
+        "prune a state dict": ["prune", base, *model, "--input-shape", "1x28x28", "--ratio", "0.5", "-o", slim],
+        "analyze": ["analyze", slim, *model],
+        "score": ["score", slim, *model],
+        "prune": ["prune", slim, *model, "--ratio", "0.3", "-o", tmp_path / "again.safetensors"],
+        "evaluate": ["evaluate", slim, *model, "--data", calib, "--limit", "16"],
+        "finetune": ["finetune", slim, *model, "--data", calib, "--limit", "16", "--batch-size", "8", "--steps", "1",
+                     "--device", "cpu", "-o", tmp_path / "ft.safetensors"],
+        "export onnx": ["export", slim, *model, "-o", tmp_path / "slim.onnx"],
+        "export safetensors": ["export", slim, *model, "--format", "safetensors", "-o", tmp_path / "copy.safetensors"],
+        "export torchscript": ["export", slim, *model, "--format", "torchscript", "-o", tmp_path / "slim.pt"],
+    }
+    for what, args in commands.items():
+        sys.modules.pop("prunecli_user_net", None)  # each command must find the module through --import-path
+        result = invoke(*args, "-q") if args[0] in ("prune", "finetune") else invoke(*args)
+        assert result.exit_code == 0, f"{what}: {result.output}"
+    assert "prunecli_user_net" not in "".join(sys.path)
+    sys.modules.pop("prunecli_user_net", None)
+    assert load(slim, trust_code=True, import_paths=(folder,))(torch.zeros(1, 1, 28, 28)).shape == (1, 10)

@@ -73,7 +73,7 @@ def load_model(
         state = read_safetensors(path)
         document = read_slim_metadata(path)
         if document is not None:
-            model = rebuild(document, state, _consents(document, arch, trust_pickle), str(path))
+            model = rebuild(document, state, _consents(document, arch, trust_pickle), str(path), import_paths)
             arch = ArchSpec.from_dict(document["arch"])
         else:
             model, arch = _model_from_state(state, arch, import_paths, notes)
@@ -88,7 +88,8 @@ def load_model(
         sidecar = read_sidecar(path)
         if sidecar is not None and not isinstance(obj, nn.Module):
             document = sidecar
-            model = rebuild(document, unwrap_state_dict(obj), _consents(document, arch, trust_pickle), str(path))
+            consent = _consents(document, arch, trust_pickle)
+            model = rebuild(document, unwrap_state_dict(obj), consent, str(path), import_paths)
             arch = ArchSpec.from_dict(document["arch"])
         elif isinstance(obj, nn.Module):
             model = obj.eval()

@@ -215,16 +215,24 @@ def trusted_arch(document: Mapping[str, Any], trust_code: bool, source: str = "t
 
 
 def rebuild(
-    document: Mapping[str, Any], state: Mapping[str, torch.Tensor], trust_code: bool = False, source: str = "the file"
+    document: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    trust_code: bool = False,
+    source: str = "the file",
+    import_paths: tuple[Path, ...] = (),
 ) -> nn.Module:
-    """Build the slim architecture described by ``document`` and load ``state`` strictly."""
+    """Build the slim architecture described by ``document`` and load ``state`` strictly.
+
+    Args:
+        import_paths: folders where the module of a ``pkg.module:factory`` architecture is found (``--import-path``).
+    """
     arch = trusted_arch(document, trust_code, source)
     full = dict(state)
     for alias, target in document.get("tied", {}).items():
         full[alias] = full[target]
-    model = _shaped(build_skeleton(arch), document, full)
+    model = _shaped(build_skeleton(arch, import_paths), document, full)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = _shaped(build_model(arch), document, full)  # a buffer the file does not hold needs real init
+        model = _shaped(build_model(arch, import_paths), document, full)  # a buffer the file does not hold needs real init
     load_strict(model, full)
     return model.eval()
 
@@ -292,9 +300,14 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         raise CheckpointError(f"the weights do not load into the architecture ({type(exc).__name__}: {first})") from exc
 
 
-def load(path: str | Path, trust_code: bool = False) -> nn.Module:
+def load(path: str | Path, trust_code: bool = False, import_paths: tuple[Path, ...] = ()) -> nn.Module:
     """Load a prunecli slim model as a ready ``nn.Module`` in eval mode, without pickle: a ``.safetensors``
-    file, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar. Unreadable files raise CheckpointError."""
+    file, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar. Unreadable files raise CheckpointError.
+
+    Args:
+        trust_code: build an architecture other than torchvision's and the samples, which runs code the file names.
+        import_paths: folders where that architecture's module is found.
+    """
     path = Path(path)
     check_file(path)
     if sniff(path) == "safetensors":
@@ -302,10 +315,11 @@ def load(path: str | Path, trust_code: bool = False) -> nn.Module:
         document = read_slim_metadata(path)
         if document is None:
             raise CheckpointError(f"{path} is a plain safetensors file, not a prunecli slim model; load it with --arch")
-        return rebuild(document, state, trust_code, str(path))
+        return rebuild(document, state, trust_code, str(path), tuple(import_paths))
     document = read_sidecar(path)
     if document is None:
         raise CheckpointError(
             f"{path} is not a prunecli slim model (a .safetensors file, or a .pt/.pth with its .json sidecar)"
         )
-    return rebuild(document, unwrap_state_dict(torch_load(path, trust_pickle=False)), trust_code, str(path))
+    state = unwrap_state_dict(torch_load(path, trust_pickle=False))
+    return rebuild(document, state, trust_code, str(path), tuple(import_paths))
