@@ -145,7 +145,7 @@ def analyze_model(config: AnalyzeConfig) -> AnalyzeResult:
 
 def _latency(config: AnalyzeConfig, loaded: LoadedModel) -> dict[str, Any]:
     """Median latency under PyTorch eager and onnxruntime; with ``compare``, the original beside this model."""
-    from prunecli.export import RUNTIMES, compare_latency, latency
+    from prunecli.latency import RUNTIMES, compare_latency, latency
 
     batches = (1, config.latency_batch)
     shape = tuple(loaded.input.shape)
@@ -358,7 +358,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         )
     latency = None
     if config.latency:
-        from prunecli.export import compare_latency
+        from prunecli.latency import compare_latency
 
         say("timing the original and the slim model")
         latency = compare_latency(loaded.model, pruned, tuple(loaded.input.shape),

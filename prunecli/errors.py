@@ -23,3 +23,11 @@ class DataError(PrunecliError):
 
 class ExportError(PrunecliError):
     """An artifact cannot be written or verified."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message`` (cut at ``limit`` characters), for an error inside a message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = text[:limit] + ("..." if len(text) > limit else "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -160,3 +160,83 @@ class FinetuneRunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Largest differences between an artifact's outputs and the reference model's, over all runs.
+
+    ``max_rel`` is ``max_abs`` divided by the largest reference magnitude (element-wise relative errors
+    explode near zero and say little about logits).
+    """
+
+    max_abs: float
+    max_rel: float
+    batches: tuple[int, ...]  # the batch size of each compared run
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How the written artifact compares with the PyTorch model (``passed``: every max_abs <= atol).
+
+    ``cast`` (safetensors fp16/bf16 only) is what the dtype cast itself costs against the fp32 model; it
+    is informational: the pass/fail check compares the reloaded file with the cast model.
+    """
+
+    runtime: str
+    atol: float
+    random: Parity
+    real: Parity | None
+    passed: bool
+    cast: Parity | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    format: str
+    output: str
+    exporter: str  # "legacy"/"dynamo" (onnx), "torch.jit.trace", "safetensors"
+    fallback_reason: str | None  # why ``auto`` did not use its first choice, one line
+    opset: int | None
+    dynamic_batch: bool
+    dtype: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    verification: Verification | None
+    file_size: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    runtime: str
+    batch: int
+    original_ms: float
+    slim_ms: float
+    speedup: float  # original_ms / slim_ms
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Measured speedups of the slim model beside the MACs ratio that promised them."""
+
+    input_shape: tuple[int, ...]
+    rows: list[LatencyRow]
+    original_macs: int
+    slim_macs: int
+    macs_ratio: float  # original_macs / slim_macs: the speedup the MACs alone predict
+    warmup: int
+    repeats: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
