@@ -248,8 +248,7 @@ def prune(
 
     def call():
         from prunecli.api import default_output, prune_model
-        from prunecli.config import EdpOptions, PruneConfig, parse_budget
-        from prunecli.finetune import FinetuneConfig
+        from prunecli.config import EdpOptions, FinetuneConfig, PruneConfig, parse_budget
         from prunecli.report import check_report_path, print_json, render_prune, stdout_console, write_report
 
         if report is not None:
@@ -392,8 +391,7 @@ def finetune(
 
     def call():
         from prunecli.api import finetune_model
-        from prunecli.config import FinetuneJob
-        from prunecli.finetune import FinetuneConfig
+        from prunecli.config import FinetuneConfig, FinetuneJob
         from prunecli.report import print_json, render_finetune, stdout_console
 
         source = model_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path)

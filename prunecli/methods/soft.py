@@ -18,7 +18,7 @@ from prunecli.allocate import Plan
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import score_weights, score_with_data
 from prunecli.errors import PrunecliError
-from prunecli.finetune import FinetuneConfig, FinetuneResult, Progress, finetune
+from prunecli.finetune import FinetuneResult, Progress, finetune
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.layers import NORMS, channel_params
@@ -26,7 +26,7 @@ from prunecli.planning import plan_pruning, trace_for_training
 from prunecli.runtime import model_device, world_size
 
 if TYPE_CHECKING:
-    from prunecli.config import PruneConfig, ScoringOptions
+    from prunecli.config import FinetuneConfig, PruneConfig, ScoringOptions
 
 
 class _SoftMask:
