@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from prunecli.config import (
 )
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
-from prunecli.errors import ArchitectureError, DataError, ExportError, PrunecliError
+from prunecli.errors import ArchitectureError, DataError, ExportError, PrunecliError, first_line
+from prunecli.finetune import messages_to
 from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
@@ -76,7 +77,7 @@ def _profile(loaded: LoadedModel, x: torch.Tensor) -> tuple[list[LayerCost], tor
     except Exception as exc:
         raise ArchitectureError(
             f"the model does not run on input {tuple(x.shape[1:])} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); pass the right --input-shape"
+            f"({type(exc).__name__}: {first_line(exc, 150)}); pass the right --input-shape"
         ) from exc
 
 
@@ -332,7 +333,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         pruned_costs, out = costs_and_output(pruned, x)
     except Exception as exc:
         raise ArchitectureError(
-            f"the pruned model no longer runs ({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); this architecture "
+            f"the pruned model no longer runs ({type(exc).__name__}: {first_line(exc, 150)}); this architecture "
             "keeps channel counts outside its layers; --ignore the affected layers or prune another model"
         ) from exc
     if out.shape != reference.shape:
@@ -420,7 +421,7 @@ def _soft_prune(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: 
     say(f"soft pruning: {config.soft.epochs} epochs on {len(train)} images, re-selecting every {config.reselect_every}")
     model = copy.deepcopy(loaded.model)
     result = soft_prune(model, x, train, None, config.soft, config, reselect_every=config.reselect_every,
-                        progress=_training_progress(say))
+                        progress=messages_to(say))
     record = {"selections": len(result.selections), "reselect_every": config.reselect_every,
               "training": result.finetune.record()}
     return result.graph, result.plan, result.target, record
@@ -436,28 +437,10 @@ def _edp(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progres
     val = load_images(config.edp.val, loaded, None, config.seed) if config.edp.val is not None else None
     say(f"EDP: decomposing the convolutions, then {config.edp.training.epochs} epochs on {len(train)} images")
     result = edp_prune(copy.deepcopy(loaded.model), x, train, val, config.edp.training, config, lam=config.edp.lam,
-                       threshold=config.edp.threshold, init=config.edp.init, progress=_training_progress(say))
+                       threshold=config.edp.threshold, init=config.edp.init, progress=messages_to(say))
     record = result.record()
     channels = record["channels_removed"] + record["basis_filters_removed"]
     return result.model, result.target, channels, len(result.prune_merge.removed), record
-
-
-def _training_progress(say: Progress):
-    """Turn the trainer's step/epoch events into one-line progress messages."""
-
-    def tell(event: Mapping[str, Any]) -> None:
-        if event.get("event") == "epoch":
-            say(f"epoch {event.get('epoch')}: train loss {event.get('train_loss', 0):.3f}, "
-                f"val top-1 {event.get('val_top1') if event.get('val_top1') is not None else '-'}")
-        elif event.get("event") == "select":
-            say(f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal"
-                + (f" ({event['zero_coefficient_groups']} coefficient rows/columns already zero, "
-                   f"{event['estimated_cost']:.4g} after removal)" if "estimated_cost" in event else ""))
-        elif event.get("event") == "step":
-            say(f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
-                f"{event.get('images_per_second', 0):.0f} img/s")
-
-    return tell
 
 
 # ----------------------------------------------------------------------------- export
@@ -558,7 +541,7 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     say(f"fine-tuning on {len(train)} images for {job.training.steps or job.training.epochs} "
         f"{'steps' if job.training.steps else 'epochs'}")
     result = finetune(loaded.model, train, val, job.training, teacher=teacher.model if teacher else None,
-                      progress=_training_progress(say))
+                      progress=messages_to(say))
     model = result.model.eval().cpu()
     after = evaluate(model, val, job.training.eval_batch_size or job.training.batch_size).to_dict() if val else None
     costs, _ = costs_and_output(model, x)

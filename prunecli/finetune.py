@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunecli.config import KD_SCHEDULES, FinetuneConfig
-from prunecli.errors import ArchitectureError, CheckpointError, DataError, ExportError, PrunecliError
+from prunecli.errors import ArchitectureError, CheckpointError, DataError, ExportError, PrunecliError, first_line
 from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.io.files import atomic_output, check_output_path, write_through_memory
 from prunecli.runtime import model_device, resolve_device, world_size
@@ -50,6 +50,35 @@ DEVICE_DATA_BYTES = 2 << 30  # training sets up to this size are moved to the GP
 _RESUME_FREE = ("checkpoint", "resume", "force", "device", "eval_batch_size")
 
 Progress = Callable[[dict[str, Any]], None]
+
+
+def event_message(event: Mapping[str, Any]) -> str | None:
+    """A training event (``progress``'s argument, also soft pruning's and EDP's "select") as one line of text;
+    None for events not worth a line."""
+    kind = event.get("event")
+    if kind == "epoch":
+        val = event.get("val_top1")
+        return (f"epoch {event.get('epoch')}: train loss {event.get('train_loss', 0):.3f}, "
+                f"val top-1 {val if val is not None else '-'}")
+    if kind == "select":
+        return (f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal"
+                + (f" ({event['zero_coefficient_groups']} coefficient rows/columns already zero, "
+                   f"{event['estimated_cost']:.4g} after removal)" if "estimated_cost" in event else ""))
+    if kind == "step":
+        return (f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
+                f"{event.get('images_per_second', 0):.0f} img/s")
+    return None
+
+
+def messages_to(say: Callable[[str], None]) -> Progress:
+    """A ``progress`` callback that passes each event worth a line to ``say`` as text."""
+
+    def tell(event: Mapping[str, Any]) -> None:
+        message = event_message(event)
+        if message is not None:
+            say(message)
+
+    return tell
 
 
 # ----------------------------------------------------------------------------- losses and schedules
@@ -161,7 +190,7 @@ def _num_classes(model: nn.Module, sample: Tensor, device: torch.device, what: s
     except Exception as exc:
         raise ArchitectureError(
             f"{what} does not run on images of shape {'x'.join(map(str, sample.shape[1:]))} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}); check the data"
+            f"({type(exc).__name__}: {first_line(exc, 150)}); check the data"
         ) from exc
     finally:
         model.train(was_training)
@@ -414,7 +443,7 @@ def _setup_distributed(device_name: str) -> _Distributed:
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         except Exception as exc:
-            first = str(exc).splitlines()[0][:150] if str(exc) else ""
+            first = first_line(exc, 150)
             raise PrunecliError(
                 f"cannot start distributed training ({type(exc).__name__}: {first}); launch with torchrun"
             ) from exc

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from prunecli.errors import PrunecliError
+from prunecli.errors import PrunecliError, first_line
 from prunecli.io.files import recording_outputs
 
 T = TypeVar("T")
@@ -97,8 +97,7 @@ def run(call: Callable[[], T]) -> T | None:
         except MemoryError:
             fail("out of memory; try a smaller --input-shape or batch size")
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            fail(f"internal error ({type(exc).__name__}: {first[:200]}); rerun with --debug and report it")
+            fail(f"internal error ({type(exc).__name__}: {first_line(exc, 200)}); rerun with --debug and report it")
     return None
 
 

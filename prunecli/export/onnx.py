@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from prunecli._version import __version__
-from prunecli.errors import ExportError, one_line
+from prunecli.errors import ExportError, first_line, one_line
 from prunecli.export.config import METADATA_PREFIX, ExportConfig
 from prunecli.export.verify import REAL_CHUNK, random_batches, torch_runner, verify
 from prunecli.runtime import cpu_count
@@ -105,7 +105,7 @@ def _run_exporter(name: str, model: nn.Module, example: torch.Tensor, config: Ex
             proto = program.model_proto
     notes = sorted(
         {
-            f"{name} exporter: {str(w.message).splitlines()[0][:160]}"
+            f"{name} exporter: {first_line(w.message, 160)}"
             for w in caught
             if not issubclass(w.category, DeprecationWarning | FutureWarning)
         }

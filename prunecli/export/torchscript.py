@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from prunecli.errors import ExportError, one_line
+from prunecli.errors import ExportError, first_line, one_line
 from prunecli.export.verify import REAL_CHUNK, random_batches, torch_runner, verify
 from prunecli.io.files import write_through_memory
 
@@ -24,7 +24,7 @@ def write_torchscript(model, tmp: Path, input_shape, config, real_inputs) -> dic
         write_through_memory(tmp, lambda buffer: torch.jit.save(traced, buffer))
     notes = sorted(
         {
-            f"torch.jit.trace: {str(w.message).splitlines()[0][:160]}"
+            f"torch.jit.trace: {first_line(w.message, 160)}"
             for w in caught
             if not issubclass(w.category, DeprecationWarning | FutureWarning)
         }

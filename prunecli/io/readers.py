@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli.errors import CheckpointError
+from prunecli.errors import CheckpointError, first_line
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema", "ema", "net", "module")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
@@ -135,7 +135,7 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
                 raise CheckpointError(f"{path}: cannot read the pickled model safely ({inner})") from inner
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]}); "
+            f"{path} is not a readable PyTorch checkpoint ({first_line(exc, 120)}); "
             "the file is truncated or not a model"
         ) from exc
 

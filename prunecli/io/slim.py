@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from prunecli._version import __version__
-from prunecli.errors import CheckpointError
+from prunecli.errors import CheckpointError, first_line
 from prunecli.io.arch import ArchSpec, build_model, build_skeleton
 from prunecli.io.files import atomic_output, write_through_memory
 from prunecli.io.readers import check_file, read_safetensors, sniff, torch_load, unwrap_state_dict
@@ -296,7 +296,7 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     try:
         model.load_state_dict(versioned, strict=True)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        first = first_line(exc, 200)
         raise CheckpointError(f"the weights do not load into the architecture ({type(exc).__name__}: {first})") from exc
 
 
