@@ -21,7 +21,8 @@ LAYERS = (
     ("prunecli.samples", "prunecli.io", "prunecli.io.*", "prunecli.layers", "prunecli.graph", "prunecli.allocate",
      "prunecli.measure", "prunecli.criteria", "prunecli.criteria.*"),
     ("prunecli.planning", "prunecli.provenance", "prunecli.finetune", "prunecli.methods", "prunecli.methods.*",
-     "prunecli.export", "prunecli.export.*", "prunecli.latency", "prunecli.report"),
+     "prunecli.export", "prunecli.export.*", "prunecli.latency", "prunecli.report",
+     "prunecli.reconstruct"),  # reconstruct: the post-removal reconstruction step being written beside prune
     ("prunecli.api",),
     ("prunecli.cli", "prunecli.cli.*"),
     ("prunecli", "prunecli.__main__"),
