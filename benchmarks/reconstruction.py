@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from prunecli.api import example_input, load_images, open_model, plan_pruning
+from prunecli.api import example_input, load_images, open_model
 from prunecli.config import DataOptions, ModelSource, PruneConfig, ReconstructOptions, parse_budget
 from prunecli.criteria import list_criteria
 from prunecli.criteria.base import score_weights, score_with_data
@@ -32,6 +32,7 @@ from prunecli.finetune import evaluate, recalibrate_bn
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet, iterate_batches, load_fashion_mnist, normalize
 from prunecli.measure import CostModel, costs_and_output, totals
+from prunecli.planning import plan_pruning
 from prunecli.reconstruct import reconstruct
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from prunecli.criteria import get_criterion
 from prunecli.criteria.base import score_weights
 from prunecli.graph import DependencyGraph
 from prunecli.measure import CostModel, costs_and_output
-from prunecli.api import plan_pruning
+from prunecli.planning import plan_pruning
 from prunecli.reconstruct import reconstruct
 
 

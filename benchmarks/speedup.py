@@ -3,7 +3,7 @@
 Each model (random weights: latency does not depend on their values) is pruned with prunecli's API to
 each MACs target with ``--method l1 --round-to 8`` and the chosen allocation, then the original and the
 slim model are exported to ONNX (in memory, dynamic batch) and timed with onnxruntime on the CPU
-(``prunecli.export.compare_latency``: median over ``--repeats`` runs after ``--warmup`` untimed ones, the
+(``prunecli.latency.compare_latency``: median over ``--repeats`` runs after ``--warmup`` untimed ones, the
 original's and the slim model's runs alternating, so load on the machine hits both alike). "efficiency" is the
 measured speedup divided by the MACs ratio: 100% means the runtime turned every removed MAC into time.
 
@@ -27,7 +27,7 @@ import torchvision
 import prunecli
 from prunecli.api import prune_model
 from prunecli.config import ModelSource, PruneConfig, parse_budget
-from prunecli.export import compare_latency
+from prunecli.latency import compare_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE = (3, 224, 224)

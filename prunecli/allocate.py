@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +49,23 @@ class Plan:
     keep: Mapping[int, int]
     cost: float
     knob: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "removed": {int(g): [int(p) for p in v] for g, v in self.removed.items()},
+            "keep": {int(g): int(k) for g, k in self.keep.items()},
+            "cost": float(self.cost),
+            "knob": float(self.knob),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        return cls(
+            {int(g): tuple(int(p) for p in v) for g, v in data["removed"].items()},
+            {int(g): int(k) for g, k in data["keep"].items()},
+            float(data["cost"]),
+            float(data["knob"]),
+        )
 
 
 def _quantise(desired: float, allowed: np.ndarray) -> int:

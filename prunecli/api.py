@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from prunecli import __version__
-from prunecli.allocate import GroupLimits, Plan, allocate, removal_order
 from prunecli.config import (
     AnalyzeConfig,
     DataOptions,
@@ -29,33 +24,34 @@ from prunecli.config import (
 )
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
-from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError
-from prunecli.graph import ChannelGroup, DependencyGraph, time_limit
+from prunecli.errors import ArchitectureError, DataError, ExportError, PrunecliError, first_line
+from prunecli.finetune import messages_to
+from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
-from prunecli.io.files import atomic_output, check_output_path, check_suffix
-from prunecli.measure import CostModel, LayerCost, Totals, costs_and_output, count_params
+from prunecli.io.files import check_output_path, check_suffix
+from prunecli.io.scores import check_scores_output, read_scores, write_scores
+from prunecli.measure import CostModel, LayerCost, costs_and_output, count_params
+from prunecli.planning import plan_pruning
+from prunecli.provenance import finetune_metadata, prune_metadata
+from prunecli.reconstruct import ReconstructReport, reconstruct
+from prunecli.results import (
+    AnalyzeResult,
+    EvaluateResult,
+    FinetuneRunResult,
+    GroupRow,
+    GroupScores,
+    LayerChange,
+    LayerRow,
+    ModelSummary,
+    PruneResult,
+    ScoreResult,
+    Totals,
+)
+from prunecli.runtime import main_process, time_limit
 
 Progress = Callable[[str], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an unavailable CUDA device is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise PrunecliError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PrunecliError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise PrunecliError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise PrunecliError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def open_model(source: ModelSource) -> LoadedModel:
@@ -82,63 +78,11 @@ def _profile(loaded: LoadedModel, x: torch.Tensor) -> tuple[list[LayerCost], tor
     except Exception as exc:
         raise ArchitectureError(
             f"the model does not run on input {tuple(x.shape[1:])} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); pass the right --input-shape"
+            f"({type(exc).__name__}: {first_line(exc, 150)}); pass the right --input-shape"
         ) from exc
 
 
 # ----------------------------------------------------------------------------- analyze
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    name: str
-    kind: str
-    in_channels: int
-    out_channels: int
-    kernel: tuple[int, ...]
-    groups: int
-    params: int
-    macs: int
-    macs_share: float
-    group: str | None
-    coupled_layers: int
-    prunable: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class GroupRow:
-    root: str
-    channels: int
-    blocks: int
-    layers: tuple[str, ...]
-    prunable: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class ModelSummary:
-    source: str
-    arch: str | None
-    arch_kwargs: dict[str, Any]
-    input_shape: tuple[int, ...]
-    params: int
-    macs: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class AnalyzeResult:
-    model: ModelSummary
-    layers: list[LayerRow]
-    groups: list[GroupRow]
-    prunable_channels: int
-    notes: list[str] = field(default_factory=list)
-    provenance: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _summary(loaded: LoadedModel, total: Totals) -> ModelSummary:
@@ -203,7 +147,7 @@ def analyze_model(config: AnalyzeConfig) -> AnalyzeResult:
 
 def _latency(config: AnalyzeConfig, loaded: LoadedModel) -> dict[str, Any]:
     """Median latency under PyTorch eager and onnxruntime; with ``compare``, the original beside this model."""
-    from prunecli.export import RUNTIMES, compare_latency, latency
+    from prunecli.latency import RUNTIMES, compare_latency, latency
 
     batches = (1, config.latency_batch)
     shape = tuple(loaded.input.shape)
@@ -283,43 +227,13 @@ def _compute_scores(
         graph.model.to("cpu")
 
 
-@dataclass(frozen=True)
-class GroupScores:
-    root: str
-    channels: int
-    blocks: int
-    layers: tuple[str, ...]
-    scores: list[float]
-    ranking: list[int]  # channel positions, first to prune first
-    preview_removed: int | None = None
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    model: ModelSummary
-    method: str
-    options: dict[str, Any]
-    data: dict[str, Any] | None
-    group_reduction: str
-    seed: int
-    groups: list[GroupScores]
-    output: str | None
-    preview: dict[str, Any] | None
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def score_model(config: ScoreConfig, progress: Progress | None = None, batch_progress=None) -> ScoreResult:
     """Score every prunable channel and (with ``config.output``) write the scores as JSON."""
     started = time.perf_counter()
     say = progress or (lambda message: None)
     torch.manual_seed(config.scoring.seed)
     if config.output is not None:
-        check_output_path(config.output, force=config.force, inputs=(config.source.path,))
-        check_suffix(config.output, (".json",), "the scores file")
+        check_scores_output(config.output, force=config.force, inputs=(config.source.path,))
     _check_scoring(config.scoring)
     say("loading the model")
     loaded = open_model(config.source)
@@ -353,144 +267,16 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
         time.perf_counter() - started, loaded.notes,
     )
     if config.output is not None:
-        payload = result.to_dict()
-        payload.pop("seconds")  # the file must not change between identical runs
-        with atomic_output(config.output, force=config.force, inputs=(config.source.path,)) as tmp:
-            tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        write_scores(result.to_dict(), config.output, force=config.force, inputs=(config.source.path,))
     return result
-
-
-def read_scores(
-    path: Path, loaded: LoadedModel, graph: DependencyGraph, method: str = ""
-) -> tuple[dict[int, torch.Tensor], str]:
-    """Scores from a `prunecli score` file, refused unless made for this very model (and ``method``, if given)."""
-    try:
-        payload = json.loads(Path(path).read_text())
-        made_for, entries, made_with = payload["model"]["sha256"], payload["groups"], payload["method"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"--scores {path} is not a scores file written by `prunecli score`") from exc
-    if made_for != loaded.sha256:
-        raise DataError(f"--scores {path} was computed for another model (sha256 {made_for[:12]}...); score this one")
-    if method and method != made_with:
-        raise DataError(f"--scores {path} holds {made_with} scores but --method {method} was given; drop one of them")
-    by_root = {g.root: g for g in graph.groups}
-    scores = {}
-    for entry in entries:
-        group = by_root.get(entry.get("root"))
-        if group is None or group.channels != len(entry.get("scores", ())):
-            raise DataError(f"--scores {path} does not match this model's channel groups; score it again")
-        if group.prunable:
-            scores[group.index] = torch.tensor(entry["scores"], dtype=torch.float64)
-    return scores, made_with
 
 
 # ----------------------------------------------------------------------------- prune
 
 
-@dataclass(frozen=True)
-class LayerChange:
-    name: str
-    kind: str
-    out_before: int
-    out_after: int
-    in_before: int
-    in_after: int
-    macs_before: int
-    macs_after: int
-    params_before: int
-    params_after: int
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    model: ModelSummary
-    output: str | None
-    method: str
-    allocation: str
-    budget: dict[str, Any]
-    target: float
-    before: Totals
-    after: Totals
-    macs_kept: float
-    params_kept: float
-    deviation_pp: float  # achieved minus requested share of the budgeted cost, in percentage points
-    layers: list[LayerChange]
-    groups_pruned: int
-    channels_removed: int
-    seconds: float
-    seed: int
-    notes: list[str] = field(default_factory=list)
-    latency: dict[str, Any] | None = None  # a LatencyComparison of the original and the slim model (``--latency``)
-    accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
-    reconstruction: dict[str, Any] | None = None  # a ReconstructReport (``--reconstruct``)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def default_output(source: Path) -> Path:
     """``model.v2.pt`` -> ``model.v2.slim.safetensors`` beside it (a slim input gets ``.slim.slim``, never itself)."""
     return source.with_name(f"{source.stem}.slim.safetensors")
-
-
-def _cost_function(budget_kind: str, evaluate: Callable[[np.ndarray], tuple[float, float]], groups: list[ChannelGroup]):
-    order = [g.index for g in groups]
-
-    def vector(keep: Mapping[int, int]) -> np.ndarray:
-        return np.array([keep[i] for i in order], dtype=float)
-
-    if budget_kind == "flops":
-        return lambda keep: evaluate(vector(keep))[0]
-    if budget_kind == "params":
-        return lambda keep: evaluate(vector(keep))[1]
-    return lambda keep: float(sum(keep[g.index] for g in groups if g.prunable))
-
-
-def plan_pruning(
-    config: PruneConfig,
-    graph: DependencyGraph,
-    cost_model: CostModel,
-    scores: Mapping[int, torch.Tensor],
-    evaluate: Callable[[np.ndarray], tuple[float, float]] | None = None,
-) -> tuple[Plan, float]:
-    """Turn scores and the budget into a plan; returns it with the absolute target.
-
-    ``evaluate`` (kept counts per group -> MACs, params) replaces ``cost_model.evaluate``, e.g. with EDP's cost
-    after merging."""
-    limits = {
-        g.index: GroupLimits(g.channels, g.blocks, g.prunable, config.max_layer_ratio, config.round_to, g.parts)
-        for g in graph.groups
-    }
-    if evaluate is None:
-        orders = {g: removal_order(scores[g], limits[g].blocks, limits[g].parts) for g in scores}  # as plans remove
-        evaluate = cost_model.removing_in_order(orders).evaluate
-    cost = _cost_function(config.budget.kind, evaluate, graph.groups)
-    original = cost({g.index: g.channels for g in graph.groups})
-    target = config.budget.target(original)
-    if not any(g.prunable for g in graph.groups):
-        raise BudgetError("the model has no prunable channel group; check --ignore (see `prunecli analyze`)")
-    dispersion = group_dispersion(graph, scores) if config.allocation == "dispersion" else None
-    plan = allocate(scores, limits, cost, target, config.allocation, dispersion)
-    return plan, target
-
-
-def group_dispersion(graph: DependencyGraph, scores: Mapping[int, torch.Tensor]) -> dict[int, float]:
-    """SFP's Kernel Dispersion of each scored group: the mean over its conv/linear producers."""
-    from prunecli.criteria.base import CONV_LINEAR, out_weight
-    from prunecli.criteria.sfp import kernel_dispersion
-
-    values = {}
-    for group in graph.groups:
-        if group.index not in scores:
-            continue
-        found = []
-        for member in group.members:
-            module = graph.module(member.layer)
-            if member.dim == "out" and isinstance(module, CONV_LINEAR):
-                weight = out_weight(module).detach()[torch.as_tensor(member.indices)]
-                found.append(float(kernel_dispersion(weight)))
-        values[group.index] = sum(found) / len(found) if found else 0.0
-    return values
 
 
 def prune_model(
@@ -531,7 +317,7 @@ def prune_model(
         graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
         cost_model = CostModel(loaded.model, costs, graph.groups)
         if config.scores is not None:
-            scores, method = read_scores(config.scores, loaded, graph, config.method)
+            scores, method = read_scores(config.scores, loaded.sha256, graph.groups, config.method)
         elif config.soft is not None:
             scores = {}  # soft pruning scores (and re-scores) while it trains
         else:
@@ -561,7 +347,7 @@ def prune_model(
         pruned_costs, out = costs_and_output(pruned, x)
     except Exception as exc:
         raise ArchitectureError(
-            f"the pruned model no longer runs ({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); this architecture "
+            f"the pruned model no longer runs ({type(exc).__name__}: {first_line(exc, 150)}); this architecture "
             "keeps channel counts outside its layers; --ignore the affected layers or prune another model"
         ) from exc
     if out.shape != reference.shape:
@@ -574,33 +360,9 @@ def prune_model(
     notes = list(loaded.notes)
     accuracy = _prune_accuracy(config, loaded, pruned, say)
     say(f"writing {output}")
-    metadata = {
-        "method": method,
-        "allocation": config.allocation,
-        "budget": config.budget.to_dict(),
-        "config": config.provenance(),
-        "achieved": {"macs": after.macs, "params": after.params},
-        "original": {"macs": before.macs, "params": before.params},
-        "source_sha256": loaded.sha256,
-        "seed": config.seed,
-        "prunecli_version": __version__,
-        "mean": list(loaded.input.mean) if loaded.input.mean else None,
-        "std": list(loaded.input.std) if loaded.input.std else None,
-        "num_classes": int(reference.shape[-1]) if reference.dim() == 2 else None,
-    }
-    if training_record is not None:
-        metadata["edp" if config.method == "edp" else "soft_pruning"] = training_record
-    if config.recalibrate_bn:
-        metadata["recalibrate_bn"] = {"batches": config.recalibrate_bn, "data": config.data.source}
+    metadata = prune_metadata(config, loaded, method, before, after, reference, training_record)
     if reconstruction is not None:
         metadata["reconstruct"] = {"data": config.data.source, **reconstruction.summary()}
-    if loaded.document:
-        metadata["parent"] = {k: loaded.document.get(k) for k in ("method", "budget", "source_sha256", "achieved")}
-        for key in ("dataset", "test_accuracy"):
-            if key in loaded.document:
-                metadata[f"parent_{key}"] = loaded.document[key]
-    from prunecli.finetune import main_process
-
     if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
         save_slim(
             pruned,
@@ -613,7 +375,7 @@ def prune_model(
         )
     latency = None
     if config.latency:
-        from prunecli.export import compare_latency
+        from prunecli.latency import compare_latency
 
         say("timing the original and the slim model")
         latency = compare_latency(loaded.model, pruned, tuple(loaded.input.shape),
@@ -670,10 +432,8 @@ def _require_data(config: PruneConfig) -> DataOptions:
 
 
 def _reconstruct(config: PruneConfig, loaded: LoadedModel, unpruned: torch.nn.Module, graph: DependencyGraph,
-                 kept: Mapping[str, list[int]], say: Progress, step_progress):
+                 kept: dict[str, list[int]], say: Progress, step_progress) -> ReconstructReport:
     """Refit the changed layers of ``graph.model`` so they reproduce ``unpruned`` on the calibration images."""
-    from prunecli.reconstruct import reconstruct
-
     options = config.data
     images = load_images(options, loaded, options.calib_images, config.seed)
     say(f"reconstructing the pruned layers on {len(images)} images on {config.device}")
@@ -699,21 +459,21 @@ def _reconstruct(config: PruneConfig, loaded: LoadedModel, unpruned: torch.nn.Mo
 
 def _soft_prune(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progress, batch_progress):
     """LRMF/FPGM-style soft pruning: train with the selected channels held at zero, re-selecting as it goes."""
-    from prunecli.finetune import soft_prune
+    from prunecli.methods.soft import soft_prune
 
     train = load_images(_require_data(config), loaded, None, config.seed)
     say(f"soft pruning: {config.soft.epochs} epochs on {len(train)} images, re-selecting every {config.reselect_every}")
     model = copy.deepcopy(loaded.model)
     result = soft_prune(model, x, train, None, config.soft, config, reselect_every=config.reselect_every,
-                        progress=_training_progress(say))
+                        progress=messages_to(say))
     record = {"selections": len(result.selections), "reselect_every": config.reselect_every,
               "training": result.finetune.record()}
     return result.graph, result.plan, result.target, record
 
 
 def _edp(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progress):
-    """EDP: decompose, train towards the budget, Pruning & Merging (see ``prunecli.edp``)."""
-    from prunecli.edp import edp_prune
+    """EDP: decompose, train towards the budget, Pruning & Merging (see ``prunecli.methods.edp``)."""
+    from prunecli.methods.edp import edp_prune
 
     if config.edp is None:
         raise PrunecliError("--method edp trains the model: give --data and the EDP options (see prunecli prune --help)")
@@ -721,28 +481,10 @@ def _edp(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, say: Progres
     val = load_images(config.edp.val, loaded, None, config.seed) if config.edp.val is not None else None
     say(f"EDP: decomposing the convolutions, then {config.edp.training.epochs} epochs on {len(train)} images")
     result = edp_prune(copy.deepcopy(loaded.model), x, train, val, config.edp.training, config, lam=config.edp.lam,
-                       threshold=config.edp.threshold, init=config.edp.init, progress=_training_progress(say))
+                       threshold=config.edp.threshold, init=config.edp.init, progress=messages_to(say))
     record = result.record()
     channels = record["channels_removed"] + record["basis_filters_removed"]
     return result.model, result.target, channels, len(result.prune_merge.removed), record
-
-
-def _training_progress(say: Progress):
-    """Turn the trainer's step/epoch events into one-line progress messages."""
-
-    def tell(event: Mapping[str, Any]) -> None:
-        if event.get("event") == "epoch":
-            say(f"epoch {event.get('epoch')}: train loss {event.get('train_loss', 0):.3f}, "
-                f"val top-1 {event.get('val_top1') if event.get('val_top1') is not None else '-'}")
-        elif event.get("event") == "select":
-            say(f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal"
-                + (f" ({event['zero_coefficient_groups']} coefficient rows/columns already zero, "
-                   f"{event['estimated_cost']:.4g} after removal)" if "estimated_cost" in event else ""))
-        elif event.get("event") == "step":
-            say(f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
-                f"{event.get('images_per_second', 0):.0f} img/s")
-
-    return tell
 
 
 # ----------------------------------------------------------------------------- export
@@ -756,7 +498,8 @@ def export_artifact(job: ExportJob) -> Any:
     _profile(loaded, example_input(loaded))
     real = load_images(job.data, loaded, job.data.calib_images, 0).images if job.data is not None else None
     return export_model(loaded.model, input_shape=tuple(loaded.input.shape), document=loaded.document,
-                        config=job.export, real_inputs=real, arch=loaded.arch, inputs=(job.source.path,))
+                        config=job.export, real_inputs=real, arch=loaded.arch, inputs=(job.source.path,),
+                        import_paths=job.source.import_paths)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -767,18 +510,6 @@ def _with_base_arch(source: ModelSource, reference: LoadedModel) -> ModelSource:
     if source.arch is not None or reference.arch is None:
         return source
     return dataclasses.replace(source, arch=reference.arch.spec, arch_kwargs=dict(reference.arch.kwargs))
-
-
-
-@dataclass(frozen=True)
-class EvaluateResult:
-    model: ModelSummary
-    data: str
-    metrics: dict[str, Any]
-    compare: dict[str, Any] | None = None  # {"model": summary, "metrics": {...}, "speedup_macs": ...}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
@@ -807,18 +538,6 @@ def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
 # ----------------------------------------------------------------------------- finetune
 
 
-@dataclass(frozen=True)
-class FinetuneRunResult:
-    model: ModelSummary
-    output: str | None
-    training: dict[str, Any]
-    before: dict[str, Any] | None  # validation metrics before training
-    after: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def default_finetune_output(source: Path) -> Path:
     """``model.slim.safetensors`` -> ``model.slim.ft.safetensors`` beside it."""
     return source.with_name(f"{source.stem}.ft.safetensors")
@@ -842,7 +561,7 @@ def _check_checkpoint_path(checkpoint: Path | None, output: Path, inputs: tuple[
 
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
-    from prunecli.finetune import evaluate, finetune, main_process
+    from prunecli.finetune import evaluate, finetune
     from prunecli.io.slim import SUFFIXES, save_slim
 
     say = progress or (lambda message: None)
@@ -866,23 +585,13 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     say(f"fine-tuning on {len(train)} images for {job.training.steps or job.training.epochs} "
         f"{'steps' if job.training.steps else 'epochs'}")
     result = finetune(loaded.model, train, val, job.training, teacher=teacher.model if teacher else None,
-                      progress=_training_progress(say))
+                      progress=messages_to(say))
     model = result.model.eval().cpu()
     after = evaluate(model, val, job.training.eval_batch_size or job.training.batch_size).to_dict() if val else None
     costs, _ = costs_and_output(model, x)
     total = Totals(count_params(model), sum(c.macs for c in costs))
     if main_process():
-        document = {k: v for k, v in (loaded.document or {}).items() if k not in ("modules", "tied", "format",
-                                                                                   "format_version", "arch", "input_shape")}
-        history = list(document.get("finetune_history", []))
-        history.append({**result.record(), "train_data": job.train.to_dict(),
-                        "val_data": job.val.to_dict() if job.val else None,
-                        "teacher_sha256": teacher.sha256 if teacher else None,
-                        "val_top1": after["top1"] if after else None})
-        document.update({"finetune_history": history, "source_sha256": loaded.sha256, "prunecli_version": __version__})
-        if after:
-            document["test_accuracy"] = f"{after['top1']:.4f}"
-            document["test_data"] = job.val.source
+        document = finetune_metadata(job, loaded, result.record(), teacher.sha256 if teacher else None, after)
         save_slim(model, output, arch=loaded.arch, input_shape=loaded.input.shape, metadata=document,
                   force=job.force, inputs=(job.source.path,))
     return FinetuneRunResult(_summary(loaded, total), str(output) if main_process() else None, result.to_dict(),

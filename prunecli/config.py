@@ -1,15 +1,25 @@
-"""Frozen configs for each command, and budget parsing ("0.5", "50%", "2.1G")."""
+"""Frozen configs for each command, and budget parsing ("0.5", "50%", "2.1G").
+
+Every config round-trips through ``to_dict`` / ``from_dict`` (plain JSON values), as the artifacts embed them.
+Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunecli.errors import BudgetError
+from prunecli.errors import BudgetError, PrunecliError
 
+OPTIMIZERS = ("sgd", "adamw")
+KD_MODES = ("none", "fixed", "variable")
+KD_SCHEDULES = ("cosine", "linear", "step", "constant")
+AUGMENTS = ("auto", "none")
+AMP_MODES = ("auto", "on", "off")
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([%KMGT]?)\s*$", re.IGNORECASE)
 
@@ -39,6 +49,35 @@ class Budget:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Budget:
+        return cls(str(data["kind"]), float(data["value"]), bool(data.get("absolute", False)), str(data.get("text", "")))
+
+
+def _plain(value: Any) -> Any:
+    """A config field as a JSON value: paths as strings, tuples as lists, nested configs as their dicts."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _fields_dict(config: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _optional(convert, value):
+    return convert(value) if value is not None else None
+
+
+def _tuple(value) -> tuple | None:
+    return tuple(value) if value is not None else None
 
 
 def parse_budget(kind: str, text: str) -> Budget:
@@ -81,10 +120,16 @@ class ModelSource:
         data["import_paths"] = [str(p) for p in self.import_paths]
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSource:
+        return cls(Path(data["path"]), data.get("arch"), dict(data.get("arch_kwargs") or {}),
+                   _tuple(data.get("input_shape")), bool(data.get("trust_pickle", False)),
+                   tuple(Path(p) for p in data.get("import_paths") or ()))
+
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Calibration data for data-driven criteria (``--data`` and friends)."""
+    """Images for a command (``--data`` and friends): where they are, how many, in which batches, normalised how."""
 
     source: str
     root: Path = Path("/usr/share/datasets/fashion-mnist")
@@ -104,6 +149,11 @@ class DataOptions:
         data["root"] = str(self.root)
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataOptions:
+        return cls(str(data["source"]), Path(data["root"]), int(data["calib_images"]), int(data["batch_size"]),
+                   _tuple(data.get("mean")), _tuple(data.get("std")))
+
 
 @dataclass(frozen=True)
 class ScoringOptions:
@@ -121,6 +171,106 @@ class ScoringOptions:
         data["data"] = self.data.to_dict() if self.data else None
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoringOptions:
+        return cls(data["method"], dict(data.get("options") or {}), _optional(DataOptions.from_dict, data.get("data")),
+                   data.get("group_reduction", "mean"), data.get("device", "cpu"), int(data.get("seed", 0)))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune; embedded in the slim artifact's metadata (see :meth:`FinetuneResult.record`).
+
+    Attributes:
+        epochs: passes over the training data (ignored when ``steps`` is given).
+        steps: total optimizer steps instead of ``epochs``; the last epoch is cut short.
+        lr: peak learning rate, reached after the warm-up and then decayed to 0 by a cosine.
+        optimizer: ``sgd`` (Nesterov momentum) or ``adamw``.
+        weight_decay: applied to weights with more than one dimension, not to biases and norm parameters.
+        label_smoothing: for the cross-entropy term (also inside the distillation loss).
+        warmup_epochs: linear warm-up length in epochs; fractions allowed.
+        batch_size: the global batch; under DDP each of the N processes takes ``batch_size / N`` images.
+        eval_batch_size: validation batch (default: ``batch_size``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; under torchrun CUDA runs use ``cuda:LOCAL_RANK``.
+        amp: ``auto`` (mixed precision on CUDA only: bfloat16 where supported, else float16 with a scaler),
+            ``on`` or ``off``.
+        augment: ``auto`` (random crop after replicate padding plus horizontal flip; padding 2 for 1-channel
+            images such as Fashion-MNIST, 1/8 of the side otherwise) or ``none``.
+        kd: ``none``, ``fixed`` (temperature ``kd_t_max`` throughout) or ``variable`` (SFP's schedule from
+            ``kd_t_max`` at the first step to ``kd_t_min`` at the last, evaluated per step at
+            ``step / (total_steps - 1)`` rather than per epoch); needs a teacher.
+        kd_alpha: weight of the distillation term; ``1 - kd_alpha`` weighs the cross-entropy.
+        kd_schedule: shape of the variable temperature: ``cosine``, ``linear``, ``step`` or ``constant``.
+        recalibrate_bn: before training, re-estimate BatchNorm statistics on this many training batches.
+        checkpoint: file for the per-epoch resume state (an internal ``torch.save`` file).
+        resume: continue the run saved in ``checkpoint``.
+        force: overwrite an existing ``checkpoint`` when not resuming.
+    """
+
+    epochs: int = 10
+    steps: int | None = None
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    augment: str = "auto"
+    kd: str = "none"
+    kd_alpha: float = 0.7
+    kd_t_max: float = 4.0
+    kd_t_min: float = 1.0
+    kd_schedule: str = "cosine"
+    recalibrate_bn: int = 0
+    checkpoint: Path | None = None
+    resume: bool = False
+    force: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (self.steps is None and self.epochs < 1, f"--epochs {self.epochs} must be at least 1"),
+            (self.steps is not None and self.steps < 1, f"--steps {self.steps} must be at least 1"),
+            (not self.lr > 0, f"--lr {self.lr} must be positive"),
+            (self.optimizer not in OPTIMIZERS, f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}"),
+            (not 0 <= self.momentum < 1, f"--momentum {self.momentum} must lie in [0, 1)"),
+            (self.weight_decay < 0, f"--weight-decay {self.weight_decay} must not be negative"),
+            (not 0 <= self.label_smoothing < 1, f"--label-smoothing {self.label_smoothing} must lie in [0, 1)"),
+            (self.warmup_epochs < 0, f"--warmup-epochs {self.warmup_epochs} must not be negative"),
+            (self.batch_size < 1, f"--batch-size {self.batch_size} must be at least 1"),
+            (self.eval_batch_size is not None and self.eval_batch_size < 1,
+             f"--eval-batch-size {self.eval_batch_size} must be at least 1"),
+            (self.amp not in AMP_MODES, f"--amp {self.amp!r}: choose {', '.join(AMP_MODES)}"),
+            (self.augment not in AUGMENTS, f"--augment {self.augment!r}: choose {' or '.join(AUGMENTS)}"),
+            (self.kd not in KD_MODES, f"--kd {self.kd!r}: choose {', '.join(KD_MODES)}"),
+            (not 0 <= self.kd_alpha <= 1, f"--kd-alpha {self.kd_alpha} must lie in [0, 1]"),
+            (not self.kd_t_min > 0, f"--kd-t-min {self.kd_t_min} must be positive"),
+            (self.kd_t_max < self.kd_t_min, f"--kd-t-max {self.kd_t_max} must not be below --kd-t-min {self.kd_t_min}"),
+            (self.kd_schedule not in KD_SCHEDULES, f"--kd-schedule {self.kd_schedule!r}: choose {', '.join(KD_SCHEDULES)}"),
+            (self.recalibrate_bn < 0, f"--recalibrate-bn {self.recalibrate_bn} must not be negative"),
+            (self.resume and self.checkpoint is None, "--resume needs the --checkpoint file of the run to continue"),
+        ]
+        for failed, message in checks:
+            if failed:
+                raise PrunecliError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["checkpoint"] = str(self.checkpoint) if self.checkpoint is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("checkpoint") is not None:
+            values["checkpoint"] = Path(values["checkpoint"])
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class ScoreConfig:
@@ -133,6 +283,15 @@ class ScoreConfig:
     timeout: float | None = 120.0
     score_timeout: float | None = None  # seconds allowed for scoring; None: no limit
 
+    def to_dict(self) -> dict[str, Any]:
+        return _fields_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoreConfig:
+        return cls(ModelSource.from_dict(data["source"]), ScoringOptions.from_dict(data["scoring"]),
+                   _optional(Path, data.get("output")), bool(data.get("force", False)), tuple(data.get("ignore") or ()),
+                   _optional(Budget.from_dict, data.get("preview")), data.get("timeout", 120.0), data.get("score_timeout"))
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -143,20 +302,39 @@ class EvaluateConfig:
     compare: ModelSource | None = None
     seed: int = 0
 
+    def to_dict(self) -> dict[str, Any]:
+        return _fields_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluateConfig:
+        return cls(ModelSource.from_dict(data["source"]), DataOptions.from_dict(data["data"]), data.get("limit"),
+                   data.get("device", "cpu"), _optional(ModelSource.from_dict, data.get("compare")),
+                   int(data.get("seed", 0)))
+
 
 @dataclass(frozen=True)
 class FinetuneJob:
-    """``finetune``: which model, which data, how (a ``prunecli.finetune.FinetuneConfig``) and where to write."""
+    """``finetune``: which model, which data, how (a :class:`FinetuneConfig`) and where to write."""
 
     source: ModelSource
     train: DataOptions
-    training: Any  # prunecli.finetune.FinetuneConfig, kept untyped so this module imports no torch
+    training: FinetuneConfig
     val: DataOptions | None = None
     teacher: ModelSource | None = None
     output: Path | None = None
     force: bool = False
     train_limit: int | None = None
     val_limit: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneJob:
+        return cls(ModelSource.from_dict(data["source"]), DataOptions.from_dict(data["train"]),
+                   FinetuneConfig.from_dict(data["training"]), _optional(DataOptions.from_dict, data.get("val")),
+                   _optional(ModelSource.from_dict, data.get("teacher")), _optional(Path, data.get("output")),
+                   bool(data.get("force", False)), data.get("train_limit"), data.get("val_limit"))
 
 
 @dataclass(frozen=True)
@@ -168,21 +346,33 @@ class AnalyzeConfig:
     latency_batch: int = 16
     compare: ModelSource | None = None  # the original, timed beside this model
 
+    def to_dict(self) -> dict[str, Any]:
+        return _fields_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AnalyzeConfig:
+        return cls(ModelSource.from_dict(data["source"]), tuple(data.get("ignore") or ()), data.get("timeout", 120.0),
+                   bool(data.get("latency", False)), int(data.get("latency_batch", 16)),
+                   _optional(ModelSource.from_dict, data.get("compare")))
+
 
 @dataclass(frozen=True)
 class ExportJob:
     """``export``: which model, the ``prunecli.export.ExportConfig`` and optional real inputs for parity."""
 
     source: ModelSource
-    export: Any  # prunecli.export.ExportConfig
+    export: Any  # prunecli.export.ExportConfig (it checks output suffixes with prunecli.io, a layer up)
     data: DataOptions | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields_dict(self)
 
 
 @dataclass(frozen=True)
 class EdpOptions:
-    """``prune --method edp``: its training stage and its regulariser (see ``prunecli.edp``)."""
+    """``prune --method edp``: its training stage and its regulariser (see ``prunecli.methods.edp``)."""
 
-    training: Any  # a prunecli.finetune.FinetuneConfig
+    training: FinetuneConfig
     lam: float = 1e-4
     threshold: float = 5e-3
     init: str = "svd"
@@ -195,6 +385,11 @@ class EdpOptions:
     def to_dict(self) -> dict[str, Any]:
         return {"training": self.training.to_dict(), "lam": self.lam, "threshold": self.threshold, "init": self.init,
                 "val": self.val.to_dict() if self.val else None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EdpOptions:
+        return cls(FinetuneConfig.from_dict(data["training"]), float(data["lam"]), float(data["threshold"]),
+                   data.get("init", "svd"), _optional(DataOptions.from_dict, data.get("val")))
 
 
 @dataclass(frozen=True)
@@ -226,7 +421,7 @@ class ReconstructOptions:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ReconstructOptions:
+    def from_dict(cls, data: Mapping[str, Any]) -> ReconstructOptions:
         return cls(**data)
 
 
@@ -253,7 +448,7 @@ class PruneConfig:
     scores: Path | None = None  # reuse a `prunecli score` file instead of scoring again
     recalibrate_bn: int = 0  # batches of --data to re-estimate BN statistics on after removal
     reconstruct: ReconstructOptions | None = None  # refit the changed layers on --calib-images of --data after removal
-    soft: Any = None  # a prunecli.finetune.FinetuneConfig: train with the channels masked before removing them
+    soft: FinetuneConfig | None = None  # train with the channels masked before removing them
     reselect_every: int = 5
     edp: EdpOptions | None = None  # --method edp: decomposition-and-pruning training instead of scoring
     evaluate: DataOptions | None = None  # labelled images to measure top-1 of the original and the slim model on
@@ -283,6 +478,19 @@ class PruneConfig:
         data["edp"] = self.edp.to_dict() if self.edp is not None else None
         data["reconstruct"] = self.reconstruct.to_dict() if self.reconstruct is not None else None
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruneConfig:
+        """The config of ``to_dict`` or of an artifact's provenance (which leaves out ``force``)."""
+        nested = {
+            "source": ModelSource.from_dict, "budget": Budget.from_dict, "output": Path, "scores": Path,
+            "data": DataOptions.from_dict, "evaluate": DataOptions.from_dict, "soft": FinetuneConfig.from_dict,
+            "edp": EdpOptions.from_dict, "reconstruct": ReconstructOptions.from_dict, "ignore": tuple,
+            "criterion_options": dict,
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (_optional(nested[k], v) if k in nested else v) for k, v in data.items() if k in known}
+        return cls(**values)
 
     def provenance(self) -> dict[str, Any]:
         """The config as the artifact records it: without ``force``, which decides whether a file may be replaced,

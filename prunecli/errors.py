@@ -23,3 +23,18 @@ class DataError(PrunecliError):
 
 class ExportError(PrunecliError):
     """An artifact cannot be written or verified."""
+
+
+def first_line(text: object, limit: int | None = None) -> str:
+    """The first line of ``str(text)`` (an exception's message, a warning), cut at ``limit`` characters; ``""``
+    for an empty message."""
+    lines = str(text).splitlines()
+    return lines[0][:limit] if lines else ""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message`` (cut at ``limit`` characters), for an error inside a message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = text[:limit] + ("..." if len(text) > limit else "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,4 +1,6 @@
-"""Fine-tuning and evaluation: a plain PyTorch training loop, distillation, BN recalibration, soft pruning, DDP.
+"""Fine-tuning and evaluation: a plain PyTorch training loop, distillation, BN recalibration, DDP.
+
+Training-aware pruning methods (``prunecli.methods``) plug into the loop through :class:`TrainingHook`.
 
 Everything here is library code: functions take models, :class:`~prunecli.io.data.ImageSet` data and frozen
 configs, and return dataclasses. Progress goes to an optional callback ``progress(dict)`` (rank 0 only), so the
@@ -28,27 +30,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunecli.errors import ArchitectureError, CheckpointError, DataError, ExportError, PrunecliError
+from prunecli.config import KD_SCHEDULES, FinetuneConfig
+from prunecli.errors import ArchitectureError, CheckpointError, DataError, ExportError, PrunecliError, first_line
 from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.io.files import atomic_output, check_output_path, write_through_memory
+from prunecli.runtime import model_device, resolve_device, world_size
 
-if TYPE_CHECKING:
-    from prunecli.allocate import Plan
-    from prunecli.config import PruneConfig, ScoringOptions
-    from prunecli.graph import DependencyGraph
-    from prunecli.measure import CostModel
-
-OPTIMIZERS = ("sgd", "adamw")
-KD_MODES = ("none", "fixed", "variable")
-KD_SCHEDULES = ("cosine", "linear", "step", "constant")
-AUGMENTS = ("auto", "none")
-AMP_MODES = ("auto", "on", "off")
 STEP_LEVELS = 4  # the "step" temperature schedule falls from T_max to T_min in this many equal levels
 CHECKPOINT_FORMAT = "prunecli-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -59,102 +52,33 @@ _RESUME_FREE = ("checkpoint", "resume", "force", "device", "eval_batch_size")
 Progress = Callable[[dict[str, Any]], None]
 
 
-# ----------------------------------------------------------------------------- configuration
+def event_message(event: Mapping[str, Any]) -> str | None:
+    """A training event (``progress``'s argument, also soft pruning's and EDP's "select") as one line of text;
+    None for events not worth a line."""
+    kind = event.get("event")
+    if kind == "epoch":
+        val = event.get("val_top1")
+        return (f"epoch {event.get('epoch')}: train loss {event.get('train_loss', 0):.3f}, "
+                f"val top-1 {val if val is not None else '-'}")
+    if kind == "select":
+        return (f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal"
+                + (f" ({event['zero_coefficient_groups']} coefficient rows/columns already zero, "
+                   f"{event['estimated_cost']:.4g} after removal)" if "estimated_cost" in event else ""))
+    if kind == "step":
+        return (f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
+                f"{event.get('images_per_second', 0):.0f} img/s")
+    return None
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """How to fine-tune; embedded in the slim artifact's metadata (see :meth:`FinetuneResult.record`).
+def messages_to(say: Callable[[str], None]) -> Progress:
+    """A ``progress`` callback that passes each event worth a line to ``say`` as text."""
 
-    Attributes:
-        epochs: passes over the training data (ignored when ``steps`` is given).
-        steps: total optimizer steps instead of ``epochs``; the last epoch is cut short.
-        lr: peak learning rate, reached after the warm-up and then decayed to 0 by a cosine.
-        optimizer: ``sgd`` (Nesterov momentum) or ``adamw``.
-        weight_decay: applied to weights with more than one dimension, not to biases and norm parameters.
-        label_smoothing: for the cross-entropy term (also inside the distillation loss).
-        warmup_epochs: linear warm-up length in epochs; fractions allowed.
-        batch_size: the global batch; under DDP each of the N processes takes ``batch_size / N`` images.
-        eval_batch_size: validation batch (default: ``batch_size``).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; under torchrun CUDA runs use ``cuda:LOCAL_RANK``.
-        amp: ``auto`` (mixed precision on CUDA only: bfloat16 where supported, else float16 with a scaler),
-            ``on`` or ``off``.
-        augment: ``auto`` (random crop after replicate padding plus horizontal flip; padding 2 for 1-channel
-            images such as Fashion-MNIST, 1/8 of the side otherwise) or ``none``.
-        kd: ``none``, ``fixed`` (temperature ``kd_t_max`` throughout) or ``variable`` (SFP's schedule from
-            ``kd_t_max`` at the first step to ``kd_t_min`` at the last, evaluated per step at
-            ``step / (total_steps - 1)`` rather than per epoch); needs a teacher.
-        kd_alpha: weight of the distillation term; ``1 - kd_alpha`` weighs the cross-entropy.
-        kd_schedule: shape of the variable temperature: ``cosine``, ``linear``, ``step`` or ``constant``.
-        recalibrate_bn: before training, re-estimate BatchNorm statistics on this many training batches.
-        checkpoint: file for the per-epoch resume state (an internal ``torch.save`` file).
-        resume: continue the run saved in ``checkpoint``.
-        force: overwrite an existing ``checkpoint`` when not resuming.
-    """
+    def tell(event: Mapping[str, Any]) -> None:
+        message = event_message(event)
+        if message is not None:
+            say(message)
 
-    epochs: int = 10
-    steps: int | None = None
-    lr: float = 0.01
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 0.0
-    batch_size: int = 128
-    eval_batch_size: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    augment: str = "auto"
-    kd: str = "none"
-    kd_alpha: float = 0.7
-    kd_t_max: float = 4.0
-    kd_t_min: float = 1.0
-    kd_schedule: str = "cosine"
-    recalibrate_bn: int = 0
-    checkpoint: Path | None = None
-    resume: bool = False
-    force: bool = False
-
-    def __post_init__(self):
-        checks = [
-            (self.steps is None and self.epochs < 1, f"--epochs {self.epochs} must be at least 1"),
-            (self.steps is not None and self.steps < 1, f"--steps {self.steps} must be at least 1"),
-            (not self.lr > 0, f"--lr {self.lr} must be positive"),
-            (self.optimizer not in OPTIMIZERS, f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}"),
-            (not 0 <= self.momentum < 1, f"--momentum {self.momentum} must lie in [0, 1)"),
-            (self.weight_decay < 0, f"--weight-decay {self.weight_decay} must not be negative"),
-            (not 0 <= self.label_smoothing < 1, f"--label-smoothing {self.label_smoothing} must lie in [0, 1)"),
-            (self.warmup_epochs < 0, f"--warmup-epochs {self.warmup_epochs} must not be negative"),
-            (self.batch_size < 1, f"--batch-size {self.batch_size} must be at least 1"),
-            (self.eval_batch_size is not None and self.eval_batch_size < 1,
-             f"--eval-batch-size {self.eval_batch_size} must be at least 1"),
-            (self.amp not in AMP_MODES, f"--amp {self.amp!r}: choose {', '.join(AMP_MODES)}"),
-            (self.augment not in AUGMENTS, f"--augment {self.augment!r}: choose {' or '.join(AUGMENTS)}"),
-            (self.kd not in KD_MODES, f"--kd {self.kd!r}: choose {', '.join(KD_MODES)}"),
-            (not 0 <= self.kd_alpha <= 1, f"--kd-alpha {self.kd_alpha} must lie in [0, 1]"),
-            (not self.kd_t_min > 0, f"--kd-t-min {self.kd_t_min} must be positive"),
-            (self.kd_t_max < self.kd_t_min, f"--kd-t-max {self.kd_t_max} must not be below --kd-t-min {self.kd_t_min}"),
-            (self.kd_schedule not in KD_SCHEDULES, f"--kd-schedule {self.kd_schedule!r}: choose {', '.join(KD_SCHEDULES)}"),
-            (self.recalibrate_bn < 0, f"--recalibrate-bn {self.recalibrate_bn} must not be negative"),
-            (self.resume and self.checkpoint is None, "--resume needs the --checkpoint file of the run to continue"),
-        ]
-        for failed, message in checks:
-            if failed:
-                raise PrunecliError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["checkpoint"] = str(self.checkpoint) if self.checkpoint is not None else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if values.get("checkpoint") is not None:
-            values["checkpoint"] = Path(values["checkpoint"])
-        return cls(**values)
+    return tell
 
 
 # ----------------------------------------------------------------------------- losses and schedules
@@ -251,21 +175,6 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def _device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    from prunecli.api import resolve_device
-
-    return resolve_device(name)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,7 +190,7 @@ def _num_classes(model: nn.Module, sample: Tensor, device: torch.device, what: s
     except Exception as exc:
         raise ArchitectureError(
             f"{what} does not run on images of shape {'x'.join(map(str, sample.shape[1:]))} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}); check the data"
+            f"({type(exc).__name__}: {first_line(exc, 150)}); check the data"
         ) from exc
     finally:
         model.train(was_training)
@@ -352,8 +261,8 @@ def evaluate(
     """
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size} must be at least 1")
-    target = _device(device)
-    original, was_training = _model_device(model), model.training
+    target = resolve_device(device)
+    original, was_training = model_device(model), model.training
     model.to(target).eval()
     try:
         if len(data) == 0:
@@ -400,7 +309,7 @@ def recalibrate_bn(
     norms = _batch_norms(model)
     if not norms:
         return 0
-    target = _device(device) if device is not None else _model_device(model)
+    target = resolve_device(device) if device is not None else model_device(model)
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:
@@ -495,11 +404,6 @@ class FinetuneResult:
         }
 
 
-def main_process() -> bool:
-    """True unless this is a torchrun worker of rank > 0: only the main process writes files."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -525,8 +429,8 @@ class _Distributed:
 
 
 def _setup_distributed(device_name: str) -> _Distributed:
-    device = _device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    device = resolve_device(device_name)
+    world = world_size()
     if world <= 1 or not torch.distributed.is_available():
         return _Distributed(0, 1, device)
     import torch.distributed as dist
@@ -539,7 +443,7 @@ def _setup_distributed(device_name: str) -> _Distributed:
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         except Exception as exc:
-            first = str(exc).splitlines()[0][:150] if str(exc) else ""
+            first = first_line(exc, 150)
             raise PrunecliError(
                 f"cannot start distributed training ({type(exc).__name__}: {first}); launch with torchrun"
             ) from exc
@@ -553,107 +457,6 @@ def _mix(*values: int) -> int:
     for value in values:
         h = ((h ^ (int(value) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) % (1 << 64)
     return h % (1 << 63)
-
-
-# ----------------------------------------------------------------------------- soft pruning masks
-
-
-class _SoftMask:
-    """Zeroes the selected channels of every out-member of their groups and keeps them zero.
-
-    Conv/linear weights and biases and BatchNorm weight and bias are zeroed (LRMF's code zeroes only the conv
-    weights; with the norm zeroed too, a masked channel outputs exactly 0, so validation during soft training
-    already measures the physically pruned model). A channel that a later selection releases gets its norm
-    reset to weight 1, bias 0, from which its filter regrows.
-    """
-
-    def __init__(self, graph: DependencyGraph):
-        self.graph = graph
-        self.removed: dict[int, tuple[int, ...]] = {}
-        self._entries: list[tuple[Tensor, int, Tensor]] = []
-
-    def _targets(self, removed: Mapping[int, Iterable[int]]) -> Iterator[tuple[nn.Module, list[int]]]:
-        by_index = {g.index: g for g in self.graph.groups}
-        for index, positions in removed.items():
-            chosen = set(int(p) for p in positions)
-            if not chosen:
-                continue
-            for member in by_index[index].members:
-                if member.dim != "out":
-                    continue
-                channels = sorted({i for i, r in zip(member.indices, member.root_indices, strict=True) if r in chosen})
-                yield self.graph.module(member.layer), channels
-
-    @staticmethod
-    def _params(module: nn.Module) -> list[tuple[Tensor, int]]:
-        found: list[tuple[Tensor | None, int]] = []
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            found = [(module.weight, 1), (module.bias, 0)]
-        elif isinstance(module, nn.modules.conv._ConvNd | nn.Linear | nn.modules.batchnorm._BatchNorm):
-            found = [(module.weight, 0), (module.bias, 0)]
-        return [(p, dim) for p, dim in found if isinstance(p, Tensor)]
-
-    @torch.no_grad()
-    def set(self, removed: Mapping[int, Iterable[int]]) -> int:
-        """Mask ``removed`` ({group index: root positions}) instead of the previous selection; returns how
-        many channels changed state."""
-        new = {int(g): tuple(sorted(int(p) for p in v)) for g, v in removed.items() if len(tuple(v))}
-        released = {g: set(old) - set(new.get(g, ())) for g, old in self.removed.items()}
-        changed = sum(len(v) for v in released.values())
-        changed += sum(len(set(v) - set(self.removed.get(g, ()))) for g, v in new.items())
-        for module, channels in self._targets(released):
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                index = torch.as_tensor(channels, device=module.weight.device if module.affine else None)
-                if module.affine:
-                    module.weight.index_fill_(0, index, 1.0)
-                    module.bias.index_fill_(0, index, 0.0)
-                if module.running_mean is not None:
-                    module.running_mean.index_fill_(0, index.to(module.running_mean.device), 0.0)
-                    module.running_var.index_fill_(0, index.to(module.running_var.device), 1.0)
-        self._entries = []
-        for module, channels in self._targets(new):
-            for param, dim in self._params(module):
-                self._entries.append((param, dim, torch.as_tensor(channels, dtype=torch.long, device=param.device)))
-        self.removed = new
-        self.apply()
-        return changed
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        for param, dim, index in self._entries:
-            if index.device != param.device:
-                index = index.to(param.device)
-            param.index_fill_(dim, index, 0.0)
-
-    @torch.no_grad()
-    def mask_grads(self) -> None:
-        for param, dim, index in self._entries:
-            if param.grad is not None:
-                param.grad.index_fill_(dim, index.to(param.grad.device), 0.0)
-
-    def refresh(self) -> None:
-        """Re-bind to the parameters after the model moved to another device."""
-        self.set(dict(self.removed))
-
-
-def _plan_to_dict(plan: Plan) -> dict[str, Any]:
-    return {
-        "removed": {int(g): [int(p) for p in v] for g, v in plan.removed.items()},
-        "keep": {int(g): int(k) for g, k in plan.keep.items()},
-        "cost": float(plan.cost),
-        "knob": float(plan.knob),
-    }
-
-
-def _plan_from_dict(data: Mapping[str, Any]) -> Plan:
-    from prunecli.allocate import Plan
-
-    return Plan(
-        {int(g): tuple(int(p) for p in v) for g, v in data["removed"].items()},
-        {int(g): int(k) for g, k in data["keep"].items()},
-        float(data["cost"]),
-        float(data["knob"]),
-    )
 
 
 class TrainingHook(Protocol):
@@ -672,58 +475,6 @@ class TrainingHook(Protocol):
     def end_epoch(self, epochs_done: int, epochs: int) -> dict[str, Any] | None: ...
     def state(self) -> dict[str, Any]: ...
     def load(self, state: Mapping[str, Any], history: bool = True) -> None: ...
-
-
-class _SoftPruning:
-    """The soft-pruning side of a run: selection before training and every ``every`` epochs, masks in between."""
-
-    keeps_best = True
-
-    def __init__(self, graph: DependencyGraph, select: Callable[[], tuple[Plan, float]], every: int):
-        self.mask = _SoftMask(graph)
-        self.select = select
-        self.every = every
-        self.plan: Plan | None = None
-        self.target = math.nan
-        self.selections: list[dict[str, Any]] = []
-
-    def choose(self, epoch: int) -> dict[str, Any]:
-        plan, self.target = self.select()
-        changed = self.mask.set(plan.removed)
-        self.plan = plan
-        entry = {"epoch": epoch, "removed": sum(len(v) for v in plan.removed.values()), "changed": changed}
-        self.selections.append(entry)
-        return {"event": "select", **entry}
-
-    def refresh(self) -> None:
-        self.mask.refresh()
-
-    def begin(self) -> dict[str, Any]:
-        return self.choose(0)
-
-    def after_backward(self) -> None:
-        self.mask.mask_grads()
-
-    def after_step(self, step: int, total_steps: int, lr: float) -> None:
-        self.mask.apply()  # momentum and weight decay must not regrow masked filters
-
-    def end_epoch(self, epochs_done: int, epochs: int) -> dict[str, Any] | None:
-        if self.every > 0 and epochs_done % self.every == 0 and epochs_done < epochs:
-            return self.choose(epochs_done)
-        return None
-
-    def state(self) -> dict[str, Any]:
-        return {"plan": _plan_to_dict(self.plan), "target": float(self.target),
-                "selections": [dict(s) for s in self.selections]}
-
-    def load(self, state: Mapping[str, Any], history: bool = True) -> None:
-        """Restore the plan and mask of ``state``; with ``history``, also the list of selections made."""
-        self.plan = _plan_from_dict(state["plan"])
-        self.target = float(state["target"])
-        if history:
-            self.selections = [dict(s) for s in state["selections"]]
-        self.mask.removed = {}
-        self.mask.set(self.plan.removed)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -799,6 +550,7 @@ def finetune(
     config: FinetuneConfig,
     teacher: nn.Module | None = None,
     progress: Progress | None = None,
+    hook: TrainingHook | None = None,
 ) -> FinetuneResult:
     """Train ``model`` in place on ``train``, validating on ``val`` after each epoch, and keep the best epoch.
 
@@ -810,6 +562,7 @@ def finetune(
         teacher: the distillation teacher for ``config.kd`` fixed/variable; run in eval mode without grad.
         progress: called (rank 0 only) with ``{"event": "step", ...}`` after every step, ``{"event": "epoch",
             ...}`` after every epoch, and ``{"event": "recalibrate"|"select", ...}`` for those phases.
+        hook: what a training-aware pruning method adds to the loop (``prunecli.methods.soft``, ``.edp``).
 
     Returns:
         the result; ``result.model`` is ``model`` with the best epoch's weights, in eval mode.
@@ -820,18 +573,6 @@ def finetune(
         CheckpointError: ``config.resume`` with a missing, unreadable or foreign checkpoint.
         ExportError: the checkpoint exists and neither ``resume`` nor ``force`` was given.
     """
-    return _run(model, train, val, config, teacher, progress, None)
-
-
-def _run(
-    model: nn.Module,
-    train: ImageSet,
-    val: ImageSet | None,
-    config: FinetuneConfig,
-    teacher: nn.Module | None,
-    progress: Progress | None,
-    hook: TrainingHook | None,
-) -> FinetuneResult:
     if config.kd != "none" and teacher is None:
         raise PrunecliError(f"--kd {config.kd} needs a --teacher model to distil from")
     if config.kd == "none" and teacher is not None:
@@ -857,7 +598,7 @@ class _Trainer:
         self.teacher, self.hook, self.dist = teacher, hook, distributed
         self.say = progress if distributed.rank == 0 else None
         self.device = distributed.device
-        self.home = _model_device(model)
+        self.home = model_device(model)
 
     # --- setup
 
@@ -1110,117 +851,3 @@ class _Trainer:
     def _tell(self, event: dict[str, Any]) -> None:
         if self.say is not None:
             self.say(event)
-
-
-# ----------------------------------------------------------------------------- soft pruning
-
-
-@dataclass(frozen=True)
-class SoftPruneResult:
-    """Outcome of :func:`soft_prune`: the plan in force for the returned weights (the masked channels), the
-    absolute budget target, every selection made, and the fine-tuning record.
-
-    ``graph`` is the dependency graph of the trained (still full-size, masked) model; :meth:`remove_channels`
-    applies the plan to it.
-    """
-
-    plan: Plan
-    target: float
-    selections: list[dict[str, Any]]
-    finetune: FinetuneResult
-    graph: DependencyGraph = field(repr=False, compare=False)
-
-    def remove_channels(self) -> nn.Module:
-        """Physically remove the masked channels, in place; returns the slim model (also ``finetune.model``)."""
-        self.graph.prune(self.plan.removed)
-        return self.graph.model.eval()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "plan": _plan_to_dict(self.plan),
-            "target": self.target,
-            "selections": [dict(s) for s in self.selections],
-            "finetune": self.finetune.to_dict(),
-        }
-
-
-def _soft_scores(scoring: ScoringOptions, graph: DependencyGraph, train: ImageSet) -> dict[int, Tensor]:
-    """Score every prunable group on the current weights; data criteria read a seeded subset of ``train``."""
-    from prunecli.criteria import get_criterion
-    from prunecli.criteria.base import score_weights, score_with_data
-
-    criterion = get_criterion(scoring.method)(seed=scoring.seed, **scoring.options)
-    groups = [g for g in graph.groups if g.prunable]
-    if not criterion.needs_data:
-        return score_weights(criterion, graph, groups, scoring.group_reduction)
-    limit = scoring.data.calib_images if scoring.data is not None else 256
-    batch_size = scoring.data.batch_size if scoring.data is not None else 64
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(scoring.seed))[:limit].sort().values
-    subset = ImageSet(train.images[chosen], train.labels[chosen] if train.labels is not None else None, train.description)
-    device = _model_device(graph.model)
-    return score_with_data(criterion, graph, groups, iterate_batches(subset, batch_size), scoring.group_reduction, device)
-
-
-def trace_for_training(model: nn.Module, example_input: Tensor, prune: PruneConfig) -> tuple[DependencyGraph, CostModel]:
-    """The channel groups and cost model of a model that is about to be trained in place (traced in eval mode)."""
-    from prunecli.graph import DependencyGraph
-    from prunecli.measure import CostModel, layer_costs
-
-    example_input = example_input.to(_model_device(model))
-    was_training = model.training
-    model.eval()
-    graph = DependencyGraph(model, example_input, prune.ignore, prune.timeout)
-    cost_model = CostModel(model, layer_costs(model, example_input), graph.groups)
-    model.train(was_training)
-    return graph, cost_model
-
-
-def soft_prune(
-    model: nn.Module,
-    example_input: Tensor,
-    train: ImageSet,
-    val: ImageSet | None,
-    config: FinetuneConfig,
-    prune: PruneConfig,
-    *,
-    reselect_every: int = 5,
-    teacher: nn.Module | None = None,
-    progress: Progress | None = None,
-) -> SoftPruneResult:
-    """Training-aware (soft) pruning, as in LRMF/FPGM, with any registered criterion.
-
-    Before the first epoch the channels are scored with ``prune.method`` and a plan for ``prune.budget`` is made
-    (``plan_pruning``: same allocation, limits and rounding as ``prune``); the planned channels are zeroed and
-    held at zero (gradients masked after backward, weights re-zeroed after each optimizer step). After every
-    ``reselect_every`` epochs, except the last, the model is scored and planned again and the mask replaced.
-    Data criteria score a seeded subset (``prune.data.calib_images``, default 256) of the training images.
-
-    Deviations from LRMF's code: BatchNorm weight and bias of masked channels are zeroed too (see
-    :class:`_SoftMask`), no selection follows the last epoch (the returned weights are trained under their
-    mask), and the returned plan is the one in force for the best epoch.
-
-    Args:
-        model: trained in place at full size; call :meth:`SoftPruneResult.remove_channels` to shrink it.
-        example_input: a batch the model accepts, to trace its channel groups.
-        config: the fine-tuning options; ``config.epochs`` (or ``steps``) is the soft-training length.
-        prune: budget, criterion, allocation and limits (its ``source`` and ``output`` are not used).
-        reselect_every: epochs between selections (LRMF: 5); 0 keeps the first selection.
-    """
-    from prunecli.api import plan_pruning
-    from prunecli.criteria import get_criterion
-
-    if reselect_every < 0:
-        raise PrunecliError(f"--reselect-every {reselect_every} must not be negative")
-    if get_criterion(prune.method).needs_labels and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise PrunecliError(
-            f"--method {prune.method} scores with gradients, which would clash with DDP's gradient hooks; "
-            "soft-prune with it in a single process, or use a weight or activation criterion"
-        )
-    graph, cost_model = trace_for_training(model, example_input, prune)
-
-    def select() -> tuple[Plan, float]:
-        return plan_pruning(prune, graph, cost_model, _soft_scores(prune.scoring, graph, train))
-
-    soft = _SoftPruning(graph, select, reselect_every)
-    result = _run(model, train, val, config, teacher, progress, soft)
-    return SoftPruneResult(soft.plan, soft.target, soft.selections, result, graph)

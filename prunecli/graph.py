@@ -8,18 +8,17 @@ through it. Its pruners, importances and schedulers are not used.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import math
-import signal
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from prunecli.errors import ArchitectureError
+from prunecli.runtime import time_limit
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # Torch-Pruning's traced ops that cut a channel dimension into parts. The part sizes are constants in the
@@ -63,36 +62,6 @@ class ChannelGroup:
         depthwise conv): a plan that takes all of them would empty that layer."""
         found = {tuple(sorted(set(m.root_indices))) for m in self.members}
         return tuple(sorted(p for p in found if len(p) < self.channels))
-
-
-@contextlib.contextmanager
-def time_limit(
-    seconds: float | None, stage: str, hint: str = "raise --timeout or --ignore the slow part"
-) -> Iterator[None]:
-    """Raise ArchitectureError naming ``stage`` and ``hint`` if the block runs longer than ``seconds`` (main thread,
-    POSIX only)."""
-    usable = seconds and hasattr(signal, "SIGALRM")
-    if usable:
-        try:
-            previous = signal.signal(signal.SIGALRM, _raise_timeout(stage, seconds, hint))
-        except ValueError:  # not in the main thread
-            usable = False
-    if not usable:
-        yield
-        return
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _raise_timeout(stage: str, seconds: float, hint: str):
-    def handler(signum, frame):
-        raise ArchitectureError(f"{stage} took longer than {seconds:g} s; {hint}")
-
-    return handler
 
 
 def _channel_blocks(module: nn.Module) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunecli.graph import ChannelGroup
+from prunecli.results import Totals
 
 COSTED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -90,12 +91,6 @@ def _add_calls(first: LayerCost, again: LayerCost) -> LayerCost:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@dataclass(frozen=True)
-class Totals:
-    params: int
-    macs: int
 
 
 def totals(model: nn.Module, example_input: torch.Tensor) -> Totals:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from prunecli import __version__
-from prunecli.api import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
+from prunecli._version import __version__
 from prunecli.errors import ExportError
 from prunecli.io.files import atomic_output, check_output_path
+from prunecli.results import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
+
+PIPE_WIDTH = 200  # columns of a table printed to a pipe; longer cells fold
 
 
 def human(number: float, digits: int = 2) -> str:
@@ -24,6 +27,14 @@ def human(number: float, digits: int = 2) -> str:
         if abs(number) >= scale:
             return f"{number / scale:.{digits}f}{unit}"
     return f"{number:.0f}" if float(number).is_integer() else f"{number:.{digits}f}"
+
+
+def stdout_console() -> Console:
+    """The console for tables on stdout: the terminal's width, or, in a pipe, log or CI (no terminal, no
+    ``COLUMNS``), wide enough that tables keep their rows on one line instead of wrapping every cell at 80."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPE_WIDTH)
 
 
 def print_json(result: Any) -> None:

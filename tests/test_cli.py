@@ -117,8 +117,8 @@ def test_score_help_shows_the_icie_capacity_option_as_inferred():
     result = invoke("score", "--help", columns=300)
     assert result.exit_code == 0
     text = " ".join(result.stdout.replace("│", " ").split())
-    assert ("--icie-capacity <str> icie: information capacity from the filters' 'weight' entropy (data-free) or the "
-            "'feature' entropy of the activation maps (needs --data) [INFERRED]. [default: weight]") in text
+    assert ("--icie-capacity <weight|feature> icie: information capacity from the filters' 'weight' entropy (data-free) "
+            "or the 'feature' entropy of the activation maps (needs --data) [INFERRED]. [default: weight]") in text
     assert "--icie-capacity feature: entropy of the activation maps instead [INFERRED, needs --data]" in text
 
 
@@ -632,3 +632,114 @@ def test_finetune_augment_option_reaches_the_training_loop(tmp_path):
     assert not torch.equal(finetune("none"), finetune("auto"))  # same seed: only the augmentation differs
     result = invoke("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--augment", "mixup", "-o", tmp_path / "x.pt")
     assert result.exit_code == 2 and "--augment" in result.output and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.slow
+def test_time_limits_hold_a_hundred_times_under_a_cpu_burning_thread():
+    """The alarm can fire inside library code that catches ``Exception``; the limit must hold all the same."""
+    import threading
+
+    stop = threading.Event()
+
+    def burn():
+        while not stop.is_set():
+            sum(i * i for i in range(10_000))
+
+    burner = threading.Thread(target=burn, daemon=True)
+    burner.start()
+    try:
+        for _ in range(100):
+            test_tracing_and_scoring_stop_at_their_time_limits_and_name_the_stage()
+    finally:
+        stop.set()
+        burner.join()
+
+
+USER_MODULE = '''
+from torch import nn
+
+
+def net(num_classes=10):
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+    )
+'''
+
+
+def test_import_path_finds_the_architecture_of_a_slim_custom_model_on_every_command(tmp_path):
+    import sys
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "prunecli_user_net.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(folder))
+    try:
+        import prunecli_user_net
+    finally:
+        sys.path.remove(str(folder))
+    del sys.modules["prunecli_user_net"]
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in prunecli_user_net.net().state_dict().items()}, str(base))
+    calib = SAMPLE / "fmnist_calib.safetensors"
+    model = ["--arch", "prunecli_user_net:net", "--import-path", folder]
+    slim = tmp_path / "slim.safetensors"
+    commands = {
+        "prune a state dict": ["prune", base, *model, "--input-shape", "1x28x28", "--ratio", "0.5", "-o", slim],
+        "analyze": ["analyze", slim, *model],
+        "score": ["score", slim, *model],
+        "prune": ["prune", slim, *model, "--ratio", "0.3", "-o", tmp_path / "again.safetensors"],
+        "evaluate": ["evaluate", slim, *model, "--data", calib, "--limit", "16"],
+        "finetune": ["finetune", slim, *model, "--data", calib, "--limit", "16", "--batch-size", "8", "--steps", "1",
+                     "--device", "cpu", "-o", tmp_path / "ft.safetensors"],
+        "export onnx": ["export", slim, *model, "-o", tmp_path / "slim.onnx"],
+        "export safetensors": ["export", slim, *model, "--format", "safetensors", "-o", tmp_path / "copy.safetensors"],
+        "export torchscript": ["export", slim, *model, "--format", "torchscript", "-o", tmp_path / "slim.pt"],
+    }
+    for what, args in commands.items():
+        sys.modules.pop("prunecli_user_net", None)  # each command must find the module through --import-path
+        result = invoke(*args, "-q") if args[0] in ("prune", "finetune") else invoke(*args)
+        assert result.exit_code == 0, f"{what}: {result.output}"
+    assert "prunecli_user_net" not in "".join(sys.path)
+    sys.modules.pop("prunecli_user_net", None)
+    assert load(slim, trust_code=True, import_paths=(folder,))(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_old_option_spellings_still_work_hidden_and_clash_with_the_new_ones(tmp_path):
+    r20 = SAMPLE / "resnet20_fmnist.safetensors"
+    calib = SAMPLE / "fmnist_calib.safetensors"
+    new = invoke("evaluate", r20, "--data", calib, "--eval-limit", "8", "--device", "cpu", "--json")
+    old = invoke("evaluate", r20, "--data", calib, "--limit", "8", "--device", "cpu", "--json")
+    assert new.exit_code == old.exit_code == 0, new.output + old.output
+    assert json.loads(new.output)["metrics"]["images"] == json.loads(old.output)["metrics"]["images"] == 8
+    clash = invoke("evaluate", r20, "--data", calib, "--eval-limit", "8", "--limit", "9")
+    assert clash.exit_code == 1 and "--limit is the old name of --eval-limit" in clash.output
+    exported = invoke("export", r20, "--data", calib, "--calib-images", "4", "-o", tmp_path / "m.onnx", "--json")
+    assert exported.exit_code == 0, exported.output
+    for command, old_flag in (("evaluate", "--limit"), ("finetune", "--limit"), ("export", "--calib-images")):
+        assert old_flag not in invoke(command, "--help", columns=300).stdout
+
+
+def test_closed_sets_are_choices_and_every_command_groups_its_options_in_panels():
+    result = invoke("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--amp", "maybe")
+    assert result.exit_code == 2 and "--amp" in result.output
+    result = invoke("score", SAMPLE / "resnet20_fmnist.safetensors", "--dct-band", "mid")
+    assert result.exit_code == 2 and "--dct-band" in result.output
+    panels = {}
+    for command in ("analyze", "score", "prune", "evaluate", "finetune", "export"):
+        text = invoke(command, "--help", columns=300).stdout
+        panels[command] = [line.split("─ ")[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
+        assert "-q, --quiet" in " ".join(text.replace("│", " ").split()) or "--quiet -q" in " ".join(text.split())
+    assert panels["prune"] == ["Arguments", "Options", "Model", "Budget", "Criterion", "Data", "Recovery", "Output", "Run"]
+    assert all(p[:3] == ["Arguments", "Options", "Model"] for p in panels.values())
+
+
+def test_tables_in_a_pipe_keep_their_rows_on_one_line():
+    result = runner.invoke(app, ["analyze", str(SAMPLE / "resnet20_fmnist.safetensors")], env={"COLUMNS": ""})
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "layer1.0.conv1" in line)
+    assert "Conv2d" in row and "3x3" in row and "yes" in row  # the whole row on one line, not folded at 80 columns
+    assert max(len(line) for line in result.stdout.splitlines()) > 80

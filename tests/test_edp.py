@@ -20,12 +20,16 @@ from typer.testing import CliRunner
 from prunecli.allocate import Plan
 from prunecli.cli import app
 from prunecli.config import ModelSource, PruneConfig, parse_budget
-from prunecli.edp import (
-    DecomposedConv,
+from prunecli.finetune import FinetuneConfig
+from prunecli.graph import DependencyGraph
+from prunecli.io.data import ImageSet
+from prunecli.io.slim import load, save_slim
+from prunecli.layers import DecomposedConv, decomposed_layers
+from prunecli.measure import CostModel, layer_costs, totals
+from prunecli.methods.edp import (
     MergeAwareCost,
     decomposable,
     decompose,
-    decomposed_layers,
     edp_prune,
     eligible_groups,
     group_slices,
@@ -33,11 +37,6 @@ from prunecli.edp import (
     proximal_group_lasso,
     prune_and_merge,
 )
-from prunecli.finetune import FinetuneConfig
-from prunecli.graph import DependencyGraph
-from prunecli.io.data import ImageSet
-from prunecli.io.slim import load, save_slim
-from prunecli.measure import CostModel, layer_costs, totals
 from prunecli.samples import resnet20
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,7 +299,7 @@ torch.set_num_threads(1)
 out = Path(sys.argv[1])
 rank = int(os.environ["RANK"])
 torch.manual_seed(100 + rank)  # different RNG states: DDP must keep the ranks in step anyway
-import prunecli.edp as edp
+import prunecli.methods.edp as edp
 original = edp.prune_and_merge
 
 def record(graph, plan, groups, example, threshold):

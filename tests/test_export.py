@@ -17,13 +17,15 @@ from torch import nn
 from torch.testing import assert_close
 
 import prunecli
-import prunecli.export as export_module
+import prunecli.export.onnx as onnx_module
+import prunecli.latency as latency_module
 from prunecli.api import prune_model
 from prunecli.config import ModelSource, PruneConfig, parse_budget
 from prunecli.errors import DataError, ExportError
-from prunecli.export import ExportConfig, compare_latency, export_model, latency
+from prunecli.export import ExportConfig, export_model
 from prunecli.io.files import sha256_file
 from prunecli.io.slim import read_slim_metadata
+from prunecli.latency import compare_latency, latency
 from prunecli.samples import resnet20
 
 R20_SHAPE = (1, 28, 28)
@@ -198,14 +200,14 @@ def test_onnx_static_batch_of_a_plain_model_is_reproducible(tmp_path):
 
 
 def test_auto_falls_back_to_dynamo_with_the_reason(tmp_path, monkeypatch):
-    real_exporter = export_module._run_exporter
+    real_exporter = onnx_module._run_exporter
 
     def legacy_breaks(name, *args):
         if name == "legacy":
             raise RuntimeError("Unsupported: ONNX export of operator foo\nsecond line")
         return real_exporter(name, *args)
 
-    monkeypatch.setattr(export_module, "_run_exporter", legacy_breaks)
+    monkeypatch.setattr(onnx_module, "_run_exporter", legacy_breaks)
     output = tmp_path / "tiny.onnx"
     model = tiny()
     result = export_model(
@@ -283,7 +285,7 @@ def test_a_nan_output_fails_verification(tmp_path, monkeypatch):
     def nan_runner(session):
         return lambda x: [torch.full((len(x), 3), float("nan"))]
 
-    monkeypatch.setattr(export_module, "_ort_runner", nan_runner)
+    monkeypatch.setattr(onnx_module, "_ort_runner", nan_runner)
     output = tmp_path / "m.onnx"
     with pytest.raises(ExportError) as exc:
         export_model(tiny(), input_shape=(1, 12, 12), document=None, config=ExportConfig("onnx", output))
@@ -426,7 +428,7 @@ def test_latency_is_the_median_after_warmup(monkeypatch):
     model = tiny()
     calls = []
     model.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
-    monkeypatch.setattr(export_module, "_clock", FakeClock([0.005, 0.001, 0.003, 0.002, 0.004, 0.010]))
+    monkeypatch.setattr(latency_module, "_clock", FakeClock([0.005, 0.001, 0.003, 0.002, 0.004, 0.010]))
     result = latency(model, (1, 12, 12), batch_sizes=(1, 2), warmup=2, repeats=3)
     assert result == pytest.approx({1: 3.0, 2: 4.0})
     assert calls == [1] * 5 + [2] * 5  # 2 warm-up + 3 timed runs per batch size
@@ -448,7 +450,7 @@ def test_latency_on_onnxruntime(tmp_path, r20_onnx):
 def test_compare_latency_puts_the_speedup_beside_the_macs_ratio(r20_slim, monkeypatch):
     _, slim, document, _ = r20_slim
     original = resnet20().eval()
-    monkeypatch.setattr(export_module, "_clock", FakeClock([0.004, 0.002]))
+    monkeypatch.setattr(latency_module, "_clock", FakeClock([0.004, 0.002]))
     comparison = compare_latency(original, slim, R20_SHAPE, batch_sizes=(1,), warmup=0, repeats=1, runtimes=("torch",))
     assert len(comparison.rows) == 1
     row = comparison.rows[0]
@@ -462,17 +464,20 @@ def test_compare_latency_puts_the_speedup_beside_the_macs_ratio(r20_slim, monkey
 
 
 def test_onnx_is_imported_lazily():
-    tree = ast.parse(Path(export_module.__file__).read_text())
-    top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
-    assert "torch" in top_level and not top_level & {"onnx", "onnxruntime", "onnxscript"}
+    files = [*Path(onnx_module.__file__).parent.glob("*.py"), Path(latency_module.__file__)]
+    assert len(files) >= 6
+    for path in files:
+        tree = ast.parse(path.read_text())
+        top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+        assert "torch" in top_level and not top_level & {"onnx", "onnxruntime", "onnxscript"}, path
 
 
 def test_compare_latency_alternates_the_two_models(monkeypatch):
     original, slim, calls = tiny(), tiny(), []
     original.register_forward_hook(lambda module, args, out: calls.append("original"))
     slim.register_forward_hook(lambda module, args, out: calls.append("slim"))
-    monkeypatch.setattr(export_module, "_clock", FakeClock([0.006, 0.002, 0.004, 0.003, 0.008, 0.001]))
+    monkeypatch.setattr(latency_module, "_clock", FakeClock([0.006, 0.002, 0.004, 0.003, 0.008, 0.001]))
     comparison = compare_latency(original, slim, (1, 12, 12), batch_sizes=(2,), warmup=1, repeats=3, runtimes=("torch",))
     # one costing pass each (the MACs ratio), one warm-up each, then three rounds of one run each
     assert calls == ["original", "slim"] * 5

@@ -24,11 +24,11 @@ from prunecli.finetune import (
     kd_loss,
     learning_rate,
     recalibrate_bn,
-    soft_prune,
     temperature,
 )
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import FASHION_MNIST_ROOT, ImageSet, load_fashion_mnist, normalize
+from prunecli.methods.soft import soft_prune
 from prunecli.samples import resnet20
 
 FMNIST_FILES = FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz"
@@ -420,3 +420,20 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path):
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and checkpoint["epoch"] == 2 and checkpoint["step"] == 8
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "rank0.pt", "rank1.pt"]
+
+
+def test_training_events_read_as_one_line_each():
+    from prunecli.finetune import event_message, messages_to
+
+    assert event_message({"event": "epoch", "epoch": 2, "train_loss": 0.51234, "val_top1": None}) == (
+        "epoch 2: train loss 0.512, val top-1 -")
+    assert event_message({"event": "step", "epoch": 1, "step": 7, "loss": 1.0, "images_per_second": 812.6}) == (
+        "epoch 1 step 7: loss 1.000, 813 img/s")
+    assert event_message({"event": "select", "epoch": 0, "removed": 12}) == "epoch 0: 12 channels selected for removal"
+    assert event_message({"event": "recalibrate"}) is None
+    said = []
+    tell = messages_to(said.append)
+    tell({"event": "recalibrate"})
+    tell({"event": "select", "epoch": 3, "removed": 4, "zero_coefficient_groups": 2, "estimated_cost": 12345.0})
+    assert said == ["epoch 3: 4 channels selected for removal (2 coefficient rows/columns already zero, "
+                    "1.234e+04 after removal)"]

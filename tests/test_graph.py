@@ -193,3 +193,32 @@ def test_a_frozen_model_is_traced_and_stays_frozen():
     graph = DependencyGraph(model, torch.randn(1, 1, 28, 28))
     assert sum(g.prunable for g in graph.groups) == 12
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_time_limit_swallowed_by_library_code_still_stops_the_stage():
+    import contextlib
+    import time
+
+    from prunecli.runtime import time_limit
+
+    def library_call():  # catches everything, as some tracing and hook code does
+        deadline = time.perf_counter() + 0.2
+        while time.perf_counter() < deadline:
+            with contextlib.suppress(Exception):
+                time.sleep(0.01)
+
+    def wrapping_call():  # turns every error into its own
+        try:
+            time.sleep(0.2)
+        except ArchitectureError as exc:
+            raise ValueError("wrapped by the library") from exc
+
+    tracing = pytest.raises(ArchitectureError, match=r"^tracing took longer than 0\.02 s; raise --timeout")
+    with tracing, time_limit(0.02, "tracing", "raise --timeout"):
+        library_call()
+    scoring = pytest.raises(ArchitectureError, match=r"^scoring took longer than 0\.02 s; hint$")
+    with scoring as caught, time_limit(0.02, "scoring", "hint"):
+        wrapping_call()
+    assert isinstance(caught.value.__cause__, ValueError)
+    with time_limit(5, "quick"):
+        pass

@@ -254,7 +254,7 @@ RANGE_CASES = [
          ("strictly between 0 and 1",)),
     Case("score", "out-of-range number: --calib-images 0", _extra("score", "--calib-images", "0"), 2,
          ("--calib-images",)),
-    Case("evaluate", "out-of-range number: --limit 0", _extra("evaluate", "--limit", "0"), 2, ("--limit",)),
+    Case("evaluate", "out-of-range number: --eval-limit 0", _extra("evaluate", "--eval-limit", "0"), 2, ("--eval-limit",)),
     Case("finetune", "out-of-range number: --lr -1", _extra("finetune", "--lr", "-1"), 1, ("--lr -1.0 must be positive",)),
     Case("finetune", "out-of-range number: --epochs 0", _extra("finetune", "--epochs", "0"), 2, ("--epochs",)),
     Case("finetune", "out-of-range number: --label-smoothing 1.5", _extra("finetune", "--label-smoothing", "1.5"), 1,
@@ -277,7 +277,8 @@ UNKNOWN_CASES = [
     Case("export", "unknown format", _extra("export", "-f", "bogus"), 2, ("--format",)),
     Case("export", "unknown dtype", _extra("export", "--dtype", "fp8"), 2, ("--dtype",)),
     Case("finetune", "unknown optimizer", _extra("finetune", "--optimizer", "lion"), 2, ("--optimizer",)),
-    Case("finetune", "unknown --amp", _extra("finetune", "--amp", "maybe"), 1, ("--amp 'maybe'", "choose auto, on, off")),
+    Case("finetune", "unknown --amp", _extra("finetune", "--amp", "maybe"), 2,
+         ("Invalid value for '--amp'", "'maybe' is not one of 'auto', 'on', 'off'")),
     *for_commands("unknown device", ("score", "prune", "evaluate", "finetune"),
                   lambda c, w: args_for(c, w, extra=("--device", "tpu")), 1, ("--device 'tpu' is not a device",)),
 ]
@@ -416,8 +417,8 @@ DATA_CASES = [
     *for_commands("icie feature capacity without --data", ("score", "prune"),
                   lambda c, w: args_for(c, w, extra=("-m", "icie", "--icie-capacity", "feature")), 1,
                   ("method icie scores feature maps and needs calibration data", "pass --data")),
-    Case("score", "unknown --icie-capacity", _extra("score", "-m", "icie", "--icie-capacity", "pixels"), 1,
-         ("icie_capacity must be one of weight, feature, got 'pixels'",)),
+    Case("score", "unknown --icie-capacity", _extra("score", "-m", "icie", "--icie-capacity", "pixels"), 2,
+         ("Invalid value for '--icie-capacity'", "'pixels' is not one of 'weight', 'feature'")),
     Case("score", "pickle that runs code as --data", lambda w: args_for(
         "score", w, extra=("-m", "hrank", "--data", str(w.pickle_payload()))), 1, ("is unreadable",)),
     Case("prune", "--scores that is not a scores file", lambda w: args_for(
@@ -620,7 +621,7 @@ def _paused_replace(src, dst):
     _replace(src, dst)
     _pause()
 import torch, torch_pruning, safetensors.torch
-import prunecli.api, prunecli.export, prunecli.finetune
+import prunecli.api, prunecli.export, prunecli.finetune, prunecli.latency
 from prunecli.cli import app
 jobs = json.loads(sys.argv[1])
 pids = []

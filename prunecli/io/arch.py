@@ -135,13 +135,13 @@ def build_model(arch: ArchSpec, import_paths: tuple[Path, ...] = ()) -> nn.Modul
     return model.eval()
 
 
-def build_skeleton(arch: ArchSpec) -> nn.Module:
+def build_skeleton(arch: ArchSpec, import_paths: tuple[Path, ...] = ()) -> nn.Module:
     """The architecture without initialised weights (on the meta device where the factory allows it)."""
     try:
         with torch.device("meta"):
-            return build_model(arch)
+            return build_model(arch, import_paths)
     except (NotImplementedError, RuntimeError):
-        return build_model(arch)
+        return build_model(arch, import_paths)
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli import __version__
-from prunecli.errors import CheckpointError
+from prunecli._version import __version__
+from prunecli.errors import CheckpointError, first_line
 from prunecli.io.arch import ArchSpec, build_model, build_skeleton
 from prunecli.io.files import atomic_output, write_through_memory
+from prunecli.io.readers import check_file, read_safetensors, sniff, torch_load, unwrap_state_dict
+from prunecli.layers import DecomposedConv, decomposed_layers
 
 FORMAT = "prunecli-slim"
 FORMAT_VERSION = 1
@@ -29,6 +31,8 @@ METADATA_KEY = "prunecli"
 TORCH_SUFFIXES = (".pt", ".pth")
 SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # what save_slim writes
 _PLAIN = (bool, int, float, str, type(None))
+# the keys save_slim writes from the model itself; a copy of a document's provenance leaves them out
+STRUCTURAL_KEYS = ("format", "format_version", "prunecli_version", "arch", "input_shape", "modules", "decomposed", "tied")
 
 
 def _plain_value(value: Any) -> Any:
@@ -64,8 +68,6 @@ def attribute_changes(base: nn.Module, pruned: nn.Module) -> dict[str, dict[str,
 
 def decomposed_shapes(model: nn.Module) -> dict[str, list[int]]:
     """``[in_channels, out_channels, rank]`` of each conv EDP kept as a basis + coefficient pair."""
-    from prunecli.edp import decomposed_layers
-
     return {
         name: [block.basis.in_channels, block.coeff.out_channels, block.rank]
         for name, block in decomposed_layers(model).items()
@@ -213,16 +215,24 @@ def trusted_arch(document: Mapping[str, Any], trust_code: bool, source: str = "t
 
 
 def rebuild(
-    document: Mapping[str, Any], state: Mapping[str, torch.Tensor], trust_code: bool = False, source: str = "the file"
+    document: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    trust_code: bool = False,
+    source: str = "the file",
+    import_paths: tuple[Path, ...] = (),
 ) -> nn.Module:
-    """Build the slim architecture described by ``document`` and load ``state`` strictly."""
+    """Build the slim architecture described by ``document`` and load ``state`` strictly.
+
+    Args:
+        import_paths: folders where the module of a ``pkg.module:factory`` architecture is found (``--import-path``).
+    """
     arch = trusted_arch(document, trust_code, source)
     full = dict(state)
     for alias, target in document.get("tied", {}).items():
         full[alias] = full[target]
-    model = _shaped(build_skeleton(arch), document, full)
+    model = _shaped(build_skeleton(arch, import_paths), document, full)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = _shaped(build_model(arch), document, full)  # a buffer the file does not hold needs real init
+        model = _shaped(build_model(arch, import_paths), document, full)  # a buffer the file does not hold needs real init
     load_strict(model, full)
     return model.eval()
 
@@ -253,8 +263,6 @@ def _shaped(model: nn.Module, document: Mapping[str, Any], state: Mapping[str, t
 
 def _decompose_skeleton(model: nn.Module, decomposed: Any, modules: Mapping[str, nn.Module]) -> None:
     """Put EDP's basis + coefficient pair where the document says a conv was kept decomposed."""
-    from prunecli.edp import DecomposedConv
-
     if not isinstance(decomposed, dict):
         raise CheckpointError("the slim file's list of decomposed layers is damaged")
     for name, dims in decomposed.items():
@@ -289,26 +297,30 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     try:
         model.load_state_dict(versioned, strict=True)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        first = first_line(exc, 200)
         raise CheckpointError(f"the weights do not load into the architecture ({type(exc).__name__}: {first})") from exc
 
 
-def load(path: str | Path, trust_code: bool = False) -> nn.Module:
+def load(path: str | Path, trust_code: bool = False, import_paths: tuple[Path, ...] = ()) -> nn.Module:
     """Load a prunecli slim model as a ready ``nn.Module`` in eval mode, without pickle: a ``.safetensors``
-    file, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar. Unreadable files raise CheckpointError."""
-    from prunecli.io.checkpoint import _check_file, _read_safetensors, _sniff, _torch_load, unwrap_state_dict
+    file, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar. Unreadable files raise CheckpointError.
 
+    Args:
+        trust_code: build an architecture other than torchvision's and the samples, which runs code the file names.
+        import_paths: folders where that architecture's module is found.
+    """
     path = Path(path)
-    _check_file(path)
-    if _sniff(path) == "safetensors":
-        state = _read_safetensors(path)  # validates the header and offsets before reading
+    check_file(path)
+    if sniff(path) == "safetensors":
+        state = read_safetensors(path)  # validates the header and offsets before reading
         document = read_slim_metadata(path)
         if document is None:
             raise CheckpointError(f"{path} is a plain safetensors file, not a prunecli slim model; load it with --arch")
-        return rebuild(document, state, trust_code, str(path))
+        return rebuild(document, state, trust_code, str(path), tuple(import_paths))
     document = read_sidecar(path)
     if document is None:
         raise CheckpointError(
             f"{path} is not a prunecli slim model (a .safetensors file, or a .pt/.pth with its .json sidecar)"
         )
-    return rebuild(document, unwrap_state_dict(_torch_load(path, trust_pickle=False)), trust_code, str(path))
+    state = unwrap_state_dict(torch_load(path, trust_pickle=False))
+    return rebuild(document, state, trust_code, str(path), tuple(import_paths))

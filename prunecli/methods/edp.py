@@ -41,80 +41,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from prunecli.allocate import Plan
+from prunecli.criteria.base import normalise
 from prunecli.errors import ArchitectureError, BudgetError
+from prunecli.finetune import finetune
+from prunecli.layers import DecomposedConv, channel_params, decomposed_layers, is_depthwise
+from prunecli.planning import plan_pruning, trace_for_training
+from prunecli.runtime import model_device
 
 if TYPE_CHECKING:
-    from prunecli.allocate import Plan
     from prunecli.graph import ChannelGroup, DependencyGraph
     from prunecli.measure import CostModel
-
-INITS = ("svd", "identity")
-
-
-class DecomposedConv(nn.Module):
-    """A 2-d convolution as a basis conv (``rank`` filters, same geometry, no bias) and a 1x1 coefficient conv."""
-
-    def __init__(self, conv: nn.Conv2d, in_channels: int, out_channels: int, rank: int, device=None):
-        super().__init__()
-        self.basis = nn.Conv2d(
-            in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False,
-            padding_mode=conv.padding_mode, device=device, dtype=conv.weight.dtype,
-        )
-        self.coeff = nn.Conv2d(rank, out_channels, 1, bias=conv.bias is not None, device=device, dtype=conv.weight.dtype)
-
-    @classmethod
-    def of(cls, conv: nn.Conv2d, init: str = "svd") -> DecomposedConv:
-        """The block computing exactly (SVD: up to float rounding) what ``conv`` computes."""
-        weight = conv.weight.detach()
-        out_channels, in_channels = weight.shape[:2]
-        if init == "identity":
-            block = cls(conv, in_channels, out_channels, out_channels, weight.device)
-            basis, coeff = weight, torch.eye(out_channels, dtype=weight.dtype, device=weight.device)
-        elif init == "svd":
-            u, s, vh = torch.linalg.svd(weight.reshape(out_channels, -1).double(), full_matrices=False)
-            block = cls(conv, in_channels, out_channels, len(s), weight.device)
-            basis, coeff = vh.reshape(len(s), *weight.shape[1:]), u * s
-        else:
-            raise ValueError(f"unknown EDP initialisation {init!r}; choose one of {', '.join(INITS)}")
-        with torch.no_grad():
-            block.basis.weight.copy_(basis)
-            block.coeff.weight.copy_(coeff[:, :, None, None])
-            if conv.bias is not None:
-                block.coeff.bias.copy_(conv.bias)
-        return block.train(conv.training)
-
-    @property
-    def rank(self) -> int:
-        return self.basis.weight.shape[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.coeff(self.basis(x))
-
-    def saves_macs(self) -> bool:
-        """Whether the two convs cost fewer MACs than the one conv they compose: ``M (C k^2 + N) < N C k^2``."""
-        out_channels, in_channels = self.coeff.weight.shape[0], self.basis.weight.shape[1]
-        kernel = math.prod(self.basis.kernel_size)
-        return self.rank * (in_channels * kernel + out_channels) < out_channels * in_channels * kernel
-
-    def merged(self) -> nn.Conv2d:
-        """The single conv with ``W'[i] = sum_j A[i, j] B[j]``: the same function, exactly in real arithmetic."""
-        basis, coeff = self.basis, self.coeff
-        conv = nn.Conv2d(
-            basis.in_channels, coeff.out_channels, basis.kernel_size, basis.stride, basis.padding, basis.dilation,
-            bias=coeff.bias is not None, padding_mode=basis.padding_mode, device=basis.weight.device,
-            dtype=basis.weight.dtype,
-        )
-        with torch.no_grad():
-            merged = torch.einsum("ij,jckl->ickl", coeff.weight[:, :, 0, 0].double(), basis.weight.double())
-            conv.weight.copy_(merged)
-            if coeff.bias is not None:
-                conv.bias.copy_(coeff.bias)
-        return conv.train(self.training)
-
-
-def decomposed_layers(model: nn.Module) -> dict[str, DecomposedConv]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, DecomposedConv)}
-
 
 def decomposable(model: nn.Module, ignore: Sequence[str] = ()) -> list[str]:
     """Names of the convs EDP decomposes: ungrouped 2-d convs not matched by an ``--ignore`` pattern."""
@@ -178,29 +115,11 @@ class _Slice:
     roots: Tensor
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
-
-
-def _member_params(module: nn.Module, dim: str) -> list[tuple[Tensor, int]]:
-    """The parameters of ``module`` that hold a group's channels along ``dim`` ("out" or "in")."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.LayerNorm):
-        found = [(module.weight, 0), (module.bias, 0)] if dim == "out" else []
-    elif isinstance(module, nn.Conv2d | nn.Linear):
-        if dim == "out":
-            found = [(module.weight, 0), (module.bias, 0)]
-        else:
-            found = [] if _is_depthwise(module) else [(module.weight, 1)]
-    else:
-        found = []
-    return [(p, d) for p, d in found if isinstance(p, nn.Parameter)]
-
-
 def group_slices(graph: DependencyGraph, group: ChannelGroup) -> list[_Slice]:
     """Every parameter slice of a channel group: producers, norms and the next layers' input weights."""
     slices = []
     for member in group.members:
-        for param, dim in _member_params(graph.module(member.layer), member.dim):
+        for param, dim in channel_params(graph.module(member.layer), member.dim):
             index = torch.as_tensor(member.indices, dtype=torch.long, device=param.device)
             slices.append(_Slice(param, dim, index, torch.as_tensor(member.root_indices, dtype=torch.long)))
     return slices
@@ -237,7 +156,7 @@ def eligible_groups(graph: DependencyGraph, blocks: Mapping[str, DecomposedConv]
             if m.dim == "out" and isinstance(graph.module(m.layer), nn.modules.conv._ConvNd | nn.Linear)
         ]
         if group.prunable and any(p in parts for p in producers) and all(
-            p in parts or _is_depthwise(graph.module(p)) for p in producers
+            p in parts or is_depthwise(graph.module(p)) for p in producers
         ):
             chosen.append(group)
     return chosen
@@ -254,8 +173,6 @@ def edp_scores(
     graph: DependencyGraph, groups: Sequence[ChannelGroup], blocks: Mapping[str, DecomposedConv]
 ) -> dict[int, Tensor]:
     """Scores for the allocator: coefficient norms scaled to mean 1 per group (higher = keep)."""
-    from prunecli.criteria.base import normalise
-
     return {g.index: normalise(coefficient_norms(graph, g, blocks)) for g in groups}
 
 
@@ -343,16 +260,12 @@ class EdpTraining:
         return self._choose(epochs_done) if epochs_done < epochs else None
 
     def state(self) -> dict[str, Any]:
-        from prunecli.finetune import _plan_to_dict
-
-        return {"plan": _plan_to_dict(self.plan), "target": float(self.target), "step": self.step,
+        return {"plan": self.plan.to_dict(), "target": float(self.target), "step": self.step,
                 "radius": [[g, p, r, s] for g, chosen in self.radius.items() for p, (r, s) in chosen.items()],
                 "selections": [dict(s) for s in self.selections]}
 
     def load(self, state: Mapping[str, Any], history: bool = True) -> None:
-        from prunecli.finetune import _plan_from_dict
-
-        self.plan, self.target, self.step = _plan_from_dict(state["plan"]), float(state["target"]), int(state["step"])
+        self.plan, self.target, self.step = Plan.from_dict(state["plan"]), float(state["target"]), int(state["step"])
         self.radius = {}
         for g, p, r, s in state["radius"]:
             self.radius.setdefault(int(g), {})[int(p)] = (float(r), int(s))
@@ -405,7 +318,7 @@ def _fold_constant_channels(
     consumers = [
         m for m in group.members
         if m.dim == "in" and isinstance(graph.module(m.layer), nn.Conv2d | nn.Linear)
-        and not _is_depthwise(graph.module(m.layer))
+        and not is_depthwise(graph.module(m.layer))
     ]
     inputs = _consumer_inputs(graph.model, [m.layer for m in consumers], example)
     foldable = []
@@ -531,8 +444,6 @@ def edp_prune(
         threshold: Pruning & Merging also drops rows and columns whose norm is below it.
         init: ``svd`` or ``identity`` initialisation of the blocks.
     """
-    from prunecli.api import plan_pruning
-    from prunecli.finetune import _model_device, _run, trace_for_training
 
     check_budget_kind(prune.budget.kind)
     names = decomposable(model, prune.ignore)
@@ -548,7 +459,7 @@ def edp_prune(
                             after_merging.evaluate)
 
     hook = EdpTraining(graph, select, lam)
-    trained = _run(model, train, val, training, None, progress, hook)
-    sample = (val if val is not None else train).images[:64].to(_model_device(model))
+    trained = finetune(model, train, val, training, progress=progress, hook=hook)
+    sample = (val if val is not None else train).images[:64].to(model_device(model))
     record = prune_and_merge(graph, hook.plan, groups, sample, threshold)
     return EdpResult(graph.model.eval(), hook.plan, hook.target, hook.selections, trained, record)

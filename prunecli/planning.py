@@ -1,0 +1,93 @@
+"""Planning: scores plus a budget -> a plan of channels to remove, over a model's channel groups and costs.
+
+Used by ``prune`` and ``score --preview`` (``prunecli.api``) and, every few epochs, by the training-aware methods
+(``prunecli.methods.soft``, ``prunecli.methods.edp``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prunecli.allocate import GroupLimits, Plan, allocate, removal_order
+from prunecli.criteria.base import CONV_LINEAR, out_weight
+from prunecli.criteria.sfp import kernel_dispersion
+from prunecli.errors import BudgetError
+from prunecli.graph import ChannelGroup, DependencyGraph
+from prunecli.measure import CostModel, layer_costs
+from prunecli.runtime import model_device
+
+if TYPE_CHECKING:
+    from prunecli.config import PruneConfig
+
+
+def cost_function(budget_kind: str, evaluate: Callable[[np.ndarray], tuple[float, float]], groups: list[ChannelGroup]):
+    order = [g.index for g in groups]
+
+    def vector(keep: Mapping[int, int]) -> np.ndarray:
+        return np.array([keep[i] for i in order], dtype=float)
+
+    if budget_kind == "flops":
+        return lambda keep: evaluate(vector(keep))[0]
+    if budget_kind == "params":
+        return lambda keep: evaluate(vector(keep))[1]
+    return lambda keep: float(sum(keep[g.index] for g in groups if g.prunable))
+
+
+def plan_pruning(
+    config: PruneConfig,
+    graph: DependencyGraph,
+    cost_model: CostModel,
+    scores: Mapping[int, torch.Tensor],
+    evaluate: Callable[[np.ndarray], tuple[float, float]] | None = None,
+) -> tuple[Plan, float]:
+    """Turn scores and the budget into a plan; returns it with the absolute target.
+
+    ``evaluate`` (kept counts per group -> MACs, params) replaces ``cost_model.evaluate``, e.g. with EDP's cost
+    after merging."""
+    limits = {
+        g.index: GroupLimits(g.channels, g.blocks, g.prunable, config.max_layer_ratio, config.round_to, g.parts)
+        for g in graph.groups
+    }
+    if evaluate is None:
+        orders = {g: removal_order(scores[g], limits[g].blocks, limits[g].parts) for g in scores}  # as plans remove
+        evaluate = cost_model.removing_in_order(orders).evaluate
+    cost = cost_function(config.budget.kind, evaluate, graph.groups)
+    original = cost({g.index: g.channels for g in graph.groups})
+    target = config.budget.target(original)
+    if not any(g.prunable for g in graph.groups):
+        raise BudgetError("the model has no prunable channel group; check --ignore (see `prunecli analyze`)")
+    dispersion = group_dispersion(graph, scores) if config.allocation == "dispersion" else None
+    plan = allocate(scores, limits, cost, target, config.allocation, dispersion)
+    return plan, target
+
+
+def group_dispersion(graph: DependencyGraph, scores: Mapping[int, torch.Tensor]) -> dict[int, float]:
+    """SFP's Kernel Dispersion of each scored group: the mean over its conv/linear producers."""
+    values = {}
+    for group in graph.groups:
+        if group.index not in scores:
+            continue
+        found = []
+        for member in group.members:
+            module = graph.module(member.layer)
+            if member.dim == "out" and isinstance(module, CONV_LINEAR):
+                weight = out_weight(module).detach()[torch.as_tensor(member.indices)]
+                found.append(float(kernel_dispersion(weight)))
+        values[group.index] = sum(found) / len(found) if found else 0.0
+    return values
+
+
+def trace_for_training(model: nn.Module, example_input: Tensor, prune: PruneConfig) -> tuple[DependencyGraph, CostModel]:
+    """The channel groups and cost model of a model that is about to be trained in place (traced in eval mode)."""
+    example_input = example_input.to(model_device(model))
+    was_training = model.training
+    model.eval()
+    graph = DependencyGraph(model, example_input, prune.ignore, prune.timeout)
+    cost_model = CostModel(model, layer_costs(model, example_input), graph.groups)
+    model.train(was_training)
+    return graph, cost_model
