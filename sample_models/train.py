@@ -1,12 +1,14 @@
-"""Train the bundled sample model, ResNet-20 on Fashion-MNIST, deterministically on the CPU.
+"""Train a bundled sample model (ResNet-20 or MobileNetV2) on Fashion-MNIST, deterministically on the CPU.
 
 Writes two files into ``--out-dir``:
 
-* ``resnet20_fmnist.safetensors``: the trained model as a prunecli slim artifact (``sample:resnet20``).
-* ``fmnist_calib.safetensors``: 512 normalised, class-balanced training images for calibration.
+* ``<arch>_fmnist.safetensors``: the trained model as a prunecli slim artifact (``sample:<arch>``), e.g.
+  ``resnet20_fmnist.safetensors`` for the default ``--arch resnet20``.
+* ``fmnist_calib.safetensors``: 512 normalised, class-balanced training images for calibration, shared by
+  all sample models. An existing file is kept (it depends only on the seed); ``--force-calib`` rewrites it.
 
 The same seed, thread count and torch version give bit-identical weights, and ``--checkpoint`` lets a killed
-run resume where it stopped without changing the result. ``--package-only`` redoes just the two writes from
+run resume where it stopped without changing the result. ``--package-only`` redoes just the writes from
 saved weights, e.g. when training finished before ``prunecli.io.slim`` was available.
 """
 
@@ -30,13 +32,14 @@ from torch import Tensor, nn
 
 from prunecli.io.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, normalize
 from prunecli.io.files import atomic_output
-from prunecli.samples import resnet20
+from prunecli.samples import SAMPLE_ARCHITECTURES, SAMPLE_INPUT_SHAPES
 
-MODEL_FILE = "resnet20_fmnist.safetensors"
 CALIB_FILE = "fmnist_calib.safetensors"
-# Final weights as a plain state dict, kept outside the repository for --package-only.
-FINAL_WEIGHTS = Path("/tmp/resnet20_fmnist_final.pt")
-DEFAULT_EPOCHS = 6  # ~150 s per epoch on 2 CPU cores: ~15 min in all
+# Sample architectures this script trains, with their default epoch counts (the ones the shipped files used).
+DEFAULT_EPOCHS = {
+    "resnet20": 6,  # ~150 s per epoch on 2 idle CPU cores: ~15 min in all
+    "mobilenetv2": 8,  # ~230-450 s per epoch on 1 CPU core, depending on the load
+}
 BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 512
 BASE_LR = 0.1
@@ -48,6 +51,16 @@ CROP_PADDING = 2
 CALIB_SIZE = 512
 # Two threads on an idle 2-core machine; on a busy one a single thread avoids OpenMP barrier stalls.
 NUM_THREADS = int(os.environ.get("PRUNECLI_TRAIN_THREADS", "2"))
+
+
+def model_file(arch: str) -> str:
+    """Name of the slim artifact trained for ``arch``, e.g. ``resnet20_fmnist.safetensors``."""
+    return f"{arch}_fmnist.safetensors"
+
+
+def final_weights(arch: str) -> Path:
+    """Final weights as a plain state dict, kept outside the repository for --package-only."""
+    return Path(f"/tmp/{arch}_fmnist_final.pt")
 
 
 def augment(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -93,12 +106,16 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def write_calibration(out_dir: Path, seed: int) -> Path:
+def write_calibration(out_dir: Path, seed: int, force: bool = False) -> Path | None:
     """Save a seeded, class-balanced subset of CALIB_SIZE normalised training images with their labels.
 
     Pruning criteria that need data (activations, gradients, BN recalibration) read this file, so it is
-    normalised exactly like the training inputs and balanced so no class dominates the statistics.
+    normalised exactly like the training inputs and balanced so no class dominates the statistics. The
+    subset does not depend on the model, so an existing file is kept unless ``force``; returns ``None`` then.
     """
+    path = out_dir / CALIB_FILE
+    if path.exists() and not force:
+        return None
     images, labels = load_fashion_mnist("train")
     num_classes = int(labels.max()) + 1
     generator = torch.Generator().manual_seed(seed)
@@ -119,17 +136,16 @@ def write_calibration(out_dir: Path, seed: int) -> Path:
         "std": json.dumps(list(FASHION_MNIST_STD)),
         "seed": str(seed),
     }
-    path = out_dir / CALIB_FILE
     with atomic_output(path, force=True) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
-def write_model(model: nn.Module, out_dir: Path, accuracy: float, epochs: int, seed: int) -> Path:
+def write_model(model: nn.Module, arch: str, out_dir: Path, accuracy: float, epochs: int, seed: int) -> Path:
     """Save ``model`` as a slim artifact whose metadata records how it was trained and how to feed it."""
     from prunecli.io.slim import save_slim
 
-    path = out_dir / MODEL_FILE
+    path = out_dir / model_file(arch)
     metadata = {
         "dataset": "fashion-mnist",
         "test_accuracy": f"{accuracy:.4f}",
@@ -142,9 +158,9 @@ def write_model(model: nn.Module, out_dir: Path, accuracy: float, epochs: int, s
     save_slim(
         model.to(memory_format=torch.contiguous_format),
         path,
-        arch="sample:resnet20",
+        arch=f"sample:{arch}",
         arch_kwargs={},
-        input_shape=(1, 28, 28),
+        input_shape=SAMPLE_INPUT_SHAPES[arch],
         metadata=metadata,
         force=True,
     )
@@ -157,31 +173,41 @@ def test_set() -> tuple[Tensor, Tensor]:
     return normalize(images, FASHION_MNIST_MEAN, FASHION_MNIST_STD), labels
 
 
-def package(state_dict_path: Path, out_dir: Path, accuracy: float | None, epochs: int, seed: int) -> tuple[Path, Path]:
-    """Write both output files from saved weights (a plain state dict or a training checkpoint).
+def package(
+    arch: str, state_dict_path: Path, out_dir: Path, accuracy: float | None, epochs: int, seed: int, force_calib: bool
+) -> list[Path]:
+    """Write the output files from saved weights (a plain state dict or a training checkpoint).
 
     Args:
+        arch: Sample architecture the weights belong to.
         state_dict_path: ``torch.save`` file of ``model.state_dict()``, or a ``--checkpoint`` file.
         out_dir: Directory that receives the model and calibration files.
         accuracy: Measured test accuracy to record; ``None`` re-measures it on the test set.
         epochs: Epoch count to record when the file itself does not say.
         seed: Training seed, also used to pick the calibration subset.
+        force_calib: Rewrite the calibration file even if it exists.
+
+    Returns:
+        The files written: the model, then the calibration file unless it was kept.
     """
     state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
     if "model" in state:  # a training checkpoint
+        if state.get("arch", arch) != arch:
+            raise SystemExit(f"{state_dict_path} holds {state['arch']} weights; pass --arch {state['arch']}")
         epochs = state["epoch"]
         state = state["model"]
-    model = resnet20()
+    model = SAMPLE_ARCHITECTURES[arch]()
     model.load_state_dict(state)
     if accuracy is None:
         accuracy = evaluate(model, *test_set())
-    return write_model(model, out_dir, accuracy, epochs, seed), write_calibration(out_dir, seed)
+    calib = write_calibration(out_dir, seed, force_calib)
+    return [write_model(model, arch, out_dir, accuracy, epochs, seed)] + ([calib] if calib else [])
 
 
 def train(args: argparse.Namespace) -> None:
     """Train from scratch (or resume ``--checkpoint``), evaluate each epoch, then write the output files."""
     torch.manual_seed(args.seed)
-    model = resnet20().to(memory_format=torch.channels_last)
+    model = SAMPLE_ARCHITECTURES[args.arch]().to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(args.seed)
     train_images, train_labels = load_fashion_mnist("train")
@@ -194,9 +220,10 @@ def train(args: argparse.Namespace) -> None:
     start_epoch, elapsed = 0, 0.0
     if args.checkpoint and args.checkpoint.exists():
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if (state["epochs"], state["seed"], state["subset"]) != (args.epochs, args.seed, args.subset):
+        arch = state.get("arch", "resnet20")  # checkpoints from before --arch are ResNet-20's
+        if (arch, state["epochs"], state["seed"], state["subset"]) != (args.arch, args.epochs, args.seed, args.subset):
             raise SystemExit(
-                f"{args.checkpoint} is from a run with epochs={state['epochs']} seed={state['seed']} "
+                f"{args.checkpoint} is from a run with arch={arch} epochs={state['epochs']} seed={state['seed']} "
                 f"subset={state['subset']}; pass the same options or delete it to start over"
             )
         model.load_state_dict(state["model"])
@@ -206,7 +233,7 @@ def train(args: argparse.Namespace) -> None:
         print(f"resumed from {args.checkpoint} after epoch {start_epoch}", flush=True)
 
     print(
-        f"training resnet20 on {len(train_images)} images: {args.epochs} epochs x {steps_per_epoch} steps, "
+        f"training {args.arch} on {len(train_images)} images: {args.epochs} epochs x {steps_per_epoch} steps, "
         f"seed {args.seed}, {torch.get_num_threads()} threads",
         flush=True,
     )
@@ -240,6 +267,7 @@ def train(args: argparse.Namespace) -> None:
             save_checkpoint(
                 args.checkpoint,
                 {
+                    "arch": args.arch,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(),
@@ -254,14 +282,16 @@ def train(args: argparse.Namespace) -> None:
     accuracy = evaluate(model, test_images, test_labels)
     print(f"final test accuracy {accuracy:.4f}, training time {elapsed:.1f}s ({elapsed / 60:.1f} min)", flush=True)
     model = model.to(memory_format=torch.contiguous_format)
-    save_checkpoint(FINAL_WEIGHTS, model.state_dict())
-    print(f"wrote {write_calibration(args.out_dir, args.seed)}", flush=True)
+    save_checkpoint(final_weights(args.arch), model.state_dict())
+    calib = write_calibration(args.out_dir, args.seed, args.force_calib)
+    print(f"wrote {calib}" if calib else f"kept {args.out_dir / CALIB_FILE}", flush=True)
     try:
-        print(f"wrote {write_model(model, args.out_dir, accuracy, args.epochs, args.seed)}", flush=True)
+        path = write_model(model, args.arch, args.out_dir, accuracy, args.epochs, args.seed)
+        print(f"wrote {path}", flush=True)
     except ImportError as exc:
         print(
-            f"could not write {MODEL_FILE} ({exc}); once prunecli.io.slim provides save_slim, run:\n"
-            f"  python {Path(__file__).name} --package-only --checkpoint {FINAL_WEIGHTS} "
+            f"could not write {model_file(args.arch)} ({exc}); once prunecli.io.slim provides save_slim, run:\n"
+            f"  python {Path(__file__).name} --arch {args.arch} --package-only --checkpoint {final_weights(args.arch)} "
             f"--accuracy {accuracy:.4f} --epochs {args.epochs} --seed {args.seed} --out-dir {args.out_dir}",
             flush=True,
         )
@@ -269,23 +299,29 @@ def train(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--arch", choices=sorted(DEFAULT_EPOCHS), default="resnet20", help="sample architecture")
+    parser.add_argument("--epochs", type=int, help="default: 6 for resnet20, 8 for mobilenetv2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument(
         "--checkpoint", type=Path, help="training: save/resume state here each epoch; --package-only: weights"
     )
-    parser.add_argument("--package-only", action="store_true", help="only write the two output files")
+    parser.add_argument("--package-only", action="store_true", help="only write the output files")
+    parser.add_argument("--force-calib", action="store_true", help=f"rewrite {CALIB_FILE} even if it exists")
     parser.add_argument("--accuracy", type=float, help="--package-only: test accuracy to record (default: measure)")
     parser.add_argument("--subset", type=int, default=0, help="train on the first N images only (smoke tests)")
     args = parser.parse_args()
+    if args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS[args.arch]
 
     torch.set_num_threads(NUM_THREADS)
     torch.use_deterministic_algorithms(True)
     if args.package_only:
         if args.checkpoint is None:
             parser.error("--package-only needs --checkpoint PATH")
-        for path in package(args.checkpoint, args.out_dir, args.accuracy, args.epochs, args.seed):
+        for path in package(
+            args.arch, args.checkpoint, args.out_dir, args.accuracy, args.epochs, args.seed, args.force_calib
+        ):
             print(f"wrote {path}")
     else:
         train(args)
