@@ -70,6 +70,7 @@ def _methods_help() -> str:
     for name in _methods():
         criterion = get_criterion(name)
         needs = " [needs --data]" if criterion.needs_data else ""
+        needs += " (takes --group-scope)" if criterion.group_members else ""
         lines.append(f"[bold]{name}[/]: {criterion.summary}{needs} — {criterion.paper}")
     return "\n\n".join(lines)
 
@@ -84,6 +85,11 @@ class Reduction(str, Enum):
     mean = "mean"
     max = "max"
     sum = "sum"
+
+
+class GroupScope(str, Enum):
+    producers = "producers"
+    all = "all"
 
 
 def _version(value: bool) -> None:
@@ -179,6 +185,7 @@ StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std for i
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (scoring runs there).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: random criterion, calibration subset.")]
 ReductionOpt = Annotated[Reduction, typer.Option("--group-reduction", help="How the layers of a coupled group combine their (per-layer normalised) scores.")]
+GroupScopeOpt = Annotated[GroupScope, typer.Option("--group-scope", help="Weight criteria marked (takes --group-scope) in `score --help`: [bold]producers[/] scores the output filters of the layers that make a group's channels; [bold]all[/] scores every member of the coupled group as Torch-Pruning's group importance does: those filters, the norms' |gamma| and every consumer's input slice, each normalised, then --group-reduction. Other criteria ignore it.")]
 DctBandOpt = Annotated[str, typer.Option("--dct-band", help="dct: 'full' spectrum energy (the authors' code) or 'low' frequency block [INFERRED].")]
 IcieLambdaOpt = Annotated[float, typer.Option("--icie-lambda", help="icie: weight of information independence against capacity [INFERRED].")]
 IcieCapacityOpt = Annotated[str, typer.Option("--icie-capacity", help="icie: information capacity from the filters' 'weight' entropy (data-free) or the 'feature' entropy of the activation maps (needs --data) [INFERRED].")]
@@ -194,7 +201,7 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def _scoring(method, data, data_root, calib_images, batch_size, mean, std, group_reduction, device, seed, dct_band, icie_lambda,
-             icie_capacity):
+             icie_capacity, group_scope):
     from prunecli.api import resolve_device
     from prunecli.config import DataOptions, ScoringOptions
 
@@ -208,6 +215,7 @@ def _scoring(method, data, data_root, calib_images, batch_size, mean, std, group
         group_reduction=group_reduction.value,
         device=str(resolve_device(device)),
         seed=seed,
+        group_scope=group_scope.value,
     )
 
 
@@ -304,6 +312,7 @@ def score(
     mean: MeanOpt = None,
     std: StdOpt = None,
     group_reduction: ReductionOpt = Reduction.mean,
+    group_scope: GroupScopeOpt = GroupScope.producers,
     dct_band: DctBandOpt = "full",
     icie_lambda: IcieLambdaOpt = 1.0,
     icie_capacity: IcieCapacityOpt = "weight",
@@ -326,7 +335,7 @@ def score(
         from prunecli.report import print_json, render_score
 
         scoring = _scoring(method.value, data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
-                           seed, dct_band, icie_lambda, icie_capacity)
+                           seed, dct_band, icie_lambda, icie_capacity, group_scope)
         config = ScoreConfig(
             source=_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
             scoring=scoring,
@@ -370,6 +379,7 @@ def prune(
     mean: MeanOpt = None,
     std: StdOpt = None,
     group_reduction: ReductionOpt = Reduction.mean,
+    group_scope: GroupScopeOpt = GroupScope.producers,
     dct_band: DctBandOpt = "full",
     icie_lambda: IcieLambdaOpt = 1.0,
     icie_capacity: IcieCapacityOpt = "weight",
@@ -413,7 +423,7 @@ def prune(
             check_report_path(report, force=force, inputs=(model,), outputs=(output or default_output(model),))
         chosen = method.value if method is not None else ("" if scores else "l1")
         scoring = _scoring(chosen or "l1", data, data_root, calib_images, batch_size, mean, std, group_reduction, device,
-                           seed, dct_band, icie_lambda, icie_capacity)
+                           seed, dct_band, icie_lambda, icie_capacity, group_scope)
         from prunecli.finetune import FinetuneConfig
 
         soft = None
@@ -438,6 +448,7 @@ def prune(
             round_to=round_to,
             ignore=tuple(ignore or ()),
             group_reduction=scoring.group_reduction,
+            group_scope=scoring.group_scope,
             output=output,
             force=force,
             seed=seed,

@@ -8,7 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunecli.errors import BudgetError
+from prunecli.errors import BudgetError, PrunecliError
+
+# --group-scope: the weight criteria score the producers' filters only, or every member of a coupled group
+GROUP_SCOPES = ("producers", "all")
+GROUP_SCOPE = "producers"
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in GROUP_SCOPES:
+        raise PrunecliError(f"--group-scope {scope!r} is not one of {', '.join(GROUP_SCOPES)}")
+
 
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([%KMGT]?)\s*$", re.IGNORECASE)
@@ -115,6 +125,10 @@ class ScoringOptions:
     group_reduction: str = "mean"
     device: str = "cpu"
     seed: int = 0
+    group_scope: str = GROUP_SCOPE  # weight criteria: "producers" (their output filters) or "all" group members
+
+    def __post_init__(self):
+        _check_scope(self.group_scope)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -226,16 +240,19 @@ class PruneConfig:
     eval_limit: int | None = None  # a seeded subset of ``evaluate``
     latency: bool = False  # time the original beside the slim model (PyTorch eager and onnxruntime)
     latency_batch: int = 16
+    group_scope: str = GROUP_SCOPE
 
     @property
     def scoring(self) -> ScoringOptions:
-        return ScoringOptions(self.method, self.criterion_options, self.data, self.group_reduction, self.device, self.seed)
+        return ScoringOptions(self.method, self.criterion_options, self.data, self.group_reduction, self.device, self.seed,
+                              self.group_scope)
 
     def __post_init__(self):
         if not 0 < self.max_layer_ratio < 1:
             raise BudgetError(f"--max-layer-ratio {self.max_layer_ratio} must lie strictly between 0 and 1")
         if self.round_to < 1:
             raise BudgetError(f"--round-to {self.round_to} must be a positive integer")
+        _check_scope(self.group_scope)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

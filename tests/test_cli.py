@@ -632,3 +632,23 @@ def test_finetune_augment_option_reaches_the_training_loop(tmp_path):
     assert not torch.equal(finetune("none"), finetune("auto"))  # same seed: only the augmentation differs
     result = invoke("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--augment", "mixup", "-o", tmp_path / "x.pt")
     assert result.exit_code == 2 and "--augment" in result.output and not (tmp_path / "x.pt").exists()
+
+
+def test_group_scope_reaches_the_scores_and_the_artifact(tmp_path, r20):
+    from prunecli.io.slim import read_slim_metadata
+
+    got = {}
+    for scope in ("producers", "all"):
+        result = invoke("score", r20, "--arch", "sample:resnet20", "--group-scope", scope, "--json")
+        assert result.exit_code == 0, result.output
+        got[scope] = json.loads(result.stdout)
+        assert got[scope]["group_scope"] == scope
+    # the consumers' input slices and the norms' scales change the scores of every group but fc (not prunable)
+    for a, b in zip(got["producers"]["groups"], got["all"]["groups"], strict=True):
+        assert a["root"] == b["root"] and a["scores"] != b["scores"]
+    output = tmp_path / "slim.safetensors"
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "--group-scope", "all",
+                    "-o", output, "--json")
+    assert result.exit_code == 0, result.output
+    assert read_slim_metadata(output)["config"]["group_scope"] == "all"
+    assert "(takes --group-scope)" in invoke("score", "--help", columns=300).stdout
