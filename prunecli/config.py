@@ -12,7 +12,7 @@ from prunecli.errors import BudgetError, PrunecliError
 
 # --group-scope: the weight criteria score the producers' filters only, or every member of a coupled group
 GROUP_SCOPES = ("producers", "all")
-GROUP_SCOPE = "producers"
+GROUP_SCOPE = "all"
 
 
 def _check_scope(scope: str) -> None:
