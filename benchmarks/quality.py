@@ -46,6 +46,14 @@ def images(split: str, limit: int | None = None, seed: int = 0) -> ImageSet:
 RECIPE = {"epochs": 1, "lr": 0.01, "batch_size": 64, "augment": "none", "warmup_epochs": 0.1, "seed": 0, "device": "cpu"}
 
 
+def setup(work: Path):
+    """Seeded run: the work folder (created), the unpruned sample, the test and training sets, an example input."""
+    torch.manual_seed(0)
+    work.mkdir(exist_ok=True)
+    test = images("test")
+    return work, load(SAMPLE), test, images("train", seed=1), test.images[:1]
+
+
 def first(train: ImageSet, count: int) -> ImageSet:
     return ImageSet(train.images[:count], train.labels[:count], train.description)
 
@@ -61,14 +69,19 @@ def recalibrate(model, train: ImageSet) -> None:
     recalibrate_bn(model, iterate_batches(train, 128), 20)
 
 
-def prune_sample(method: str, target: float, teacher, x: torch.Tensor, work: Path):
-    """The sample pruned by a criterion or by the Torch-Pruning baseline: (model, MACs kept)."""
+def prune_sample(method: str, target: float, teacher, x: torch.Tensor, work: Path, **options):
+    """The sample pruned by a criterion or by the Torch-Pruning baseline: (model, MACs kept).
+
+    ``options`` are further ``PruneConfig`` fields (``group_scope="all"``, ...).
+    """
     if method == "torch-pruning":
         return torch_pruning_baseline(teacher, target, x)
     needs_data = get_criterion(method).needs_data
+    tag = "".join(f"-{v}" for v in options.values())
     config = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(target)), method=method,
-                         output=work / f"{method}-{target}.safetensors", force=True,
-                         data=DataOptions(str(CALIB), calib_images=512, batch_size=128) if needs_data else None)
+                         output=work / f"{method}{tag}-{target}.safetensors", force=True,
+                         data=DataOptions(str(CALIB), calib_images=512, batch_size=128) if needs_data else None,
+                         **options)
     kept = prune_model(config).macs_kept
     return load(config.output), kept
 
@@ -109,12 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--previous", type=Path, help="log of an earlier run: its rows are reused, their methods skipped")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    work = Path("/tmp/prunecli-quality")
-    work.mkdir(exist_ok=True)
-    teacher = load(SAMPLE)
-    test, train = images("test"), images("train", seed=1)
-    x = test.images[:1]
+    work, teacher, test, train, x = setup(Path("/tmp/prunecli-quality"))
     baseline = evaluate(teacher, test).top1
     rows, started = [], time.time()
     if args.previous:

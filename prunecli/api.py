@@ -201,7 +201,7 @@ def _compute_scores(
     criterion = _check_scoring(scoring)
     groups = [g for g in graph.groups if g.prunable]
     if not criterion.needs_data:
-        return score_weights(criterion, graph, groups, scoring.group_reduction)
+        return score_weights(criterion, graph, groups, scoring.group_reduction, scoring.group_scope)
     options = scoring.data
     images = load_images(options, loaded, options.calib_images, scoring.seed)
     if len(images) < options.batch_size and len(images) < options.calib_images:
@@ -264,7 +264,7 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
         _summary(loaded, total), config.scoring.method, dict(config.scoring.options),
         config.scoring.data.to_dict() if config.scoring.data else None, config.scoring.group_reduction,
         config.scoring.seed, groups, str(config.output) if config.output else None, preview,
-        time.perf_counter() - started, loaded.notes,
+        time.perf_counter() - started, loaded.notes, config.scoring.group_scope,
     )
     if config.output is not None:
         write_scores(result.to_dict(), config.output, force=config.force, inputs=(config.source.path,))

@@ -15,6 +15,17 @@ from typing import Any
 
 from prunecli.errors import BudgetError, PrunecliError
 
+# --group-scope: the weight criteria score the producers' filters only, or every member of a coupled group
+GROUP_SCOPES = ("producers", "all")
+GROUP_SCOPE = "all"
+LEGACY_GROUP_SCOPE = "producers"  # what a config recorded before the option existed was scored with
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in GROUP_SCOPES:
+        raise PrunecliError(f"--group-scope {scope!r} is not one of {', '.join(GROUP_SCOPES)}")
+
+
 OPTIMIZERS = ("sgd", "adamw")
 KD_MODES = ("none", "fixed", "variable")
 KD_SCHEDULES = ("cosine", "linear", "step", "constant")
@@ -165,6 +176,10 @@ class ScoringOptions:
     group_reduction: str = "mean"
     device: str = "cpu"
     seed: int = 0
+    group_scope: str = GROUP_SCOPE  # weight criteria: "producers" (their output filters) or "all" group members
+
+    def __post_init__(self):
+        _check_scope(self.group_scope)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -174,7 +189,8 @@ class ScoringOptions:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScoringOptions:
         return cls(data["method"], dict(data.get("options") or {}), _optional(DataOptions.from_dict, data.get("data")),
-                   data.get("group_reduction", "mean"), data.get("device", "cpu"), int(data.get("seed", 0)))
+                   data.get("group_reduction", "mean"), data.get("device", "cpu"), int(data.get("seed", 0)),
+                   data.get("group_scope", LEGACY_GROUP_SCOPE))
 
 
 @dataclass(frozen=True)
@@ -455,16 +471,19 @@ class PruneConfig:
     eval_limit: int | None = None  # a seeded subset of ``evaluate``
     latency: bool = False  # time the original beside the slim model (PyTorch eager and onnxruntime)
     latency_batch: int = 16
+    group_scope: str = GROUP_SCOPE
 
     @property
     def scoring(self) -> ScoringOptions:
-        return ScoringOptions(self.method, self.criterion_options, self.data, self.group_reduction, self.device, self.seed)
+        return ScoringOptions(self.method, self.criterion_options, self.data, self.group_reduction, self.device, self.seed,
+                              self.group_scope)
 
     def __post_init__(self):
         if not 0 < self.max_layer_ratio < 1:
             raise BudgetError(f"--max-layer-ratio {self.max_layer_ratio} must lie strictly between 0 and 1")
         if self.round_to < 1:
             raise BudgetError(f"--round-to {self.round_to} must be a positive integer")
+        _check_scope(self.group_scope)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -490,7 +509,7 @@ class PruneConfig:
         }
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: (_optional(nested[k], v) if k in nested else v) for k, v in data.items() if k in known}
-        return cls(**values)
+        return cls(**{"group_scope": LEGACY_GROUP_SCOPE, **values})
 
     def provenance(self) -> dict[str, Any]:
         """The config as the artifact records it: without ``force``, which decides whether a file may be replaced,

@@ -94,6 +94,7 @@ class ScoreResult:
     preview: dict[str, Any] | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    group_scope: str = "all"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

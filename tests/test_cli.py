@@ -743,3 +743,23 @@ def test_tables_in_a_pipe_keep_their_rows_on_one_line():
     row = next(line for line in result.stdout.splitlines() if "layer1.0.conv1" in line)
     assert "Conv2d" in row and "3x3" in row and "yes" in row  # the whole row on one line, not folded at 80 columns
     assert max(len(line) for line in result.stdout.splitlines()) > 80
+
+
+def test_group_scope_reaches_the_scores_and_the_artifact(tmp_path, r20):
+    from prunecli.io.slim import read_slim_metadata
+
+    got = {}
+    for scope in ("producers", "all"):
+        result = invoke("score", r20, "--arch", "sample:resnet20", "--group-scope", scope, "--json")
+        assert result.exit_code == 0, result.output
+        got[scope] = json.loads(result.stdout)
+        assert got[scope]["group_scope"] == scope
+    # the consumers' input slices and the norms' scales change the scores of every group but fc (not prunable)
+    for a, b in zip(got["producers"]["groups"], got["all"]["groups"], strict=True):
+        assert a["root"] == b["root"] and a["scores"] != b["scores"]
+    output = tmp_path / "slim.safetensors"
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "--group-scope", "all",
+                    "-o", output, "--json")
+    assert result.exit_code == 0, result.output
+    assert read_slim_metadata(output)["config"]["group_scope"] == "all"
+    assert "(takes --group-scope)" in invoke("score", "--help", columns=300).stdout

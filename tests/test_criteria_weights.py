@@ -132,7 +132,7 @@ def tiny():
 def test_residual_group_score_is_the_reduction_of_normalised_layer_scores(tiny, reduction, expected):
     graph, group = tiny
     assert set(group.layers("out")) == {"stem", "conv2"}
-    got = score_weights(get_criterion("l1")(), graph, [group], reduction)
+    got = score_weights(get_criterion("l1")(), graph, [group], reduction, "producers")
     assert set(got) == {group.index}
     assert got[group.index].dtype == torch.float64
     torch.testing.assert_close(got[group.index], torch.tensor(expected, dtype=torch.float64))
@@ -155,7 +155,7 @@ def test_branch_b_scores_come_from_its_own_filters():
     model = M.ConcatBranches().eval()
     graph = DependencyGraph(model, M.example(M.ConcatBranches))
     group = M.find_group(graph.groups, "branch_b")
-    got = score_weights(get_criterion("l1")(), graph, [group])[group.index]
+    got = score_weights(get_criterion("l1")(), graph, [group], scope="producers")[group.index]
     expected = normalise(model.branch_b.weight.detach().flatten(1).abs().sum(1).double())
     torch.testing.assert_close(got, expected)
 
@@ -181,7 +181,7 @@ def test_zero_filters_of_a_residual_group_score_lowest():
     group = M.find_group(graph.groups, "stem")
     M.kill_channels(model, group, [2, 6])
     for name in ("l1", "l2"):
-        got = score_weights(get_criterion(name)(), graph, [group])[group.index]
+        got = score_weights(get_criterion(name)(), graph, [group], scope="producers")[group.index]
         assert sorted(torch.argsort(got)[:2].tolist()) == [2, 6], name
         torch.testing.assert_close(got[[2, 6]], torch.zeros(2, dtype=torch.float64))
 
@@ -190,7 +190,7 @@ def test_flatten_linear_group_is_scored_by_the_conv_filters():
     model = M.FlattenLinear().eval()
     graph = DependencyGraph(model, M.example(M.FlattenLinear))
     group = M.find_group(graph.groups, "conv")
-    got = score_weights(get_criterion("l2")(), graph, [group])[group.index]
+    got = score_weights(get_criterion("l2")(), graph, [group], scope="producers")[group.index]
     torch.testing.assert_close(got, normalise(model.conv.weight.detach().flatten(1).norm(dim=1).double()))
 
 

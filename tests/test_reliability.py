@@ -274,6 +274,7 @@ UNKNOWN_CASES = [
     Case("prune", "unknown method", _extra("prune", "-m", "nonsense"), 2, ("--method",)),
     Case("prune", "unknown allocation", _extra("prune", "--allocation", "greedy"), 2, ("--allocation",)),
     Case("score", "unknown group reduction", _extra("score", "--group-reduction", "median"), 2, ("--group-reduction",)),
+    Case("prune", "unknown group scope", _extra("prune", "--group-scope", "consumers"), 2, ("--group-scope",)),
     Case("export", "unknown format", _extra("export", "-f", "bogus"), 2, ("--format",)),
     Case("export", "unknown dtype", _extra("export", "--dtype", "fp8"), 2, ("--dtype",)),
     Case("finetune", "unknown optimizer", _extra("finetune", "--optimizer", "lion"), 2, ("--optimizer",)),

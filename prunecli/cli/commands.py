@@ -37,6 +37,8 @@ from prunecli.cli.options import (
     Exporter,
     ExportFormat,
     ForceOpt,
+    GroupScope,
+    GroupScopeOpt,
     IcieCapacity,
     IcieCapacityOpt,
     IcieLambdaOpt,
@@ -149,6 +151,7 @@ def score(
     ignore: IgnoreOpt = None,
     method: Annotated[Method, typer.Option("--method", "-m", help="Importance criterion; see the table below.", rich_help_panel=CRITERION)] = "l1",
     group_reduction: ReductionOpt = Reduction.mean,
+    group_scope: GroupScopeOpt = GroupScope.all,
     dct_band: DctBandOpt = DctBand.full,
     icie_lambda: IcieLambdaOpt = 1.0,
     icie_capacity: IcieCapacityOpt = IcieCapacity.weight,
@@ -173,7 +176,7 @@ def score(
         from prunecli.report import print_json, render_score, stdout_console
 
         scoring = scoring_options(method.value, data, data_root, calib_images, batch_size, mean, std, group_reduction,
-                                  device, seed, dct_band, icie_lambda, icie_capacity)
+                                  device, seed, dct_band, icie_lambda, icie_capacity, group_scope)
         config = ScoreConfig(
             source=model_source(model, arch, arch_kwargs, input_shape, trust_pickle, import_path),
             scoring=scoring,
@@ -209,6 +212,7 @@ def prune(
     method: Annotated[PruneMethod | None, typer.Option("--method", "-m", help="Importance criterion (default l1); see `prunecli score --help`. [bold]edp[/]: EDP (Ruan et al., TNNLS 2021) decomposes every conv into basis + 1x1 coefficients, trains --edp-epochs on --data with a group-sparse regulariser steered to the budget, then prunes zero rows/columns and merges blocks back where decomposing does not pay [INFERRED: no code or full text is public].", rich_help_panel=CRITERION)] = None,
     scores: Annotated[Path | None, typer.Option("--scores", help="Reuse scores written by `prunecli score -o` for this model instead of scoring again.", rich_help_panel=CRITERION)] = None,
     group_reduction: ReductionOpt = Reduction.mean,
+    group_scope: GroupScopeOpt = GroupScope.all,
     dct_band: DctBandOpt = DctBand.full,
     icie_lambda: IcieLambdaOpt = 1.0,
     icie_capacity: IcieCapacityOpt = IcieCapacity.weight,
@@ -258,7 +262,7 @@ def prune(
             check_report_path(report, force=force, inputs=(model,), outputs=(output or default_output(model),))
         chosen = method.value if method is not None else ("" if scores else "l1")
         scoring = scoring_options(chosen or "l1", data, data_root, calib_images, batch_size, mean, std, group_reduction,
-                                  device, seed, dct_band, icie_lambda, icie_capacity)
+                                  device, seed, dct_band, icie_lambda, icie_capacity, group_scope)
 
         def training(epochs: int) -> FinetuneConfig:
             return FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=scoring.device)
@@ -278,6 +282,7 @@ def prune(
             round_to=round_to,
             ignore=tuple(ignore or ()),
             group_reduction=scoring.group_reduction,
+            group_scope=scoring.group_scope,
             output=output,
             force=force,
             seed=seed,

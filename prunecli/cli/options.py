@@ -37,7 +37,8 @@ def methods_help() -> str:
     lines = []
     for name in _methods():
         criterion = get_criterion(name)
-        needs = " [needs --data]" if criterion.needs_data else ""
+        needs = " \\[needs --data]" if criterion.needs_data else ""  # escaped: rich would read [needs ...] as markup
+        needs += " (takes --group-scope)" if criterion.group_members else ""
         lines.append(f"[bold]{name}[/]: {criterion.summary}{needs} — {criterion.paper}")
     return "\n\n".join(lines)
 
@@ -52,6 +53,11 @@ class Reduction(str, Enum):
     mean = "mean"
     max = "max"
     sum = "sum"
+
+
+class GroupScope(str, Enum):
+    producers = "producers"
+    all = "all"
 
 
 class DctBand(str, Enum):
@@ -137,6 +143,7 @@ IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Glob of l
 # ----------------------------------------------------------------------------- Criterion
 
 ReductionOpt = Annotated[Reduction, typer.Option("--group-reduction", help="How the layers of a coupled group combine their (per-layer normalised) scores.", rich_help_panel=CRITERION)]
+GroupScopeOpt = Annotated[GroupScope, typer.Option("--group-scope", help="Weight criteria marked (takes --group-scope) in `score --help`: [bold]producers[/] scores the output filters of the layers that make a group's channels; [bold]all[/] scores every member of the coupled group as Torch-Pruning's group importance does: those filters, the norms' |gamma| and every consumer's input slice, each normalised, then --group-reduction. Other criteria ignore it.", rich_help_panel=CRITERION)]
 DctBandOpt = Annotated[DctBand, typer.Option("--dct-band", help="dct: 'full' spectrum energy (the authors' code) or 'low' frequency block [INFERRED].", rich_help_panel=CRITERION)]
 IcieLambdaOpt = Annotated[float, typer.Option("--icie-lambda", help="icie: weight of information independence against capacity [INFERRED].", rich_help_panel=CRITERION)]
 IcieCapacityOpt = Annotated[IcieCapacity, typer.Option("--icie-capacity", help="icie: information capacity from the filters' 'weight' entropy (data-free) or the 'feature' entropy of the activation maps (needs --data) [INFERRED].", rich_help_panel=CRITERION)]
@@ -218,7 +225,7 @@ def data_options(source: str | None, data_root: Path, images: int, batch_size: i
 
 
 def scoring_options(method, data, data_root, calib_images, batch_size, mean, std, group_reduction, device, seed, dct_band,
-                    icie_lambda, icie_capacity):
+                    icie_lambda, icie_capacity, group_scope):
     """``ScoringOptions`` of the Criterion and Data options."""
     from prunecli.config import ScoringOptions
     from prunecli.runtime import resolve_device
@@ -230,4 +237,5 @@ def scoring_options(method, data, data_root, calib_images, batch_size, mean, std
         group_reduction=group_reduction.value,
         device=str(resolve_device(device)),
         seed=seed,
+        group_scope=group_scope.value,
     )

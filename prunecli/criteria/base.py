@@ -17,10 +17,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from prunecli.config import GROUP_SCOPE, GROUP_SCOPES
 from prunecli.errors import DataError
 from prunecli.graph import ChannelGroup, DependencyGraph, Member
 
 CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 REDUCTIONS = ("mean", "max", "sum")
 
 
@@ -40,6 +42,11 @@ class Criterion:
         needs_range: ``feature_statistic`` also takes each layer's activation range (min, max) over all
             the calibration images, which a first pass over the data measures.
         own_pass: statistics that are not per-channel sums (Gram matrices): ``pass_scores`` reads the data itself.
+        group_members: with ``--group-scope all``, the member kinds besides the producers' filters that
+            ``weight_scores`` also reads: ``"norm"`` (affine scales, as [n, 1] rows) and ``"in"`` (consumers'
+            input slices). Empty: the criterion takes no scope and always scores ``scored_types`` outputs
+            (data criteria read activations, not weights; per-layer statistics of a layer's filters do not
+            extend to other layers' weights).
     """
 
     name: ClassVar[str]
@@ -51,6 +58,7 @@ class Criterion:
     hook: ClassVar[str] = "output"
     needs_range: ClassVar[bool] = False
     own_pass: ClassVar[bool] = False
+    group_members: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, seed: int = 0, **options):
         self.seed = seed
@@ -85,19 +93,42 @@ class Criterion:
         raise NotImplementedError(f"{self.name} makes no pass of its own")
 
 
+def _regroup(weight: Tensor, groups: int) -> Tensor:
+    """[A, b, ...] weights whose second dim holds each of ``groups`` blocks' b channels -> [groups * b, A / groups,
+    ...]: row ``g * b + j`` is channel j of block g with the rows of block g along dim 0 (what a grouped layer
+    connects it to)."""
+    a, b = weight.shape[0] // groups, weight.shape[1]
+    return weight.reshape(groups, a, b, *weight.shape[2:]).transpose(1, 2).reshape(groups * b, a, *weight.shape[2:])
+
+
 def out_weight(module: nn.Module) -> Tensor | None:
     """The module's weight with output channels first, or None when it has none."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
         return None
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return weight.transpose(0, 1)
+        return _regroup(weight, module.groups)  # stored [in, out / groups, ...]
     return weight
+
+
+def in_weight(module: nn.Module) -> Tensor | None:
+    """A conv/linear weight with input channels first: row c holds every weight that reads input channel c."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return weight
+    return _regroup(weight, getattr(module, "groups", 1))  # stored [out, in / groups, ...]
 
 
 def to_root(member: Member, scores: Tensor, channels: int) -> Tensor:
     """Scatter a member's per-index scores onto the group's channels (mean where several map to one)."""
-    roots = torch.as_tensor(member.root_indices, dtype=torch.long)
+    return scatter(member.root_indices, scores, channels)
+
+
+def scatter(root_indices: Iterable[int], scores: Tensor, channels: int) -> Tensor:
+    """Scores of positions ``root_indices`` of a group -> [channels] (mean where several map to one, else 0)."""
+    roots = torch.as_tensor(tuple(root_indices), dtype=torch.long)
     total = torch.zeros(channels, dtype=torch.float64).index_add_(0, roots, scores.double().cpu())
     counts = torch.zeros(channels, dtype=torch.float64).index_add_(0, roots, torch.ones(len(roots), dtype=torch.float64))
     return total / counts.clamp_min(1)
@@ -139,18 +170,57 @@ def scored_members(criterion: Criterion, graph: DependencyGraph, groups: Iterabl
     return chosen
 
 
+def _member_weight(criterion: Criterion, module: nn.Module, dim: str, scope: str) -> Tensor | None:
+    """The weight a criterion reads of one group member, channels first, or None when the scope skips it."""
+    if dim == "out" and isinstance(module, criterion.scored_types):
+        return out_weight(module)
+    if scope != "all":
+        return None
+    if dim == "out" and isinstance(module, NORMS) and "norm" in criterion.group_members:
+        weight = getattr(module, "weight", None)  # None without affine scales
+        return weight.unsqueeze(1) if isinstance(weight, Tensor) and weight.dim() == 1 else None
+    if dim == "in" and isinstance(module, CONV_LINEAR) and "in" in criterion.group_members:
+        return in_weight(module)
+    return None
+
+
+def _member_rows(weight: Tensor, member: Member) -> tuple[Tensor, tuple[int, ...]]:
+    """The member's rows of ``weight`` with their group channels. Where every channel has k rows (a Linear after a
+    flatten reads k columns per channel) they are joined into one row per channel, so a channel is scored on
+    all its weights at once."""
+    rows = weight.detach()[torch.as_tensor(member.indices, device=weight.device)].float()
+    roots = torch.as_tensor(member.root_indices, dtype=torch.long)
+    channels, counts = roots.unique(return_counts=True)
+    if len(channels) == len(roots) or not (counts == counts[0]).all():
+        return rows, member.root_indices  # one row per channel, or uneven: to_root averages the rows
+    order = torch.argsort(roots, stable=True).to(rows.device)
+    joined = rows[order].reshape(len(channels), int(counts[0]), *rows.shape[1:]).flatten(1)
+    return joined, tuple(channels.tolist())
+
+
 def score_weights(
-    criterion: Criterion, graph: DependencyGraph, groups: list[ChannelGroup], reduction: str = "mean"
+    criterion: Criterion,
+    graph: DependencyGraph,
+    groups: list[ChannelGroup],
+    reduction: str = "mean",
+    scope: str = GROUP_SCOPE,
 ) -> dict[int, Tensor]:
-    """Weight-only scoring: one score per channel of each group."""
+    """Weight-only scoring: one score per channel of each group.
+
+    ``scope`` is ``"producers"`` (the output filters of the ``scored_types`` layers) or ``"all"``: also the
+    members named by ``criterion.group_members``. Each member's scores are normalised, then reduced.
+    """
+    if scope not in GROUP_SCOPES:
+        raise ValueError(f"unknown group scope {scope!r}; choose one of {', '.join(GROUP_SCOPES)}")
     per_group: dict[int, list[Tensor]] = {}
-    for pair in scored_members(criterion, graph, groups):
-        weight = out_weight(graph.module(pair.member.layer))
-        if weight is None:
-            continue
-        rows = weight.detach()[torch.as_tensor(pair.member.indices, device=weight.device)].float()
-        scores = criterion.weight_scores(rows)
-        per_group.setdefault(pair.group.index, []).append(to_root(pair.member, scores, pair.group.channels))
+    for group in groups:
+        for member in group.members:
+            weight = _member_weight(criterion, graph.module(member.layer), member.dim, scope)
+            if weight is None:
+                continue
+            rows, roots = _member_rows(weight, member)
+            scores = criterion.weight_scores(rows)
+            per_group.setdefault(group.index, []).append(scatter(roots, scores, group.channels))
     return _finish(groups, per_group, reduction, criterion)
 
 

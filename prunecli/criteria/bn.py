@@ -4,7 +4,8 @@ Liu, Li, Shen, Huang, Yan, Zhang, "Learning Efficient Convolutional Networks thr
 Slimming", ICCV 2017. Score: |gamma| of the batch-norm layer on each channel. The paper trains with an
 L1 penalty on gamma first and thresholds globally; prunecli scores the trained model as it is (use
 ``--allocation global`` for the paper's global threshold). Channel groups with no norm layer get no
-score and keep all their channels.
+score and keep all their channels. ``--group-scope`` does not apply: the norms' scales are the whole criterion,
+and adding the filters' norms to them would make it group L1.
 """
 
 from torch import Tensor, nn

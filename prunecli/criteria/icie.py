@@ -6,7 +6,8 @@ TNNLS 36(5):8401-8413, 2025, doi 10.1109/TNNLS.2024.3415068; arXiv 2303.03645. M
 Confirmed (abstracts only, no code published): two per-filter metrics, an entropy-based information
 capacity computed from the filter itself (the paper's "feature-guided approximation" makes it
 data-free) and an inter-filter independence, fused with a balancing parameter; the lowest fused scores
-are pruned.
+are pruned. ``--group-scope`` does not apply: both metrics are defined on a layer's filters (their weight
+entropy, their correlation with the other filters) and are min-max fused per layer.
 
 [INFERRED] (every formula below, METHODS.md 3(c)):
     IC_i = entropy (bits) of filter i's weights quantised into Q bins with edges shared by the layer,

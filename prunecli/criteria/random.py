@@ -1,4 +1,5 @@
-"""Random scores: the sanity baseline every pruning paper should beat. Reproducible with ``--seed``."""
+"""Random scores: the sanity baseline every pruning paper should beat. Reproducible with ``--seed``; ignores
+``--group-scope`` (no weight is read)."""
 
 import torch
 from torch import Tensor

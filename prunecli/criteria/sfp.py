@@ -22,7 +22,8 @@ allocation: the mean over filters of ``1 - cos(u_i, mean u)``.
 Departures: scores are ranks (1..n), not magnitudes, so ``--allocation global`` compares layers by rank
 fraction; the paper's allocation is the dispersion one. The variable-temperature distillation belongs
 to fine-tuning, not to scoring. Ties (exact duplicates) are broken deterministically: equal distances by
-the order the merge loop meets them, equal norms in favour of the lower index.
+the order the merge loop meets them, equal norms in favour of the lower index. ``--group-scope`` does not apply:
+the method clusters a layer's kernels, and a consumer's input slices are not kernels of that layer.
 
 Options:
     sfp_norm: 1 (default) or 2, the norm that picks each cluster's representative.

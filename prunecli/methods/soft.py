@@ -186,7 +186,7 @@ def _soft_scores(scoring: ScoringOptions, graph: DependencyGraph, train: ImageSe
     criterion = get_criterion(scoring.method)(seed=scoring.seed, **scoring.options)
     groups = [g for g in graph.groups if g.prunable]
     if not criterion.needs_data:
-        return score_weights(criterion, graph, groups, scoring.group_reduction)
+        return score_weights(criterion, graph, groups, scoring.group_reduction, scoring.group_scope)
     limit = scoring.data.calib_images if scoring.data is not None else 256
     batch_size = scoring.data.batch_size if scoring.data is not None else 64
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(scoring.seed))[:limit].sort().values
