@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from prunecli.api import example_input, load_images, open_model
-from prunecli.config import DataOptions, ModelSource, PruneConfig, ReconstructOptions, parse_budget
+from prunecli.config import GROUP_SCOPE, DataOptions, ModelSource, PruneConfig, ReconstructOptions, parse_budget
 from prunecli.criteria import list_criteria
 from prunecli.criteria.base import score_weights, score_with_data
 from prunecli.finetune import evaluate, recalibrate_bn
@@ -47,12 +47,14 @@ def test_images() -> ImageSet:
 
 
 def method_scores(method: str, graph: DependencyGraph, calibration: ImageSet) -> dict[int, torch.Tensor]:
+    """``method`` is a criterion name, ``name:producers`` for a weight criterion scored on the producers alone."""
     from prunecli.criteria import get_criterion
 
-    criterion = get_criterion(method)(seed=0)
+    name, _, scope = method.partition(":")
+    criterion = get_criterion(name)(seed=0)
     groups = [g for g in graph.groups if g.prunable]
     if not criterion.needs_data:
-        return score_weights(criterion, graph, groups)
+        return score_weights(criterion, graph, groups, scope=scope or GROUP_SCOPE)
     return score_with_data(criterion, graph, groups, iterate_batches(calibration, CALIBRATION.batch_size))
 
 
@@ -131,7 +133,7 @@ def run(model_name: str, methods: list[str], targets: list[float], log: Path, do
                 baseline["tp_recalibrated"] = evaluate(alone, test).top1
             else:
                 scores = scores if scores is not None else method_scores(method, graph, calibration)
-                config = PruneConfig(source, parse_budget("flops", str(target)), method=method)
+                config = PruneConfig(source, parse_budget("flops", str(target)), method=method.partition(":")[0])
                 plan, _ = plan_pruning(config, graph, CostModel(loaded.model, costs, graph.groups), scores)
                 plan, baseline = plan.removed, {}
             row = {"model": model_name, "method": method, "target": target,
@@ -167,7 +169,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet20")
     parser.add_argument("--targets", default="0.3,0.5,0.7", help="MACs to keep")
-    parser.add_argument("--methods", default=",".join([*list_criteria(), "torch-pruning"]))
+    parser.add_argument("--methods", default=",".join([*list_criteria(), *(f"{m}:producers" for m in ("l1", "l2", "fpgm")),
+                                                        "torch-pruning"]),
+                        help="criteria (name:producers scores a weight criterion on the producers alone) and torch-pruning")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -260,7 +260,8 @@ def test_cli_edp_writes_a_slim_model_that_reloads(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--flops-target", "0.5"], "--method edp, --recalibrate-bn and --soft-epochs train on images: pass --data"),
+        (["--flops-target", "0.5"],
+         "--method edp, --recalibrate-bn, --reconstruct and --soft-epochs need images: pass --data"),
         (["--ratio", "0.3", "--data", CALIB], "--method edp needs --flops-target or --params-target"),
         (["--flops-target", "0.001", "--data", CALIB], "the budget cannot be reached"),
     ],
