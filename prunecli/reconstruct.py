@@ -117,7 +117,7 @@ class LayerView:
         weight = self.module.weight.detach()
         rows = weight.reshape(self.groups, weight.shape[0] // self.groups, self.inputs)
         bias = self.module.bias
-        bias = torch.zeros(weight.shape[0], device=weight.device) if bias is None else bias.detach()
+        bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach()
         return torch.cat([rows, bias.reshape(self.groups, -1, 1)], dim=2)
 
 
@@ -429,9 +429,7 @@ def reconstruct(
     count = sum(len(x) for x in images)
     if count == 0:
         raise DataError("reconstruction needs calibration images; the data is empty")
-    report = ReconstructReport(count, [], skipped)
-    if not layers:
-        return report
+    fits: list[LayerFit] = []
     was_training = (original.training, pruned.training)
     original.to(device).eval()
     pruned.to(device).eval()
@@ -439,19 +437,16 @@ def reconstruct(
     lockstep = Lockstep(original, pruned, images, layers)
     try:
         for layer, pairs in lockstep:
-            report.layers.append(
-                _refit(layer, pruned, pairs, kept_outputs.get(layer), count, options, generator, bias_sink)
-            )
+            fits.append(_refit(layer, pruned, pairs, kept_outputs.get(layer), count, options, generator, bias_sink))
             if progress is not None:
-                progress(layer, len(report.layers), len(layers))
+                progress(layer, len(fits), len(layers))
     finally:
         lockstep.close()
         original.train(was_training[0])
         pruned.train(was_training[1])
-    for layer in layers:
-        if layer not in {fit.layer for fit in report.layers}:
-            skipped[layer] = "never called as a module in forward (e.g. used through a functional call)"
-    return ReconstructReport(count, report.layers, skipped, time.perf_counter() - started)
+    for layer in set(layers) - {fit.layer for fit in fits}:
+        skipped[layer] = "never called as a module in forward (e.g. used through a functional call)"
+    return ReconstructReport(count, fits, skipped, time.perf_counter() - started)
 
 
 def _refit(
@@ -468,24 +463,17 @@ def _refit(
     view = LayerView(module)
     outputs = module.weight.shape[0] // view.groups
     fit, held = GramStatistics(view.groups, view.inputs, outputs), GramStatistics(view.groups, view.inputs, outputs)
-    index = None
-    offset = 0
+    index = torch.as_tensor(list(kept), device=pairs[0][1].device) if kept is not None else None
+    first = 0  # the number of the batch's first image
     for x, y in pairs:
-        if kept is not None and index is None:
-            index = torch.as_tensor(list(kept), device=y.device)
         columns, targets = sample_positions(view, images, options.rows_per_input, generator, view.columns(x),
                                             view.targets(y, index))
-        numbers = torch.arange(offset, offset + len(x))
-        offset += len(x)
-        out = (numbers % options.holdout_every == options.holdout_every - 1) if options.holdout_every else None
-        if out is None or not out.any():
-            fit.add(columns, targets)
-            continue
-        inside = (~out).nonzero().flatten().to(columns.device)
-        outside = out.nonzero().flatten().to(columns.device)
-        if len(inside):
-            fit.add(columns.index_select(0, inside), targets.index_select(0, inside))
-        held.add(columns.index_select(0, outside), targets.index_select(0, outside))
+        numbers = torch.arange(first, first + len(x), device=columns.device)
+        first += len(x)
+        out = numbers % options.holdout_every == options.holdout_every - 1 if options.holdout_every else numbers < 0
+        for stats, chosen in ((fit, ~out), (held, out)):
+            if chosen.any():
+                stats.add(columns[chosen], targets[chosen])
     prior = view.matrix()
     judge = held if held.rows else fit
     before = judge.error(prior)
@@ -493,7 +481,7 @@ def _refit(
     after = judge.error(solution) if solution is not None else before
     better = solution is not None and before > EXACT and after < before * (1 - MIN_GAIN)
     if better and held.rows:
-        solution = ridge_fit(fit.merged(held), prior, options.ridge) if fit.rows else solution
+        solution = ridge_fit(fit.merged(held), prior, options.ridge)  # the held-out images count in the final fit
         better = solution is not None
     rows = fit.rows + held.rows
     if not better:
