@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from prunecli.criteria import register_criterion
-from prunecli.criteria.base import Criterion
+from prunecli.criteria.base import Criterion, scatter
 from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.reconstruct import REFIT_TYPES, LayerView, input_grams, removal_errors
 
@@ -54,7 +54,5 @@ class Reconstruction(Criterion):
                 columns_of[root].append(index)
             view = LayerView(graph.module(member.layer))
             errors = removal_errors(view, grams[member.layer], [columns_of[r] for r in roots], RIDGE)
-            scores = errors.new_zeros(group.channels)
-            scores[roots] = errors
-            per_group.setdefault(group.index, []).append(scores)
+            per_group.setdefault(group.index, []).append(scatter(roots, errors, group.channels))
         return per_group
