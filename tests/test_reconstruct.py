@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import threading
 
@@ -10,6 +11,7 @@ import models as M
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
@@ -19,12 +21,18 @@ from prunecli.criteria import get_criterion
 from prunecli.criteria.base import score_with_data
 from prunecli.errors import BudgetError
 from prunecli.graph import DependencyGraph
-from prunecli.io.slim import load, save_slim
+from prunecli.io.slim import load, read_slim_metadata, save_slim
 from prunecli.reconstruct import GramStatistics, LayerView, reconstruct, removal_errors, ridge_fit
 
 runner = CliRunner()
 SAMPLE = "sample_models/resnet20_fmnist.safetensors"
 CALIB = "sample_models/fmnist_calib.safetensors"
+
+
+def squared_error(model: nn.Module, original: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """How far ``model``'s outputs on ``x`` are from ``original``'s."""
+    with torch.no_grad():
+        return (model(x) - original(x)).square().sum()
 
 
 def closed_form(x: np.ndarray, y: np.ndarray, prior: np.ndarray, ridge: float) -> np.ndarray:
@@ -200,14 +208,10 @@ def test_reconstruction_keeps_dead_channel_pruning_exact_and_repairs_live_prunin
         torch.testing.assert_close(graph.model(x), dead(x))
     live_graph.prune(plan)
     live = live_graph.model.eval()
-    with torch.no_grad():
-        reference = model(x)
-        error_before = (live(x) - reference).square().sum()
+    error_before = squared_error(live, model, x)
     report = reconstruct(model, live, kept, list(x.split(32)), bias_sink=live_graph.sole_norm_consumer)
-    with torch.no_grad():
-        error_after = (live(x) - reference).square().sum()
     assert any(f.refit for f in report.layers)
-    assert error_after < error_before
+    assert squared_error(live, model, x) < error_before
 
 
 def test_reconstruction_with_fewer_images_than_inputs_falls_back_on_the_ridge():
@@ -286,7 +290,7 @@ def test_cli_prune_reconstruct_writes_a_reloadable_model_and_reports_the_fit(tmp
     assert recon["images"] == 128 and recon["layers_refit"] >= 15
     assert recon["mean_error_after"] < recon["mean_error_before"]
     model = load(out)
-    document = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["prunecli"])
+    document = read_slim_metadata(out)
     assert document["reconstruct"]["layers_refit"] == recon["layers_refit"]
     assert document["config"]["reconstruct"] == ReconstructOptions().to_dict()
     with torch.no_grad():
@@ -321,9 +325,9 @@ def tiny_vit():
 @pytest.mark.parametrize(
     ("build", "shape"),
     [
-        (lambda: __import__("torchvision").models.resnet18(weights=None, num_classes=10), (3, 64, 64)),
-        (lambda: __import__("torchvision").models.mobilenet_v2(weights=None, num_classes=10), (3, 64, 64)),
-        (lambda: __import__("torchvision").models.efficientnet_b0(weights=None, num_classes=10), (3, 64, 64)),
+        (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (3, 64, 64)),
+        (lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10), (3, 64, 64)),
+        (lambda: torchvision.models.efficientnet_b0(weights=None, num_classes=10), (3, 64, 64)),
         (tiny_vit, (3, 32, 32)),
     ],
     ids=["resnet18", "mobilenet_v2", "efficientnet_b0", "vit"],
@@ -341,15 +345,11 @@ def test_reconstruction_brings_real_architectures_closer_to_the_original(build, 
     kept = graph.kept_outputs(plan)
     graph.prune(plan)
     pruned = graph.model.eval()
-    with torch.no_grad():
-        reference = model(x)
-        before = (pruned(x) - reference).square().mean()
+    before = squared_error(pruned, model, x)
     report = reconstruct(model, pruned, kept, list(x.split(16)), bias_sink=graph.sole_norm_consumer)
-    with torch.no_grad():
-        after = (pruned(x) - reference).square().mean()
     assert sum(f.refit for f in report.layers) >= 4
-    assert after < 0.8 * before
-    if isinstance(model, __import__("torchvision").models.VisionTransformer):
+    assert squared_error(pruned, model, x) < 0.8 * before
+    if isinstance(model, torchvision.models.VisionTransformer):
         assert any("functional" in why for why in report.skipped.values())  # attention's out_proj
 
 
@@ -362,5 +362,5 @@ def test_cli_reconstruct_writes_the_same_bytes_twice(tmp_path):
     for _ in range(2):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-        digests.append(__import__("hashlib").sha256(out.read_bytes()).hexdigest())
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
