@@ -76,3 +76,19 @@ def test_shipped_mobilenetv2_prunes_to_half_the_macs(tmp_path):
     assert all(m.groups == m.in_channels == m.out_channels < full for m, full in
                zip(depthwise, [16, 96, 144, 144, 192, 192, 384, 384], strict=True))
     assert slim(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("method", ["hrank", "chip"])
+def test_activation_criteria_score_a_layer_that_consumes_one_group_and_produces_another(method):
+    """features.9.0 reads features.8's group at its input and is the fallback producer of its own group (read at its
+    output, since the pool and flatten lead to a Linear): the two must get separate hooks."""
+    from prunecli.criteria import get_criterion
+    from prunecli.criteria.base import score_with_data
+
+    model = mobilenetv2().eval()
+    graph = DependencyGraph(model, torch.randn(1, 1, 28, 28))
+    groups = [g for g in graph.groups if g.prunable]
+    scores = score_with_data(get_criterion(method)(), graph, groups, [(torch.randn(4, 1, 28, 28), None)])
+    by_root = {g.root: scores[g.index] for g in groups}
+    assert by_root["features.9.0"].shape == (384,) and by_root["features.8.conv.2.0"].shape == (96,)
+    assert len(scores) == len(groups)

@@ -264,17 +264,19 @@ def score_with_data(
         return criterion.finish(_finish(groups, per_member, reduction, criterion), graph, groups, reduction)
     model = graph.model
     pairs = scored_members(criterion, graph, groups)
-    by_layer: dict[str, list[tuple[int, ScoredMember]]] = {}
+    # a layer can be one group's consumer (read at its input) and another's fallback producer (read at its output)
+    by_layer: dict[tuple[str, bool], list[tuple[int, ScoredMember]]] = {}
     for i, pair in enumerate(pairs):
-        by_layer.setdefault(pair.member.layer, []).append((i, pair))
+        at_input = criterion.hook == "activation" and pair.member.dim == "in"
+        by_layer.setdefault((pair.member.layer, at_input), []).append((i, pair))
     sums: list[Tensor | None] = [None] * len(pairs)
     index_cache: dict[int, Tensor] = {}
     selects_all: dict[int, bool] = {}
     ranges: dict[int, tuple[Tensor, Tensor]] = {}
     measuring = criterion.needs_range
 
-    def record(layer: str, tensor: Tensor) -> None:
-        for i, pair in by_layer[layer]:
+    def record(layer: str, at_input: bool, tensor: Tensor) -> None:
+        for i, pair in by_layer[layer, at_input]:
             if selects_all.setdefault(i, list(pair.member.indices) == list(range(tensor.shape[1]))):
                 channels = tensor.detach()  # no copy of the whole activation for the common case
             else:
@@ -295,12 +297,12 @@ def score_with_data(
             sums[i] = stat if sums[i] is None else sums[i] + stat
 
     handles = []
-    for layer in by_layer:
+    for layer, at_input in by_layer:
         module = graph.module(layer)
-        if criterion.hook == "activation" and any(p.member.dim == "in" for _, p in by_layer[layer]):
-            handles.append(module.register_forward_pre_hook(lambda mod, inputs, layer=layer: record(layer, inputs[0])))
+        if at_input:
+            handles.append(module.register_forward_pre_hook(lambda mod, inputs, layer=layer: record(layer, True, inputs[0])))
         elif not criterion.needs_labels:
-            handles.append(module.register_forward_hook(lambda mod, inputs, out, layer=layer: record(layer, out)))
+            handles.append(module.register_forward_hook(lambda mod, inputs, out, layer=layer: record(layer, False, out)))
     images = 0
     was_training = model.training
     model.eval()
