@@ -364,13 +364,13 @@ class Lockstep:
     def __iter__(self):
         while True:
             stops = [(reference.advance(), slim.advance()) for reference, slim in self._passes]
-            layers = {(a[0] if a else None, b[0] if b else None) for a, b in stops}
-            if len(layers) != 1 or len({name for pair in layers for name in pair}) != 1:
+            names = {stop[0] if stop else None for pair in stops for stop in pair}  # None: the pass has finished
+            if len(names) != 1:
                 raise ArchitectureError(
                     "the original and the pruned model ran their layers in different orders "
-                    f"({sorted(layers, key=str)[:3]}); reconstruction needs a forward that does not depend on the data"
+                    f"({sorted(names, key=str)[:3]}); reconstruction needs a forward that does not depend on the data"
                 )
-            (layer, _), = layers
+            (layer,) = names
             if layer is None:
                 return
             yield layer, [(b[1], a[1]) for a, b in stops]
