@@ -26,13 +26,14 @@ from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
 from prunecli.errors import ArchitectureError, DataError, ExportError, PrunecliError, first_line
 from prunecli.finetune import messages_to
-from prunecli.graph import ChannelGroup, DependencyGraph
+from prunecli.graph import ChannelGroup, DependencyGraph, refuse_unsupported
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
 from prunecli.io.files import check_output_path, check_suffix
 from prunecli.io.scores import check_scores_output, read_scores, write_scores
 from prunecli.measure import CostModel, LayerCost, costs_and_output, count_params
+from prunecli.outputs import describe_shapes, output_shapes
 from prunecli.planning import plan_pruning
 from prunecli.provenance import finetune_metadata, prune_metadata
 from prunecli.reconstruct import ReconstructReport, reconstruct
@@ -50,6 +51,7 @@ from prunecli.results import (
     Totals,
 )
 from prunecli.runtime import main_process, time_limit
+from prunecli.tasks import end_to_end_outputs, reassemble
 
 Progress = Callable[[str], None]
 
@@ -73,6 +75,7 @@ def example_input(loaded: LoadedModel) -> torch.Tensor:
 
 def _profile(loaded: LoadedModel, x: torch.Tensor) -> tuple[list[LayerCost], torch.Tensor]:
     """Run the model once on ``x``: the per-layer costs and the output, or a clear error if it cannot run."""
+    refuse_unsupported(loaded.model)
     try:
         return costs_and_output(loaded.model, x)
     except Exception as exc:
@@ -350,8 +353,11 @@ def prune_model(
             f"the pruned model no longer runs ({type(exc).__name__}: {first_line(exc, 150)}); this architecture "
             "keeps channel counts outside its layers; --ignore the affected layers or prune another model"
         ) from exc
-    if out.shape != reference.shape:
-        raise ArchitectureError(f"pruning changed the output shape {tuple(reference.shape)} -> {tuple(out.shape)}")
+    if output_shapes(out) != output_shapes(reference):
+        raise ArchitectureError(f"pruning changed the output shape {describe_shapes(output_shapes(reference))} -> "
+                                f"{describe_shapes(output_shapes(out))}")
+    deployed = reassemble(loaded.deployed, pruned)
+    _check_end_to_end(loaded, deployed)
     after = Totals(count_params(pruned), sum(c.macs for c in pruned_costs))
     achieved = {"flops": after.macs, "params": after.params}.get(config.budget.kind)
     base_cost = {"flops": before.macs, "params": before.params}.get(config.budget.kind)
@@ -365,7 +371,7 @@ def prune_model(
         metadata["reconstruct"] = {"data": config.data.source, **reconstruction.summary()}
     if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
         save_slim(
-            pruned,
+            deployed,
             output,
             arch=loaded.arch,
             input_shape=loaded.input.shape,
@@ -402,6 +408,17 @@ def prune_model(
         accuracy,
         reconstruction.to_dict() if reconstruction is not None else None,
     )
+
+
+def _check_end_to_end(loaded: LoadedModel, deployed: torch.nn.Module) -> None:
+    """A pruned detector must still detect: its whole eval-mode forward (resize, heads, box decoding, NMS) runs."""
+    try:
+        end_to_end_outputs(deployed, tuple(loaded.input.shape))
+    except Exception as exc:
+        raise ArchitectureError(
+            f"the pruned detector no longer runs end to end ({type(exc).__name__}: {first_line(exc, 150)}); "
+            "--ignore the layers whose widths its heads read"
+        ) from exc
 
 
 def _prune_accuracy(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.Module, say: Progress):
@@ -497,9 +514,15 @@ def export_artifact(job: ExportJob) -> Any:
     loaded = open_model(job.source)
     _profile(loaded, example_input(loaded))
     real = load_images(job.data, loaded, job.data.calib_images, 0).images if job.data is not None else None
-    return export_model(loaded.model, input_shape=tuple(loaded.input.shape), document=loaded.document,
-                        config=job.export, real_inputs=real, arch=loaded.arch, inputs=(job.source.path,),
-                        import_paths=job.source.import_paths)
+    # a slim safetensors copy holds the whole model; a traced graph holds what takes an image batch
+    whole = job.export.format == "safetensors"
+    result = export_model(loaded.deployed if whole else loaded.model, input_shape=tuple(loaded.input.shape),
+                          document=loaded.document, config=job.export, real_inputs=real, arch=loaded.arch,
+                          inputs=(job.source.path,), import_paths=job.source.import_paths)
+    if loaded.whole is not None and not whole:
+        result.notes.append("a detector exports its feature path (backbone with FPN or SSD extras, one output per "
+                            "feature map); its heads, box decoding and NMS are not in the file")
+    return result
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -121,7 +121,7 @@ class ModelSource:
     path: Path
     arch: str | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    input_shape: tuple[int, int, int] | None = None
+    input_shape: tuple[int, ...] | None = None
     trust_pickle: bool = False
     import_paths: tuple[Path, ...] = ()
 

@@ -8,6 +8,7 @@ through it. Its pruners, importances and schedulers are not used.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import warnings
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from prunecli.errors import ArchitectureError
+from prunecli.outputs import output_tensors
 from prunecli.runtime import time_limit
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -98,20 +100,82 @@ def _sync_vision_transformer(model: nn.Module) -> None:
     model.hidden_dim = model.conv_proj.out_channels
 
 
-# Attributes that some architectures keep outside their layers and read in ``forward``; pruning the layers
-# leaves them stale, so they are set again from the layers after every removal.
 # Architectures Torch-Pruning's tracer cannot handle, refused at once instead of after a crash or a long
 # hang (seen on torchvision 0.29: swin and maxvit tracing grew past 10-20 GB without finishing).
 UNSUPPORTED = {
-    "torchvision.models.shufflenetv2.ShuffleNetV2": "its channel shuffle (view + transpose) breaks the channel "
-    "dependency tracer; prune another architecture",
     "torchvision.models.swin_transformer.SwinTransformer": "tracing its shifted-window attention does not finish "
     "(and exhausts memory); prune a CNN or a ViT instead",
     "torchvision.models.maxvit.MaxVit": "tracing its block/grid attention does not finish (and exhausts memory); "
     "prune a CNN or a ViT instead",
+    "torchvision.models.optical_flow.raft.RAFT": "an optical-flow model takes two images and refines its flow in a "
+    "loop of recurrent updates; prunecli prunes models of one image batch",
 }
 
+
+def refuse_unsupported(model: nn.Module) -> None:
+    """Raise the one-line reason why prunecli does not prune ``model``'s architecture, if it is a known one."""
+    refusal = UNSUPPORTED.get(f"{type(model).__module__}.{type(model).__qualname__}")
+    if refusal is not None:
+        raise ArchitectureError(f"{type(model).__name__} cannot be pruned: {refusal}")
+
+
+# Attributes that some architectures keep outside their layers and read in ``forward``; pruning the layers
+# leaves them stale, so they are set again from the layers after every removal.
 ATTRIBUTE_SYNC = {"torchvision.models.vision_transformer.VisionTransformer": _sync_vision_transformer}
+
+SHUFFLE = "reaches a channel shuffle (ShuffleNetV2 interleaves the two branches' channels)"
+
+
+class _ShuffleStandIn(nn.Conv2d):
+    """ShuffleNetV2's channel shuffle as the 1x1 convolution with a permutation matrix that it is, for tracing only.
+
+    The real shuffle (view, transpose, view) defeats Torch-Pruning's index mapping (it crashes on it). As a conv it
+    is a boundary the tracer understands: the block outputs that feed it, and the chunk after it, form groups
+    that stay whole, while the channels inside each branch (most of the network's MACs) prune freely."""
+
+    def __init__(self, channels: int, groups: int):
+        with torch.random.fork_rng(devices=[]):  # its random init must not move the seeded stream of a run
+            super().__init__(channels, channels, 1, bias=False)
+        order = torch.arange(channels).view(groups, channels // groups).t().reshape(-1)
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[torch.arange(channels), order] = 1.0
+
+
+@contextlib.contextmanager
+def _traceable_shuffles(model: nn.Module):
+    """While tracing, every ShuffleNetV2 block shuffles through a ``_ShuffleStandIn`` child; afterwards the
+    model is as it was (the stand-ins only ever sit in groups that are not pruned)."""
+    from torchvision.models import shufflenetv2
+
+    blocks = [m for m in model.modules() if isinstance(m, shufflenetv2.InvertedResidual)]
+    if not blocks:
+        yield
+        return
+    original, current = shufflenetv2.channel_shuffle, []
+
+    def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+        return current[-1].shuffle_stand_in(x)
+
+    def enter(block, args) -> None:
+        current.append(block)
+
+    def leave(block, args, output) -> None:
+        current.pop()
+
+    hooks = []
+    for block in blocks:
+        block.shuffle_stand_in = _ShuffleStandIn(2 * block.branch2[5].out_channels, 2).to(block.branch2[5].weight)
+        hooks += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+    shufflenetv2.channel_shuffle = shuffle
+    try:
+        yield
+    finally:
+        shufflenetv2.channel_shuffle = original
+        for hook in hooks:
+            hook.remove()
+        for block in blocks:
+            del block.shuffle_stand_in
 
 
 class DependencyGraph:
@@ -133,20 +197,22 @@ class DependencyGraph:
     ):
         import torch_pruning as tp
 
-        refusal = UNSUPPORTED.get(f"{type(model).__module__}.{type(model).__qualname__}")
-        if refusal is not None:
-            raise ArchitectureError(f"{type(model).__name__} cannot be pruned: {refusal}")
+        refuse_unsupported(model)
         self.model = model
         self._names = {module: name for name, module in model.named_modules()}
+        self._output_grad_fns: set = set()
         was_training = model.training
         frozen = [p for p in model.parameters() if not p.requires_grad]
         for param in frozen:  # the tracer follows autograd: a frozen model would show no dependencies
             param.requires_grad_(True)
         model.eval()
         try:
-            with time_limit(timeout, "tracing the model's channel dependencies"), warnings.catch_warnings():
+            with time_limit(timeout, "tracing the model's channel dependencies"), warnings.catch_warnings(), \
+                    _traceable_shuffles(model):
                 warnings.simplefilter("ignore")
-                self._graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+                self._graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_input, verbose=False, output_transform=self._note_outputs
+                )
                 raw_groups = list(self._graph.get_all_groups(root_module_types=ROOT_TYPES))
         except ArchitectureError:
             raise
@@ -162,21 +228,33 @@ class DependencyGraph:
         self.groups = [self._describe(i, g, ignore) for i, g in enumerate(raw_groups)]
         self._pruned = False
 
+    def _note_outputs(self, output):
+        """Remember where the traced output tensors come from: a group whose channels reach one of them must keep
+        its width even when other layers read it too (an FPN level that also feeds P6, an SSD feature map that the
+        backbone goes on from)."""
+        self._output_grad_fns = {t.grad_fn for t in output_tensors(output) if t.grad_fn is not None}
+        return output
+
     def _describe(self, index: int, raw, ignore: Sequence[str]) -> ChannelGroup:
         members, blocks, split, ambiguous = [], 1, False, False
         is_out = self._graph.is_out_channel_pruning_fn
+        feeds_output = shuffled = False
         for item in raw.items:
             module = item.dep.target.module
             name = self._names.get(module)
-            if name is None:  # a traced op (add, concat, reshape), not a layer
-                split = split or type(module).__name__ in SPLIT_OPS
-                continue
             dim = "out" if is_out(item.dep.handler) else "in"
+            # the traced output is this node's result, and the group's channels are that result's channels (not
+            # those of a conv/linear that only reads the group)
+            produces_output = item.dep.target.grad_fn in self._output_grad_fns
+            feeds_output = feeds_output or (produces_output and (dim == "out" or not isinstance(module, ROOT_TYPES)))
+            if name is None:  # a traced op (add, concat, reshape) or a shuffle's stand-in, not a layer
+                split = split or type(module).__name__ in SPLIT_OPS
+                shuffled = shuffled or isinstance(module, _ShuffleStandIn)
+                continue
             members.append(Member(name, dim, tuple(item.idxs), tuple(item.root_idxs)))
             blocks = math.lcm(blocks, _channel_blocks(module))
             ambiguous = ambiguous or _partial(module, dim, item.idxs, _channel_blocks(module))
-        root_module = raw[0].dep.target.module
-        root = self._names[root_module]
+        root = self._names.get(raw[0].dep.target.module) or members[0].layer  # a stand-in: name a layer that reads it
         channels = len(raw[0].idxs)
         outs = [m.layer for m in members if m.dim == "out"]
         ignored = next((p for p in ignore for layer in outs if fnmatch.fnmatchcase(layer, p)), None)
@@ -184,7 +262,9 @@ class DependencyGraph:
         reason = ""
         if ignored is not None:
             reason = f"ignored ({ignored})"
-        elif not consumers:
+        elif shuffled:  # before the outputs: the stand-in that reads the group is no consumer of the model's
+            reason = SHUFFLE
+        elif feeds_output or not consumers:
             reason = "feeds the model output"
         elif split:
             reason = "split into fixed-size parts (split/chunk/slice/unbind)"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from prunecli._version import __version__
 from prunecli.io.slim import STRUCTURAL_KEYS
 
 if TYPE_CHECKING:
-    import torch
-
     from prunecli.config import FinetuneJob, PruneConfig
     from prunecli.io.checkpoint import LoadedModel
     from prunecli.results import Totals
@@ -43,7 +43,7 @@ def prune_metadata(
         "prunecli_version": __version__,
         "mean": list(loaded.input.mean) if loaded.input.mean else None,
         "std": list(loaded.input.std) if loaded.input.std else None,
-        "num_classes": int(reference.shape[-1]) if reference.dim() == 2 else None,
+        "num_classes": int(reference.shape[-1]) if isinstance(reference, torch.Tensor) and reference.dim() == 2 else None,
     }
     if training_record is not None:
         metadata["edp" if config.method == "edp" else "soft_pruning"] = training_record

@@ -422,6 +422,45 @@ class ChannelSlice(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class FeatureTaps(nn.Module):
+    """A detector backbone in small: a dict of feature maps, two of which the network also goes on from.
+
+    ``mid``'s output is feature "0" and the input of ``deep``; ``lateral``'s is feature "1" and the input of
+    ``extra`` (an FPN level that also feeds P6). A head reads each feature at its width, so those groups must
+    stay whole although they have consumers; ``stem`` and ``deep`` are internal and prunable.
+    """
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "stem": expect(8, "stem bn0", "mid"),
+        "mid": expect(12, "mid bn1", "deep", reason=OUTPUT),
+        "deep": expect(16, "deep", "lateral"),
+        "lateral": expect(10, "lateral", "extra", reason=OUTPUT),
+        "extra": expect(6, "extra", reason=OUTPUT),
+    }
+    PLAN: ClassVar = {"stem": 3, "deep": 5}
+    EXPECTED_SHAPES: ClassVar = {
+        "stem": (5, 3, 3, 3), "bn0": (5,), "mid": (12, 5, 3, 3), "bn1": (12,), "deep": (11, 12, 3, 3),
+        "lateral": (10, 11, 1, 1), "extra": (6, 10, 3, 3),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.deep = nn.Conv2d(12, 16, 3, stride=2, padding=1)
+        self.lateral = nn.Conv2d(16, 10, 1)
+        self.extra = nn.Conv2d(10, 6, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = torch.relu(self.bn0(self.stem(x)))
+        c2 = torch.relu(self.bn1(self.mid(x)))
+        p3 = self.lateral(torch.relu(self.deep(c2)))
+        return {"0": c2, "1": p3, "2": self.extra(torch.relu(p3))}
+
+
 TRICKY_MODELS: tuple[type[nn.Module], ...] = (
     ResidualAdd,
     ConcatBranches,
@@ -433,6 +472,7 @@ TRICKY_MODELS: tuple[type[nn.Module], ...] = (
     SharedLayer,
     ChunkBranches,
     ChannelSlice,
+    FeatureTaps,
 )
 
 
@@ -535,3 +575,32 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+class TinyBody(nn.Module):
+    """Two stages of a CNN, for a detector's backbone in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+                                    nn.Conv2d(12, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer2(self.layer1(x))
+
+
+def tiny_detector(num_classes: int = 3) -> nn.Module:
+    """A torchvision Faster R-CNN on a two-level FPN over ``TinyBody``, at 64x64: RPN, RoI heads, NMS and all."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops import MultiScaleRoIAlign
+
+    torch.manual_seed(0)
+    backbone = BackboneWithFPN(TinyBody(), {"layer1": "0", "layer2": "1"}, [8, 16], out_channels=8)
+    anchors = AnchorGenerator(sizes=((8,), (16,), (32,)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
+    return FasterRCNN(
+        backbone, num_classes=num_classes, min_size=64, max_size=64, rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1"], output_size=4, sampling_ratio=2), box_detections_per_img=20,
+    ).eval()

@@ -312,7 +312,7 @@ BAD = {
         "truncated or damaged",
     ),
     "weights not matching --arch": (lambda d, m: m, ("--arch", "torchvision:resnet18"), "42 missing"),
-    "unknown torchvision arch": (lambda d, m: m, ("--arch", "torchvision:resnet19"), "unknown torchvision classifier"),
+    "unknown torchvision arch": (lambda d, m: m, ("--arch", "torchvision:resnet19"), "did you mean resnet18"),
     "unknown sample arch": (lambda d, m: m, ("--arch", "sample:resnet21"), "unknown sample architecture"),
     "malformed arch": (lambda d, m: m, ("--arch", "resnet20"), "is not of the form"),
     "bad arch kwargs": (lambda d, m: m, ("--arch", "sample:resnet20", "--arch-kwargs", "{oops"), "not valid JSON"),

@@ -17,9 +17,10 @@ PACKAGE = Path(__file__).parents[1] / "prunecli"
 # Bottom to top: a module may import modules of its own layer or below, never above. Within a layer the
 # graph must still be acyclic. A new module must be placed here (and in docs/architecture.md).
 LAYERS = (
-    ("prunecli._version", "prunecli.errors", "prunecli.config", "prunecli.results", "prunecli.runtime"),
+    ("prunecli._version", "prunecli.errors", "prunecli.config", "prunecli.results", "prunecli.runtime",
+     "prunecli.outputs"),
     ("prunecli.samples", "prunecli.io", "prunecli.io.*", "prunecli.layers", "prunecli.graph", "prunecli.allocate",
-     "prunecli.measure", "prunecli.reconstruct", "prunecli.criteria", "prunecli.criteria.*"),
+     "prunecli.measure", "prunecli.reconstruct", "prunecli.criteria", "prunecli.criteria.*", "prunecli.tasks"),
     ("prunecli.planning", "prunecli.provenance", "prunecli.finetune", "prunecli.methods", "prunecli.methods.*",
      "prunecli.export", "prunecli.export.*", "prunecli.latency", "prunecli.report"),
     ("prunecli.api",),

@@ -22,6 +22,7 @@ from prunecli.criteria.base import score_with_data
 from prunecli.errors import BudgetError
 from prunecli.graph import DependencyGraph
 from prunecli.io.slim import load, read_slim_metadata, save_slim
+from prunecli.outputs import output_tensors
 from prunecli.reconstruct import GramStatistics, LayerView, reconstruct, removal_errors, ridge_fit
 
 runner = CliRunner()
@@ -32,7 +33,8 @@ CALIB = "sample_models/fmnist_calib.safetensors"
 def squared_error(model: nn.Module, original: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """How far ``model``'s outputs on ``x`` are from ``original``'s."""
     with torch.no_grad():
-        return (model(x) - original(x)).square().sum()
+        pairs = zip(output_tensors(model(x)), output_tensors(original(x)), strict=True)
+        return sum((got - want).square().sum() for got, want in pairs)
 
 
 def closed_form(x: np.ndarray, y: np.ndarray, prior: np.ndarray, ridge: float) -> np.ndarray:

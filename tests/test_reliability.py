@@ -220,7 +220,7 @@ MODEL_CASES = [
     *_model_case("slim metadata, bad format_version", _metadata_bad_version, ("damaged.safetensors",), arch=None),
     *_model_case("mismatched --arch", lambda w: w.model, ("do not match the architecture", "check --arch"),
                  arch="torchvision:resnet18"),
-    *_model_case("unknown --arch", lambda w: w.model, ("unknown torchvision classifier",), arch="torchvision:resnet19"),
+    *_model_case("unknown --arch", lambda w: w.model, ("torchvision model 'resnet19'",), arch="torchvision:resnet19"),
     *for_commands("bad --input-shape", COMMANDS, lambda c, w: args_for(c, w, extra=("--input-shape", "28x28")),
                   words=("--input-shape '28x28' is not CxHxW", "e.g. 3x224x224")),
     *for_commands("--input-shape the model cannot take", COMMANDS,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from prunecli.config import GROUP_SCOPE, GROUP_SCOPES
 from prunecli.errors import DataError
 from prunecli.graph import ChannelGroup, DependencyGraph, Member
+from prunecli.outputs import single_tensor
 
 CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -325,7 +326,8 @@ def score_with_data(
                     if y is None:
                         raise DataError(f"method {criterion.name} needs labelled data; the data has no labels")
                     model.zero_grad(set_to_none=True)
-                    loss = nn.functional.cross_entropy(model(x), y.to(device))
+                    logits = single_tensor(model(x), f"method {criterion.name} (a loss on labels)")
+                    loss = nn.functional.cross_entropy(logits, y.to(device))
                     loss.backward()
                     for i, pair in enumerate(pairs):
                         idx = index_cache.setdefault(i, torch.as_tensor(pair.member.indices, device=x.device))

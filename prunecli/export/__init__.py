@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from prunecli.export.config import ExportConfig
-from prunecli.export.onnx import write_onnx
+from prunecli.export.onnx import name_outputs, write_onnx
 from prunecli.export.slim import write_safetensors
 from prunecli.export.torchscript import write_torchscript
-from prunecli.export.verify import REAL_CHUNK, real_batches
+from prunecli.export.verify import REAL_CHUNK, random_batches, real_batches
 from prunecli.io.arch import ArchSpec
 from prunecli.io.files import atomic_output
 from prunecli.results import ExportResult
@@ -69,6 +69,7 @@ def export_model(
     model = copy.deepcopy(model).to("cpu", torch.float32).eval()
     with atomic_output(config.output, force=config.force, inputs=tuple(Path(p) for p in inputs)) as tmp:
         if config.format == "onnx":
+            config = name_outputs(model, random_batches(input_shape, [1])[0], config)
             details = write_onnx(model, tmp, input_shape, document, config, real_inputs)
         elif config.format == "safetensors":
             details = write_safetensors(model, tmp, input_shape, document, arch, config, real_inputs, import_paths)

@@ -20,6 +20,9 @@ SUFFIXES = {"onnx": (".onnx",), "safetensors": (".safetensors",), "torchscript":
 METADATA_PREFIX = "prunecli."
 
 
+DEFAULT_OUTPUT_NAMES = ("logits",)  # a classifier's one output; models with several name theirs (export.onnx)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """What to write and how. Validated on construction (``ExportError`` with the option to fix).
@@ -47,7 +50,7 @@ class ExportConfig:
     dtype: str = "fp32"
     force: bool = False
     input_names: tuple[str, ...] = ("input",)
-    output_names: tuple[str, ...] = ("logits",)
+    output_names: tuple[str, ...] = DEFAULT_OUTPUT_NAMES
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))

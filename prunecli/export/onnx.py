@@ -19,6 +19,7 @@ onnx and onnxruntime are imported inside the functions that need them, so ``impo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import warnings
@@ -31,8 +32,9 @@ from torch import nn
 
 from prunecli._version import __version__
 from prunecli.errors import ExportError, first_line, one_line
-from prunecli.export.config import METADATA_PREFIX, ExportConfig
+from prunecli.export.config import DEFAULT_OUTPUT_NAMES, METADATA_PREFIX, ExportConfig
 from prunecli.export.verify import REAL_CHUNK, random_batches, torch_runner, verify
+from prunecli.outputs import output_tensors
 from prunecli.runtime import cpu_count
 
 
@@ -111,6 +113,23 @@ def _run_exporter(name: str, model: nn.Module, example: torch.Tensor, config: Ex
         }
     )
     return proto, notes
+
+
+def name_outputs(model: nn.Module, example: torch.Tensor, config: ExportConfig) -> ExportConfig:
+    """A model with several outputs gets one graph output name each, all batch-dynamic: a dict's keys ("out"
+    for segmentation; a detector's feature levels "0", "pool" become "output_0", "pool"), ``output_<i>`` for a
+    tuple. Names given by the user,
+    and the single ``logits`` of a classifier, stay as they are."""
+    if config.output_names != DEFAULT_OUTPUT_NAMES:
+        return config
+    with torch.no_grad():
+        output = model(example)
+    count = len(output_tensors(output))
+    if count == 1:
+        return config
+    keys = [str(k) for k in output] if isinstance(output, Mapping) and len(output) == count else []
+    names = [k if k.isidentifier() else f"output_{k}" for k in keys]  # the legacy exporter refuses "0"
+    return dataclasses.replace(config, output_names=tuple(names or (f"output_{i}" for i in range(count))))
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, config: ExportConfig):
@@ -255,5 +274,6 @@ def onnx_bytes(
     """A batch-dynamic ONNX model in memory (no file, no verification), e.g. for onnxruntime latency."""
     config = ExportConfig("onnx", Path("memory.onnx"), opset=opset, dynamic_batch=True, exporter=exporter, verify=False)
     model = copy.deepcopy(model).to("cpu", torch.float32).eval()
-    proto = _export_onnx(model, random_batches(input_shape, [2])[0], config)[0]
+    example = random_batches(input_shape, [2])[0]
+    proto = _export_onnx(model, example, name_outputs(model, example, config))[0]
     return proto.SerializeToString()

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from prunecli.errors import DataError, ExportError
 from prunecli.export.config import ExportConfig
+from prunecli.outputs import output_tensors
 from prunecli.results import Parity, Verification
 
 # slim-document keys that ``save_slim`` regenerates from the model itself
 REAL_CHUNK = 16  # real images per onnxruntime/torch call when the batch axis is dynamic
 _SEED = 1234  # random verification inputs are reproducible
-
-
-def _flatten(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model output (a tensor, or a tuple/list/dict of them), in order."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, list | tuple):
-        return [t for item in output for t in _flatten(item)]
-    raise ExportError(f"the model returns a {type(output).__name__}; only tensors (or tuples/dicts of them) export")
 
 
 def random_batches(input_shape: Sequence[int], batches: Sequence[int]) -> list[torch.Tensor]:
@@ -93,7 +82,7 @@ def torch_runner(model: nn.Module) -> Callable[[torch.Tensor], list[torch.Tensor
         parameter = next(iter(model.parameters()), None)
         dtype = parameter.dtype if parameter is not None else torch.float32
         with torch.no_grad():
-            return [t.float() for t in _flatten(model(x.to(dtype)))]
+            return [t.float() for t in output_tensors(model(x.to(dtype)))]
 
     return run
 

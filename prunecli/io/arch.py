@@ -54,10 +54,49 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def torchvision_classifiers() -> list[str]:
+def torchvision_models() -> list[str]:
+    """Every model torchvision registers: classification, quantization, segmentation, detection, video, optical flow."""
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return sorted(torchvision.models.list_models())
+
+
+def torchvision_task(name: str) -> str:
+    """'classification', 'quantization', 'segmentation', 'detection', 'video' or 'optical_flow'."""
+    import torchvision
+
+    module = inspect.getmodule(torchvision.models.get_model_builder(name)).__name__
+    task = module.removeprefix("torchvision.models.").split(".")[0]
+    return task if task in TORCHVISION_TASKS else "classification"
+
+
+TORCHVISION_TASKS = ("quantization", "segmentation", "detection", "video", "optical_flow")
+VIDEO_FRAMES = 16  # the clip length torchvision's Kinetics-400 video weights were trained on
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    """``name``'s builder without any weights: also none for the backbone of segmentation and detection models."""
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    no_weights = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        no_weights["weights_backbone"] = None
+    return lambda **kw: builder(**{**kw, **no_weights})
+
+
+def _unknown_torchvision(name: str) -> ArchitectureError:
+    import difflib
+
+    import torchvision
+
+    names = torchvision_models()
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return ArchitectureError(
+        f"unknown torchvision model {name!r}; {hint}torchvision {torchvision.__version__} has {len(names)} "
+        "(torchvision.models.list_models() lists them)"
+    )
 
 
 def _resolve_factory(spec: str, import_paths: tuple[Path, ...] = ()) -> Callable[..., nn.Module]:
@@ -68,13 +107,9 @@ def _resolve_factory(spec: str, import_paths: tuple[Path, ...] = ()) -> Callable
             "'package.module:factory' or 'file.py:factory'"
         )
     if kind == "torchvision":
-        import torchvision
-
-        if name not in torchvision_classifiers():
-            raise ArchitectureError(
-                f"unknown torchvision classifier {name!r}; see torchvision.models.list_models() for the names"
-            )
-        return lambda **kw: torchvision.models.get_model(name, weights=None, **kw)
+        if name not in torchvision_models():
+            raise _unknown_torchvision(name)
+        return _torchvision_builder(name)
     if kind == "sample":
         from prunecli.samples import SAMPLE_ARCHITECTURES
 
@@ -146,15 +181,15 @@ def build_skeleton(arch: ArchSpec, import_paths: tuple[Path, ...] = ()) -> nn.Mo
 
 @dataclass(frozen=True)
 class InputInfo:
-    """What an architecture expects as input: (C, H, W) and the normalisation, when known."""
+    """What an architecture expects as input: (C, H, W), or (C, T, H, W) for video, and the normalisation, when known."""
 
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
 
 def default_input(arch: ArchSpec) -> InputInfo | None:
-    """Default input for known architectures (torchvision: the crop size of its reference weights)."""
+    """Default input for known architectures (torchvision: the size and normalisation of its reference weights)."""
     kind, _, name = arch.spec.partition(":")
     if kind == "sample":
         from prunecli.samples import SAMPLE_INPUT_SHAPES
@@ -162,25 +197,39 @@ def default_input(arch: ArchSpec) -> InputInfo | None:
         channels = int(arch.kwargs.get("in_channels", SAMPLE_INPUT_SHAPES[name][0]))
         return InputInfo((channels, *SAMPLE_INPUT_SHAPES[name][1:]))
     if kind == "torchvision":
-        import torchvision
-
-        size = 224
-        with contextlib.suppress(Exception):
-            size = int(torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size[0])
-        return InputInfo((3, size, size), IMAGENET_MEAN, IMAGENET_STD)
+        return _torchvision_input(arch)
     return None
 
 
-def parse_input_shape(text: str) -> tuple[int, int, int]:
-    """'3x224x224' (or '3,224,224') -> (3, 224, 224)."""
+def _torchvision_input(arch: ArchSpec) -> InputInfo:
+    """Detectors: the size their transform resizes to and its normalisation; the others: their weights' preset."""
+    import torchvision
+
+    name = arch.spec.partition(":")[2]
+    task = torchvision_task(name)
+    if task == "detection":
+        transform = build_skeleton(arch).transform
+        return InputInfo((3, transform.min_size[-1], transform.min_size[-1]), tuple(transform.image_mean),
+                         tuple(transform.image_std))
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    size = (getattr(preset, "crop_size", None) or getattr(preset, "resize_size", None) or [224])[0]
+    frames = (VIDEO_FRAMES,) if task == "video" else ()
+    mean, std = getattr(preset, "mean", IMAGENET_MEAN), getattr(preset, "std", IMAGENET_STD)
+    return InputInfo((3, *frames, int(size), int(size)), tuple(mean), tuple(std))
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """'3x224x224' (or '3,224,224') -> (3, 224, 224); video: '3x16x112x112' (C x T x H x W)."""
     parts = text.replace(",", "x").lower().split("x")
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise ArchitectureError(f"--input-shape {text!r} is not CxHxW with positive integers, e.g. 3x224x224")
-    return shape  # type: ignore[return-value]
+    if len(shape) not in (3, 4) or min(shape) < 1:
+        raise ArchitectureError(
+            f"--input-shape {text!r} is not CxHxW (or CxTxHxW for video) with positive integers, e.g. 3x224x224"
+        )
+    return shape
 
 
 def _family_of(name: str) -> str:
@@ -193,15 +242,16 @@ def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _build_for_matching(name: str, num_classes: int) -> nn.Module | None:
-    import torchvision
-
+def _build_for_matching(name: str, num_classes: int | None) -> nn.Module | None:
+    """``name`` on the meta device where its builder allows it; ``num_classes`` None keeps the builder's default."""
+    builder = _torchvision_builder(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for device in ("meta", "cpu"):
             try:
                 with torch.device(device):
-                    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+                    return builder(**kwargs)
             except (NotImplementedError, RuntimeError):
                 continue
             except (TypeError, ValueError):
@@ -210,28 +260,35 @@ def _build_for_matching(name: str, num_classes: int) -> nn.Module | None:
 
 
 def detect_torchvision_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec | None:
-    """Find the one torchvision classifier whose keys and shapes match ``state_dict`` exactly.
+    """Find the one torchvision model whose keys and shapes match ``state_dict`` exactly.
 
     Candidates are narrowed by the top-level module names of the first model of each family, so only
-    the matching family is built in full (on the meta device where the builder allows it).
+    the matching family is built in full (on the meta device where the builder allows it). A classifier's
+    number of classes is read off its last matrix; other tasks are matched at their builders' default too.
+    The quantization family is skipped: its float models hold the same weights as the plain classifiers.
     """
     wanted = {k: tuple(v.shape) for k, v in state_dict.items()}
     top_level = {k.split(".")[0] for k in wanted}
     matrices = [shape for shape in wanted.values() if len(shape) == 2]
-    num_classes = matrices[-1][0] if matrices else 1000
+    class_counts = dict.fromkeys([matrices[-1][0] if matrices else None, None])
     families: dict[str, list[str]] = {}
-    for name in torchvision_classifiers():
-        families.setdefault(_family_of(name), []).append(name)
+    for name in torchvision_models():
+        if torchvision_task(name) != "quantization":
+            families.setdefault(_family_of(name), []).append(name)
     matches = []
     for names in families.values():
-        probe = _build_for_matching(names[0], num_classes)
+        probe = _build_for_matching(names[0], None)
         if probe is None or {k.split(".")[0] for k in probe.state_dict()} != top_level:
             continue
         for name in names:
-            model = probe if name == names[0] else _build_for_matching(name, num_classes)
-            if model is not None and _signature(model) == wanted:
-                matches.append(name)
+            for count in class_counts:
+                model = _build_for_matching(name, count)
+                if model is not None and _signature(model) == wanted:
+                    matches.append((name, count))
+                    break
     if len(matches) != 1:
         return None
-    kwargs = {} if num_classes == 1000 else {"num_classes": num_classes}
-    return ArchSpec(f"torchvision:{matches[0]}", kwargs)
+    (name, count), = matches
+    default = _build_for_matching(name, None)
+    kwargs = {} if count is None or _signature(default) == wanted else {"num_classes": count}
+    return ArchSpec(f"torchvision:{name}", kwargs)

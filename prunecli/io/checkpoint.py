@@ -18,19 +18,25 @@ from prunecli.io.arch import ArchSpec, InputInfo, build_model, default_input, de
 from prunecli.io.files import sha256_file
 from prunecli.io.readers import check_file, read_safetensors, sniff, torch_load, unwrap_state_dict
 from prunecli.io.slim import load_strict, read_sidecar, read_slim_metadata, rebuild
+from prunecli.tasks import prunable_part
 
 
 @dataclass
 class LoadedModel:
     """A model ready to prune, with what we know of where it came from."""
 
-    model: nn.Module
+    model: nn.Module  # what prunecli traces, scores and prunes: the whole model, or a detector's feature path
     arch: ArchSpec | None
     input: InputInfo
     source: Path
     sha256: str
     document: dict[str, Any] | None = None  # the slim metadata when the source is a slim file
     notes: list[str] = field(default_factory=list)
+    whole: nn.Module | None = None  # the model as deployed, when ``model`` is only part of it
+
+    @property
+    def deployed(self) -> nn.Module:
+        return self.model if self.whole is None else self.whole
 
 
 def _model_from_state(
@@ -40,7 +46,8 @@ def _model_from_state(
         arch = detect_torchvision_arch(state)
         if arch is None:
             raise CheckpointError(
-                "the file holds only weights and they match no torchvision classifier; "
+                "the file holds only weights and they match no single torchvision model (some share their weights, e.g. "
+                "the two fasterrcnn_mobilenet_v3_large FPNs); "
                 "pass --arch (e.g. torchvision:resnet50, sample:resnet20, mypkg.models:factory)"
             )
         notes.append(f"recognised the weights as {arch.spec} {dict(arch.kwargs) or ''}".strip())
@@ -59,7 +66,7 @@ def load_model(
     path: str | Path,
     *,
     arch: ArchSpec | None = None,
-    input_shape: tuple[int, int, int] | None = None,
+    input_shape: tuple[int, ...] | None = None,
     trust_pickle: bool = False,
     import_paths: tuple[Path, ...] = (),
 ) -> LoadedModel:
@@ -104,11 +111,13 @@ def load_model(
             f"{path} is neither safetensors nor a torch.save file; give a .safetensors, .pt or .pth checkpoint"
         )
     info = _input_info(document, arch, input_shape)
-    return LoadedModel(model.eval(), arch, info, path, sha256_file(path), document, notes)
+    model = model.eval()
+    part = prunable_part(model)
+    return LoadedModel(part, arch, info, path, sha256_file(path), document, notes, None if part is model else model)
 
 
 def _input_info(
-    document: dict[str, Any] | None, arch: ArchSpec | None, input_shape: tuple[int, int, int] | None
+    document: dict[str, Any] | None, arch: ArchSpec | None, input_shape: tuple[int, ...] | None
 ) -> InputInfo:
     known = default_input(arch) if arch is not None else None
     if document is not None:

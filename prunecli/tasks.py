@@ -1,0 +1,73 @@
+"""The part of a model prunecli traces, scores and prunes, by kind of model.
+
+Classifiers, segmentation and video models are pruned whole: their forward takes a batch of images and returns
+tensors. A torchvision detector takes a list of images, resizes them and ends in box decoding and NMS, which
+neither the tracer nor a MACs count should see; prunecli works on its feature path (the backbone with its FPN
+or SSD extras), keeps the width of every feature map the heads read (the heads, their per-anchor outputs and
+the number of classes stay as they are) and puts the pruned feature path back into the detector.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from prunecli.outputs import output_tensors
+
+
+def _detector_types() -> tuple[type, ...]:
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.detection.ssd import SSD
+
+    return (GeneralizedRCNN, RetinaNet, FCOS, SSD)
+
+
+def is_detector(model: nn.Module) -> bool:
+    return isinstance(model, _detector_types())
+
+
+class FeaturePath(nn.Module):
+    """A detector's backbone as a model of its own: a batch of normalised images -> its dict of feature maps.
+
+    It holds the detector's own backbone (no copy), so its layer names (``backbone.body.conv1``) are the
+    detector's and a state dict of it is part of the detector's."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.backbone = detector.backbone
+
+    def forward(self, images: torch.Tensor):
+        return self.backbone(images)
+
+
+def prunable_part(model: nn.Module) -> nn.Module:
+    """What prunecli works on: the model itself, or a detector's feature path."""
+    return FeaturePath(model) if is_detector(model) else model
+
+
+def reassemble(whole: nn.Module, part: nn.Module) -> nn.Module:
+    """``whole`` with ``part`` (a pruned copy of its prunable part) in place of the original; ``whole`` is left as it was."""
+    if not isinstance(part, FeaturePath):
+        return part
+    return copy.deepcopy(whole, memo={id(whole.backbone): part.backbone})
+
+
+def end_to_end_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> list[torch.Tensor] | None:
+    """A detector's detections (boxes, scores, labels, ...) on two seeded images of ``input_shape`` in eval mode, as
+    a flat tensor list to compare; None for other models, whose feature path is the whole model."""
+    if not is_detector(model):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(input_shape, generator=generator) for _ in range(2)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [t.cpu() for t in output_tensors(model([image.to(device) for image in images]))]
+    finally:
+        model.train(was_training)
