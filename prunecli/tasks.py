@@ -56,18 +56,31 @@ def reassemble(whole: nn.Module, part: nn.Module) -> nn.Module:
     return copy.deepcopy(whole, memo={id(whole.backbone): part.backbone})
 
 
+def _score_thresholds(model: nn.Module) -> list[tuple[nn.Module, float]]:
+    """(module, threshold) of each detection score cut-off: the detector's own (RetinaNet, FCOS, SSD) or its RoI
+    heads' (the R-CNNs)."""
+    return [(m, m.score_thresh) for m in (model, getattr(model, "roi_heads", None)) if hasattr(m, "score_thresh")]
+
+
 def end_to_end_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> list[torch.Tensor] | None:
     """A detector's detections (boxes, scores, labels, ...) on two seeded images of ``input_shape`` in eval mode, as
-    a flat tensor list to compare; None for other models, whose feature path is the whole model."""
+    a flat tensor list to compare; None for other models, whose feature path is the whole model.
+
+    The score cut-off is 0 for the check, so that a detector with untrained heads (whose class scores all fall
+    below the usual 0.05) still returns a full set of boxes to compare; it is restored afterwards."""
     if not is_detector(model):
         return None
     generator = torch.Generator().manual_seed(0)
     images = [torch.rand(input_shape, generator=generator) for _ in range(2)]
     device = next(model.parameters()).device
-    was_training = model.training
+    was_training, thresholds = model.training, _score_thresholds(model)
     model.eval()
     try:
+        for module, _ in thresholds:
+            module.score_thresh = 0.0
         with torch.no_grad():
             return [t.cpu() for t in output_tensors(model([image.to(device) for image in images]))]
     finally:
         model.train(was_training)
+        for module, threshold in thresholds:
+            module.score_thresh = threshold

@@ -113,7 +113,8 @@ def test_dead_channels_of_a_detector_prune_away_without_changing_its_detections(
     pruned = reassemble(detector, graph.model)
     assert pruned.backbone.body.layer1[0].out_channels == 6
     want, got = end_to_end_outputs(dead, (3, 64, 64)), end_to_end_outputs(pruned, (3, 64, 64))
-    assert len(want) == 6 and want[0].shape == (20, 4)  # boxes, labels, scores of two images
+    assert len(want) == 6 and want[0].shape == (20, 4)  # boxes, labels, scores of two images (score cut-off 0)
+    assert detector.roi_heads.score_thresh == 0.05  # restored
     assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
