@@ -70,6 +70,28 @@ def test_a_dict_output_model_prunes_keeps_every_feature_width_and_reloads(tmp_pa
         assert output_shapes(pruned(x)) == output_shapes(model(x))
 
 
+class TupleTaps(M.FeatureTaps):
+    """The same features as a tuple, with the first again inside a list: (c2, [p3, extra(p3)])."""
+
+    def forward(self, x):
+        features = list(super().forward(x).values())
+        return features[0], features[1:]
+
+
+def test_a_tuple_output_model_keeps_its_output_widths_and_dead_channels_prune_exactly():
+    from test_zero_invariance import quarter_plan
+
+    model = M.randomise_norms(TupleTaps()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph = DependencyGraph(copy.deepcopy(model), x)
+    assert {g.root: g.prunable for g in graph.groups} == {"stem": True, "mid": False, "deep": True, "lateral": False,
+                                                            "extra": False}
+    dead = M.kill_and_prune(model, graph, quarter_plan(graph))
+    with torch.no_grad():
+        assert_close(graph.model(x), dead(x))  # a tuple holding a tensor and a list
+        assert output_shapes(graph.model(x)) == ((2, 12, 16, 16), (2, 10, 8, 8), (2, 6, 4, 4))
+
+
 # ----------------------------------------------------------------------------- detectors
 
 
