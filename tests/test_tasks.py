@@ -142,6 +142,8 @@ def test_dead_channels_of_a_detector_prune_away_without_changing_its_detections(
 
 def test_prune_writes_the_whole_detector_and_it_reloads_to_the_same_detections(tmp_path, saved_models, detector):
     result, output = prune_saved(tmp_path, detector, "models:tiny_detector", (3, 64, 64), parse_budget("flops", "0.6"))
+    assert result.notes == ["a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and "
+                            "counted; the heads keep the widths they read"]
     (written,) = saved_models
     x = torch.randn(1, 3, 64, 64)
     assert result.after == totals(FeaturePath(written), x)  # MACs of the feature path, the part that is pruned

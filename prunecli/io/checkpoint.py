@@ -113,6 +113,9 @@ def load_model(
     info = _input_info(document, arch, input_shape)
     model = model.eval()
     part = prunable_part(model)
+    if part is not model:
+        notes.append("a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and counted; "
+                     "the heads keep the widths they read")
     return LoadedModel(part, arch, info, path, sha256_file(path), document, notes, None if part is model else model)
 
 
