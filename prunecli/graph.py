@@ -143,6 +143,20 @@ class _ShuffleStandIn(nn.Conv2d):
 
 
 @contextlib.contextmanager
+def _out_of_place(model: nn.Module):
+    """Activations run out of place while tracing: an in-place ReLU straight after a conv rewrites the tensor's
+    autograd history so that the tracer no longer sees the conv (SSD300's VGG traced no layer at all)."""
+    changed = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for module in changed:
+        module.inplace = False
+    try:
+        yield
+    finally:
+        for module in changed:
+            module.inplace = True
+
+
+@contextlib.contextmanager
 def _traceable_shuffles(model: nn.Module):
     """While tracing, every ShuffleNetV2 block shuffles through a ``_ShuffleStandIn`` child; afterwards the
     model is as it was (the stand-ins only ever sit in groups that are not pruned)."""
@@ -208,7 +222,7 @@ class DependencyGraph:
         model.eval()
         try:
             with time_limit(timeout, "tracing the model's channel dependencies"), warnings.catch_warnings(), \
-                    _traceable_shuffles(model):
+                    _traceable_shuffles(model), _out_of_place(model):
                 warnings.simplefilter("ignore")
                 self._graph = tp.DependencyGraph().build_dependency(
                     model, example_inputs=example_input, verbose=False, output_transform=self._note_outputs

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
+from torch import nn
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
@@ -90,6 +91,14 @@ def test_a_tuple_output_model_keeps_its_output_widths_and_dead_channels_prune_ex
     with torch.no_grad():
         assert_close(graph.model(x), dead(x))  # a tuple holding a tensor and a list
         assert output_shapes(graph.model(x)) == ((2, 12, 16, 16), (2, 10, 8, 8), (2, 6, 4, 4))
+
+
+def test_a_conv_followed_by_an_inplace_relu_is_traced():
+    """An in-place activation rewrites the conv output's autograd history; traced in place, the convs vanished."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3), nn.ReLU(inplace=True))
+    graph = DependencyGraph(model, torch.randn(1, 3, 8, 8))
+    assert {g.root: (g.channels, g.prunable) for g in graph.groups} == {"0": (8, True), "2": (4, False)}
+    assert model[1].inplace and model[3].inplace  # as they were
 
 
 # ----------------------------------------------------------------------------- detectors
