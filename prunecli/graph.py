@@ -107,6 +107,8 @@ UNSUPPORTED = {
     "(and exhausts memory); prune a CNN or a ViT instead",
     "torchvision.models.maxvit.MaxVit": "tracing its block/grid attention does not finish (and exhausts memory); "
     "prune a CNN or a ViT instead",
+    "torchvision.models.video.swin_transformer.SwinTransformer3d": "tracing its 3-D shifted-window attention fails "
+    "or does not finish in 120 s; prune a 3-D CNN (r3d_18, r2plus1d_18, s3d) or an MViT instead",
     "torchvision.models.optical_flow.raft.RAFT": "an optical-flow model takes two images and refines its flow in a "
     "loop of recurrent updates; prunecli prunes models of one image batch",
 }
