@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).parents[1] / "prunecli"
 LAYERS = (
     ("prunecli._version", "prunecli.errors", "prunecli.config", "prunecli.results", "prunecli.runtime"),
     ("prunecli.samples", "prunecli.io", "prunecli.io.*", "prunecli.layers", "prunecli.graph", "prunecli.allocate",
-     "prunecli.measure", "prunecli.reconstruct", "prunecli.criteria", "prunecli.criteria.*"),
+     "prunecli.measure", "prunecli.latency_model", "prunecli.reconstruct", "prunecli.criteria", "prunecli.criteria.*"),
     ("prunecli.planning", "prunecli.provenance", "prunecli.finetune", "prunecli.methods", "prunecli.methods.*",
      "prunecli.export", "prunecli.export.*", "prunecli.latency", "prunecli.report"),
     ("prunecli.api",),
