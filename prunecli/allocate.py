@@ -187,10 +187,11 @@ def allocate(
 
 
 def _savings(candidates, allowed, full: dict[int, int], cost) -> dict[int, float]:
-    """Per group, the cost one channel's removal saves (its first allowed step below full width, per channel),
-    relative to the mean over the groups; a group whose removal saves nothing gets a tiny saving."""
+    """Per group, the cost one channel's removal saves on average (full width down to its floor, the rest at full
+    width: a long span, steady where the cost is a measured table), relative to the mean over the groups; a group
+    whose removal saves nothing gets a tiny saving."""
     base = cost(full)
-    per_channel = {g: (base - cost({**full, g: int(allowed[g][-2])})) / (full[g] - int(allowed[g][-2])) for g in candidates}
+    per_channel = {g: (base - cost({**full, g: int(allowed[g][0])})) / (full[g] - int(allowed[g][0])) for g in candidates}
     mean = float(np.mean([max(v, 0.0) for v in per_channel.values()])) if per_channel else 0.0
     return {g: max(v / mean, 1e-6) if mean > 0 else 1.0 for g, v in per_channel.items()}
 
