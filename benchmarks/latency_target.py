@@ -1,14 +1,14 @@
 """Pruning to a measured latency (``prune --latency-target``) against pruning to MACs, at the same measured latency.
 
-Each model is pruned with prunecli's API to each latency target (``--method l1 --allocation efficiency
---round-to 8``, onnxruntime on the CPU at each batch, 1 intra-op thread unless ``--threads``), which reports the
-latency it measured. The MACs-targeted model it is compared with is found the way a user without
-``--latency-target`` would have to: prune to a MACs fraction (same method, allocation and rounding), measure,
-and correct the fraction (``prunecli.latency_model.correct_target``, the same loop) until its measured latency
-matches the latency-targeted model's. Both slim models are then timed once more (three times the runs), their
-runs alternating with the original's, so the two ratios in a row come from the same load. On the sample models
-the accuracy of both is measured on the Fashion-MNIST test set after BN recalibration (``--recalibrate-bn`` on
-sample_models/fmnist_calib.safetensors).
+Each model is pruned with prunecli's API to each latency target (``--method l1 --allocation efficiency --round-to
+8``, onnxruntime on the CPU at each batch, 1 intra-op thread unless ``--threads``), which reports the latency it
+measured. The MACs-targeted model it is compared with is found the way a user without ``--latency-target`` would
+have to: prune to a MACs fraction (same method, allocation and rounding), measure, and correct the fraction
+(``prunecli.latency_model.correct_target``, the same loop) until its latency, timed in the same runs as the
+latency-targeted model's, matches it within ``--match``. Both slim models are then timed once more (three times the
+runs), their runs alternating with the original's, so the two ratios in a row come from the same load. On the
+sample models the accuracy of both is measured on the Fashion-MNIST test set after BN recalibration
+(``--recalibrate-bn`` on sample_models/fmnist_calib.safetensors).
 
 Rows are appended to ``--log`` (JSON lines) as they finish and rows already there are skipped, so an interrupted
 run continues where it stopped. Run it pinned to one core with a passive OpenMP wait policy to limit noise:
@@ -80,21 +80,24 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
     meter = latency_meter(original, shape, "onnxruntime", torch.device("cpu"), batch, args.threads, args.warmup,
                           args.repeats)
 
+    lat_model = prunecli.load(lat.output).eval()
+
     def attempt(fraction: float) -> tuple[float, float]:
+        """A MACs-targeted slim model's latency over the latency-targeted one's, both timed in the same runs."""
         result = prune_model(config_for(src, parse_budget("flops", f"{fraction:.6f}"), args,
                                         work / "macs.safetensors", batch, False))
-        now, ms = meter(prunecli.load(result.output).eval())
-        return result.macs_kept, ms / now
+        _, lat_ms, ms = meter(lat_model, prunecli.load(result.output).eval())
+        return result.macs_kept, ms / lat_ms
 
-    # the MACs fraction whose slim model measures what the latency-targeted one measured
-    best, steps = correct_target(record["measured_ratio"], attempt, start=record["measured_ratio"], low=0.02,
-                                 high=0.98, tolerance=args.match, iterations=args.iterations)
+    # the MACs fraction whose slim model runs as fast as the latency-targeted one
+    best, steps = correct_target(1.0, attempt, start=record["measured_ratio"], low=0.02, high=0.98,
+                                 tolerance=args.match, iterations=args.iterations)
     fraction = steps[best].requested
     macs = prune_model(config_for(src, parse_budget("flops", f"{fraction:.6f}"), args, work / "macs.safetensors",
                                   batch, sample))
     final = latency_meter(original, shape, "onnxruntime", torch.device("cpu"), batch, args.threads, args.warmup,
                           3 * args.repeats)  # the two slim models side by side, three times the runs
-    original_ms, lat_ms, macs_ms = final(prunecli.load(lat.output).eval(), prunecli.load(macs.output).eval())
+    original_ms, lat_ms, macs_ms = final(lat_model, prunecli.load(macs.output).eval())
     row = {
         "model": name, "batch": batch, "target": target, "input": "x".join(map(str, shape)),
         "latency_targeted": {"measured_ratio": record["measured_ratio"], "iterations": len(record["iterations"]),
@@ -104,7 +107,7 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
                              "table_measured": record["cache"]["measured"],
                              "top1": lat.accuracy["pruned_top1"] if lat.accuracy else None},
         "macs_targeted": {"macs_target": fraction, "macs_kept": macs.macs_kept, "params_kept": macs.params_kept,
-                          "matching_steps": len(steps), "matched_ratio": steps[best].measured,
+                          "matching_steps": len(steps), "matched_over_latency_targeted": steps[best].measured,
                           "top1": macs.accuracy["pruned_top1"] if macs.accuracy else None},
         "remeasured": {"original_ms": original_ms, "latency_targeted_ratio": lat_ms / original_ms,
                        "macs_targeted_ratio": macs_ms / original_ms},
@@ -120,7 +123,7 @@ def _pct(value) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | input | batch | latency target | measured (slim models) | MACs kept | "
-             "MACs-targeted: MACs kept at the same latency | re-measured ratio: latency- / MACs-targeted | "
+             "MACs-targeted: MACs kept at the same latency (slim models) | re-measured ratio: latency- / MACs-targeted | "
              "top-1: latency- / MACs-targeted (original) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -129,7 +132,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['input']} | {r['batch']} | {r['target']:g} | {lat['measured_ratio']:.3f} "
             f"({lat['iterations']}{'' if lat['converged'] else ', not within 5%'}) | {_pct(lat['macs_kept'])} | "
-            f"{_pct(mac['macs_kept'])} (measured {mac['matched_ratio']:.3f}) | "
+            f"{_pct(mac['macs_kept'])} ({mac['matching_steps']}) | "
             f"{again['latency_targeted_ratio']:.3f} / {again['macs_targeted_ratio']:.3f} | {top1} |")
     return "\n".join(lines) + "\n"
 
