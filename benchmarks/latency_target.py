@@ -31,6 +31,7 @@ import torchvision
 import prunecli
 from prunecli.api import prune_model
 from prunecli.config import DataOptions, LatencyTarget, ModelSource, PruneConfig, parse_budget
+from prunecli.errors import PrunecliError, one_line
 from prunecli.latency import latency_meter
 from prunecli.latency_model import correct_target
 from prunecli.samples import SAMPLE_INPUT_SHAPES
@@ -127,6 +128,9 @@ def markdown(rows: list[dict]) -> str:
              "top-1: latency- / MACs-targeted (original) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | | {r['batch']} | {r['target']:g} | {r['error']} | | | | |")
+            continue
         lat, mac, again = r["latency_targeted"], r["macs_targeted"], r["remeasured"]
         top1 = "-" if lat["top1"] is None else f"{_pct(lat['top1'])} / {_pct(mac['top1'])} ({_pct(r['original_top1'])})"
         lines.append(
@@ -139,8 +143,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=_csv(str), default=["sample:mobilenetv2", "mobilenet_v2", "resnet50",
-                                                                "efficientnet_b0"])
+    parser.add_argument("--models", type=_csv(str), default=["sample:mobilenetv2", "mobilenet_v2", "efficientnet_b0",
+                                                                "resnet50"])
     parser.add_argument("--targets", type=_csv(float), default=[0.5, 0.7], help="latency to keep, e.g. 0.5,0.7")
     parser.add_argument("--batches", type=_csv(int), default=[1, 16])
     parser.add_argument("--size", type=int, default=224, help="input side of the torchvision models")
@@ -164,7 +168,10 @@ def main() -> None:
                 for target in args.targets:
                     if (name, batch, target) in keys:
                         continue
-                    row = run_row(name, batch, target, args, Path(folder))
+                    try:
+                        row = run_row(name, batch, target, args, Path(folder))
+                    except PrunecliError as exc:  # e.g. a target the model cannot reach: a row that says so
+                        row = {"model": name, "batch": batch, "target": target, "error": one_line(exc)}
                     with args.log.open("a") as log:
                         log.write(json.dumps(row) + "\n")
                     print(markdown([row]).splitlines()[-1], flush=True)
