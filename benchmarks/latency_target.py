@@ -62,7 +62,7 @@ def config_for(src: ModelSource, budget, args, output: Path, batch: int, sample:
     recovery = {}
     if sample:
         recovery = {"data": DataOptions(str(CALIB), batch_size=64), "recalibrate_bn": 8,
-                    "evaluate": DataOptions("fashion-mnist:test", batch_size=256)}
+                    "evaluate": DataOptions("fashion-mnist:test", batch_size=256), "eval_limit": args.eval_limit}
     target = None
     if budget.kind == "latency":
         target = LatencyTarget("onnxruntime", batch, warmup=args.warmup, repeats=args.repeats)
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--allocation", default="efficiency")
     parser.add_argument("--match", type=float, default=0.03, help="how near the MACs-targeted model's latency must come")
     parser.add_argument("--iterations", type=int, default=4, help="MACs-targeted models tried per row at most")
+    parser.add_argument("--eval-limit", type=int, default=None, help="sample models: a seeded subset of the test set")
     parser.add_argument("--log", type=Path, required=True, help="JSON lines: one finished row each")
     parser.add_argument("--markdown", action="store_true", help="print the table of the rows in --log and stop")
     args = parser.parse_args()
