@@ -18,7 +18,7 @@ from torch import Tensor
 
 from prunecli.errors import BudgetError
 
-ALLOCATIONS = ("uniform", "global", "dispersion")
+ALLOCATIONS = ("uniform", "global", "efficiency", "dispersion")
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,9 @@ def allocate(
         cost: kept counts -> cost (MACs, params, channels); must not increase when channels are removed.
         target: the cost to reach.
         allocation: ``uniform`` (the same ratio everywhere), ``global`` (one threshold on the
-            normalised scores across groups) or ``dispersion`` (ratio per group proportional to
+            normalised scores across groups), ``efficiency`` (one threshold on each channel's score per unit
+            of the cost its removal saves, so the removal goes where it buys the most cost (MACs,
+            milliseconds) for the least score) or ``dispersion`` (ratio per group proportional to
             ``1 - dispersion / max dispersion``, SFP's Kernel Dispersion).
     """
     candidates = [g for g in scores if limits[g].prunable and len(limits[g].allowed_keeps()) > 1]
@@ -138,8 +140,9 @@ def allocate(
         def keep_at(r: float) -> dict[int, int]:
             return {g: _quantise(limits[g].channels * (1 - r), allowed[g]) for g in candidates}
         high = max((limits[g].max_ratio for g in candidates), default=0.0)
-    elif allocation == "global":
-        ordered = {g: torch.sort(scores[g].double()).values.numpy() for g in candidates}
+    elif allocation in ("global", "efficiency"):
+        saving = _savings(candidates, allowed, fixed, cost) if allocation == "efficiency" else dict.fromkeys(candidates, 1.0)
+        ordered = {g: np.sort(_per_saving(scores[g].double().numpy(), saving[g])) for g in candidates}
 
         def keep_at(t: float) -> dict[int, int]:
             out = {}
@@ -181,6 +184,21 @@ def allocate(
             high_knob = middle
     keep = _closest_between(keep_at(low_knob), keep_at(high_knob), total, target)
     return _plan(keep, scores, limits, total(keep), high_knob)
+
+
+def _savings(candidates, allowed, full: dict[int, int], cost) -> dict[int, float]:
+    """Per group, the cost one channel's removal saves on average (full width down to its floor, the rest at full
+    width: a long span, steady where the cost is a measured table), relative to the mean over the groups; a group
+    whose removal saves nothing gets a tiny saving."""
+    base = cost(full)
+    per_channel = {g: (base - cost({**full, g: int(allowed[g][0])})) / (full[g] - int(allowed[g][0])) for g in candidates}
+    mean = float(np.mean([max(v, 0.0) for v in per_channel.values()])) if per_channel else 0.0
+    return {g: max(v / mean, 1e-6) if mean > 0 else 1.0 for g, v in per_channel.items()}
+
+
+def _per_saving(scores: np.ndarray, saving: float) -> np.ndarray:
+    """Scores per unit of saving, monotone in the score (a negative score is scaled the other way)."""
+    return np.where(scores >= 0, scores / saving, scores * saving)
 
 
 def _closest_between(above: dict[int, int], below: dict[int, int], total, target: float) -> dict[int, int]:

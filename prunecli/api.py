@@ -24,7 +24,7 @@ from prunecli.config import (
 )
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
-from prunecli.errors import ArchitectureError, DataError, ExportError, PrunecliError, first_line
+from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError, first_line
 from prunecli.finetune import messages_to
 from prunecli.graph import ChannelGroup, DependencyGraph, refuse_unsupported
 from prunecli.io.arch import ArchSpec
@@ -302,6 +302,8 @@ def prune_model(
         if config.method == "edp":
             raise PrunecliError("--reconstruct does not apply to --method edp, which trains its own weights; drop one")
         _require_data(config)
+    if config.latency_target is not None and (config.method == "edp" or config.soft is not None):
+        raise PrunecliError("--latency-target plans on scores; it does not combine with --method edp or --soft-epochs")
     say("loading the model")
     loaded = open_model(config.source)
     if loaded.arch is None:
@@ -312,7 +314,7 @@ def prune_model(
     costs, reference = _profile(loaded, x)
     before = Totals(count_params(loaded.model), sum(c.macs for c in costs))
     method = config.method
-    reconstruction = None
+    reconstruction = latency_record = None
     if config.method == "edp":
         pruned, target, removed, groups_pruned, training_record = _edp(config, loaded, x, say)
     else:
@@ -328,6 +330,9 @@ def prune_model(
             scores = compute_scores(config.scoring, loaded, graph, say, batch_progress, config.score_timeout)
         if config.soft is not None:
             graph, plan, target, training_record = _soft_prune(config, loaded, x, say, batch_progress)
+        elif config.latency_target is not None:
+            plan, target, latency_record = _latency_plan(config, loaded, x, graph, cost_model, scores, say)
+            training_record = None
         else:
             say("allocating the budget")
             plan, target = plan_pruning(config, graph, cost_model, scores)
@@ -359,8 +364,9 @@ def prune_model(
     deployed = reassemble(loaded.deployed, pruned)
     _check_end_to_end(loaded, deployed)
     after = Totals(count_params(pruned), sum(c.macs for c in pruned_costs))
-    achieved = {"flops": after.macs, "params": after.params}.get(config.budget.kind)
-    base_cost = {"flops": before.macs, "params": before.params}.get(config.budget.kind)
+    measured = (latency_record["slim_ms"], latency_record["original_ms"]) if latency_record else (None, None)
+    achieved = {"flops": after.macs, "params": after.params, "latency": measured[0]}.get(config.budget.kind)
+    base_cost = {"flops": before.macs, "params": before.params, "latency": measured[1]}.get(config.budget.kind)
     deviation = 100 * (achieved - target) / base_cost if achieved is not None else 0.0
     result_layers = _layer_changes(costs, pruned_costs)
     notes = list(loaded.notes)
@@ -369,6 +375,9 @@ def prune_model(
     metadata = prune_metadata(config, loaded, method, before, after, reference, training_record)
     if reconstruction is not None:
         metadata["reconstruct"] = {"data": config.data.source, **reconstruction.summary()}
+    if latency_record is not None:
+        metadata["latency"] = {k: latency_record[k] for k in ("runtime", "device", "batch", "threads", "target_ms",
+                                                             "original_ms", "slim_ms")}
     if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
         save_slim(
             deployed,
@@ -384,8 +393,8 @@ def prune_model(
         from prunecli.latency import compare_latency
 
         say("timing the original and the slim model")
-        latency = compare_latency(loaded.model, pruned, tuple(loaded.input.shape),
-                                  batch_sizes=(1, config.latency_batch)).to_dict()
+        latency = compare_latency(loaded.model, pruned, tuple(loaded.input.shape), threads=config.threads,
+                                  batch_sizes=tuple(dict.fromkeys((1, config.latency_batch)))).to_dict()
     return PruneResult(
         _summary(loaded, before),
         str(output),
@@ -407,6 +416,7 @@ def prune_model(
         latency,
         accuracy,
         reconstruction.to_dict() if reconstruction is not None else None,
+        latency_record,
     )
 
 
@@ -419,6 +429,88 @@ def _check_end_to_end(loaded: LoadedModel, deployed: torch.nn.Module) -> None:
             f"the pruned detector no longer runs end to end ({type(exc).__name__}: {first_line(exc, 150)}); "
             "--ignore the layers whose widths its heads read"
         ) from exc
+
+
+def _latency_plan(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, graph: DependencyGraph,
+                  cost_model: CostModel, scores: dict[int, torch.Tensor], say: Progress):
+    """``--latency-target``: time every layer alone on a grid of its channel counts (a cached table), plan on the
+    latency it predicts, then measure the slim model and correct the requested latency until the measurement
+    is within the tolerance. Returns the plan closest to the target, the target in ms and the record."""
+    from prunecli.latency import latency_meter, layer_timer, timing_key
+    from prunecli.latency_model import (
+        LatencyModel,
+        cache_dir,
+        cached_timings,
+        correct_target,
+        grid_keeps,
+        layer_tables,
+        timed,
+        trace_specs,
+    )
+    from prunecli.planning import group_limits
+
+    options = config.latency_target
+    device = torch.device(config.device) if options.runtime == "torch" else torch.device("cpu")
+    key = timing_key(options.runtime, device, options.batch, config.threads)
+    keeps = grid_keeps(group_limits(config, graph), graph.groups, options.grid)
+    tables = layer_tables(trace_specs(loaded.model, x), cost_model, keeps)
+    specs = [p for t in tables for p in t.points()]
+    timer = layer_timer(options.runtime, device, options.batch, config.threads, options.warmup, options.repeats)
+    done = iter(range(1, len(specs) + 1))
+
+    def measure_layer(spec):
+        say(f"latency table ({options.runtime}, batch {options.batch}): timing layer shape {next(done)}")
+        return timer(spec)
+
+    cached = cached_timings(cache_dir(), key, specs, measure_layer)
+    tables = timed(tables, cached.ms)
+    shape = tuple(loaded.input.shape)
+    meter = latency_meter(loaded.model, shape, options.runtime, device, options.batch, config.threads, options.warmup,
+                          options.repeats)
+    say(f"timing the original ({options.runtime}, batch {options.batch})")
+    (original_ms,) = meter()
+    model = LatencyModel(tables, cost_model.costs, original_ms)
+    target_ms = config.budget.target(original_ms)
+    floor = model.predict(*cost_model.dims(keeps[-1]))
+    tried: dict[tuple, dict] = {}  # the same plan twice is measured once
+    order: list[dict] = []  # the step of every attempt
+
+    def attempt(requested: float) -> tuple[float, float]:
+        plan, _ = plan_pruning(config, graph, cost_model, scores, latency=model, target=requested)
+        kept = tuple(sorted(plan.keep.items()))
+        if kept not in tried:
+            slim = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
+            slim.prune(plan.removed)
+            say(f"timing a slim model planned at {requested:.3g} ms (predicted {plan.cost:.3g} ms)")
+            now, ms = meter(slim.model)
+            measured = ms if config.budget.absolute else ms / now * original_ms  # drift: the ratio counts
+            macs = sum(c.macs for c in costs_and_output(slim.model, x)[0])
+            tried[kept] = {"plan": plan, "measured": measured, "macs": macs}
+        order.append(tried[kept])
+        return plan.cost, tried[kept]["measured"]
+
+    low = floor + 0.01 * (original_ms - floor)
+    best, steps = correct_target(target_ms, attempt, target_ms, low, original_ms, options.tolerance,
+                                 options.iterations)
+    slim_ms = steps[best].measured
+    if slim_ms > target_ms * (1 + options.tolerance) and min(s.requested for s in steps) <= low * (1 + 1e-9):
+        raise BudgetError(
+            f"--latency-target {config.budget.text} cannot be reached: pruning as far as allowed measures "
+            f"{slim_ms:.3g} ms (target {target_ms:.3g} ms of {original_ms:.3g} ms); raise --max-layer-ratio, "
+            "remove --ignore patterns or ask for less"
+        )
+    record = {
+        "runtime": options.runtime, "runtime_version": key.version, "device": key.device, "batch": options.batch,
+        "threads": key.threads, "target": config.budget.text, "target_ms": target_ms, "original_ms": original_ms,
+        "slim_ms": slim_ms, "target_ratio": target_ms / original_ms, "measured_ratio": slim_ms / original_ms,
+        "tolerance": options.tolerance, "converged": abs(slim_ms / target_ms - 1) <= options.tolerance,
+        "chosen": best, "floor_ms": floor,
+        "iterations": [{"requested_ms": s.requested, "predicted_ms": s.predicted, "measured_ms": s.measured,
+                        "measured_ratio": s.measured / original_ms, "macs": o["macs"]}
+                       for s, o in zip(steps, order, strict=True)],
+        "table": {**model.to_dict(), "grid": options.grid}, "cache": cached.to_dict(),
+    }
+    return order[best]["plan"], target_ms, record
 
 
 def _prune_accuracy(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.Module, say: Progress):

@@ -33,14 +33,16 @@ AUGMENTS = ("auto", "none")
 AMP_MODES = ("auto", "on", "off")
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([%KMGT]?)\s*$", re.IGNORECASE)
+_MILLISECONDS = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|%)?\s*$", re.IGNORECASE)
+LATENCY_RUNTIMES = ("onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What to keep: ``kind`` is "flops", "params" or "ratio" (share of each layer's channels removed).
+    """What to keep: ``kind`` is "flops", "params", "latency" or "ratio" (share of each layer's channels removed).
 
-    For flops/params, ``value`` is a fraction of the original to keep when ``absolute`` is false, else
-    a count (MACs or parameters). For ratio it is the fraction removed.
+    For flops/params/latency, ``value`` is a fraction of the original to keep when ``absolute`` is false, else
+    a count (MACs or parameters) or milliseconds (the measured latency). For ratio it is the fraction removed.
     """
 
     kind: str
@@ -52,8 +54,9 @@ class Budget:
         """The cost to reach, given the original model's cost."""
         if self.absolute:
             if self.value >= original:
+                unit = " ms" if self.kind == "latency" else ""
                 raise BudgetError(
-                    f"--{self.kind}-target {self.text} is not below the model's own {original:.4g}; ask for less"
+                    f"--{self.kind}-target {self.text} is not below the model's own {original:.4g}{unit}; ask for less"
                 )
             return self.value
         return self.value * original if self.kind != "ratio" else (1 - self.value) * original
@@ -94,6 +97,8 @@ def _tuple(value) -> tuple | None:
 def parse_budget(kind: str, text: str) -> Budget:
     """Parse a budget option. Fractions must lie strictly between 0 and 1."""
     option = "--ratio" if kind == "ratio" else f"--{kind}-target"
+    if kind == "latency":
+        return _parse_latency(option, str(text))
     match = _NUMBER.match(str(text))
     if not match:
         raise BudgetError(f"{option} {text!r} is not a number; use a fraction (0.5), a percentage (50%) or a count (2.1G)")
@@ -112,6 +117,66 @@ def parse_budget(kind: str, text: str) -> Budget:
     if not 0 < number < 1:
         raise BudgetError(f"{option} {text!r} must lie strictly between 0 and 1 (or be a count such as 2.1G)")
     return Budget(kind, number, False, str(text))
+
+
+def _parse_latency(option: str, text: str) -> Budget:
+    """A fraction of the original's measured latency (0.5, 50%) or milliseconds (12ms)."""
+    match = _MILLISECONDS.match(text)
+    usage = "use a fraction of the original's measured latency (0.5), a percentage (50%) or milliseconds (12ms)"
+    if not match:
+        raise BudgetError(f"{option} {text!r} is not a latency; {usage}")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if unit == "ms":
+        if not number > 0:
+            raise BudgetError(f"{option} {text!r} must be a positive number of milliseconds")
+        return Budget("latency", number, True, text)
+    fraction = number / 100 if unit == "%" else number
+    if not 0 < fraction < 1:
+        raise BudgetError(f"{option} {text!r} must lie strictly between 0 and 1 of the original; {usage}")
+    return Budget("latency", fraction, False, text)
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """How ``--latency-target`` measures: the runtime and its settings, the table grid and the correction loop.
+
+    Attributes:
+        runtime: "onnxruntime" (CPU) or "torch" (eager, on the prune ``device``).
+        batch: the batch size the latency is measured at.
+        tolerance: the measured latency may miss the target by this share of the target.
+        iterations: whole slim models measured at most while correcting the target.
+        grid: channel counts timed per layer dimension for the per-layer table (more where ``--round-to``
+            leaves fewer choices).
+        warmup, repeats: untimed and timed runs of every measurement (medians).
+    """
+
+    runtime: str = "onnxruntime"
+    batch: int = 1
+    tolerance: float = 0.05
+    iterations: int = 5
+    grid: int = 5
+    warmup: int = 3
+    repeats: int = 10
+
+    def __post_init__(self):
+        checks = [
+            (self.runtime not in LATENCY_RUNTIMES,
+             f"--latency-runtime {self.runtime!r}: choose {' or '.join(LATENCY_RUNTIMES)}"),
+            (self.batch < 1, f"--latency-batch {self.batch} must be at least 1"),
+            (not 0 < self.tolerance < 1, f"the latency tolerance {self.tolerance} must lie strictly between 0 and 1"),
+            (self.iterations < 1 or self.grid < 2 or self.warmup < 0 or self.repeats < 1,
+             "latency targets need iterations >= 1, grid >= 2, warmup >= 0 and repeats >= 1"),
+        ]
+        for failed, message in checks:
+            if failed:
+                raise BudgetError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyTarget:
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -472,6 +537,8 @@ class PruneConfig:
     latency: bool = False  # time the original beside the slim model (PyTorch eager and onnxruntime)
     latency_batch: int = 16
     group_scope: str = GROUP_SCOPE
+    latency_target: LatencyTarget | None = None  # how a "latency" budget is measured
+    threads: int | None = None  # intra-op threads of every timing (None: onnxruntime the CPU count, torch its own)
 
     @property
     def scoring(self) -> ScoringOptions:
@@ -484,6 +551,10 @@ class PruneConfig:
         if self.round_to < 1:
             raise BudgetError(f"--round-to {self.round_to} must be a positive integer")
         _check_scope(self.group_scope)
+        if (self.budget.kind == "latency") != (self.latency_target is not None):
+            raise BudgetError("a latency budget and its measurement settings (latency_target) go together")
+        if self.threads is not None and self.threads < 1:
+            raise BudgetError(f"--threads {self.threads} must be at least 1")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -496,6 +567,7 @@ class PruneConfig:
         data["soft"] = self.soft.to_dict() if self.soft is not None else None
         data["edp"] = self.edp.to_dict() if self.edp is not None else None
         data["reconstruct"] = self.reconstruct.to_dict() if self.reconstruct is not None else None
+        data["latency_target"] = self.latency_target.to_dict() if self.latency_target is not None else None
         return data
 
     @classmethod
@@ -505,6 +577,7 @@ class PruneConfig:
             "source": ModelSource.from_dict, "budget": Budget.from_dict, "output": Path, "scores": Path,
             "data": DataOptions.from_dict, "evaluate": DataOptions.from_dict, "soft": FinetuneConfig.from_dict,
             "edp": EdpOptions.from_dict, "reconstruct": ReconstructOptions.from_dict, "ignore": tuple,
+            "latency_target": LatencyTarget.from_dict,
             "criterion_options": dict,
         }
         known = {f.name for f in dataclasses.fields(cls)}

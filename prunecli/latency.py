@@ -1,9 +1,12 @@
-"""Latency: median milliseconds of a forward pass under PyTorch eager and onnxruntime, and the measured speedup of
-a slim model beside the MACs ratio that promised it (``analyze --latency``, ``prune --latency``)."""
+"""Latency: median milliseconds of a forward pass under PyTorch eager and onnxruntime, the measured speedup of
+a slim model beside the MACs ratio that promised it (``analyze --latency``, ``prune --latency``), and the timings
+``prune --latency-target`` builds on: one layer alone (for ``prunecli.latency_model``'s tables) and slim models
+against their original."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,8 +19,9 @@ from torch import nn
 from prunecli.errors import ExportError
 from prunecli.export.onnx import onnx_bytes, ort_session
 from prunecli.export.verify import random_batches
+from prunecli.latency_model import LayerSpec, TimingKey
 from prunecli.results import LatencyComparison, LatencyRow
-from prunecli.runtime import model_device
+from prunecli.runtime import cpu_count, model_device
 
 RUNTIMES = ("torch", "onnxruntime")
 _clock = time.perf_counter  # latency's timer (a seam for tests)
@@ -147,3 +151,92 @@ def compare_latency(
                 old, new = _medians_ms([before[batch], after[batch]], warmup, repeats)
                 rows.append(LatencyRow(runtime, batch, old, new, old / new))
     return LatencyComparison(input_shape, rows, macs[0], macs[1], macs[0] / max(macs[1], 1), warmup, repeats)
+
+
+# ----------------------------------------------------------------------------- --latency-target
+
+
+def timing_key(runtime: str, device: torch.device, batch: int, threads: int | None) -> TimingKey:
+    """The key of the latency tables measured with these settings (the thread count resolved as the runtime
+    resolves it, the runtime's version included: an upgrade re-measures)."""
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return TimingKey(runtime, onnxruntime.__version__, "cpu", batch, threads or cpu_count())
+    return TimingKey(runtime, torch.__version__, str(device), batch, threads or torch.get_num_threads())
+
+
+def layer_module(spec: LayerSpec) -> nn.Module:
+    """The layer of ``spec`` alone, with seeded random weights."""
+    torch.manual_seed(0)
+    if spec.kind == "linear":
+        return nn.Linear(spec.in_channels, spec.out_channels, bias=spec.bias)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(spec.kernel) - 1]
+    return conv(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding, spec.dilation,
+                spec.groups, spec.bias)
+
+
+def _layer_onnx(spec: LayerSpec, batch: int) -> bytes:
+    """One Conv (or MatMul + Add) node with random weights, built directly: exporting a module per grid point
+    would take longer than timing it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = []
+    if spec.kind == "linear":
+        weights = [rng.standard_normal((spec.in_channels, spec.out_channels), dtype=np.float32)]
+        nodes.append(helper.make_node("MatMul", ["X", "W"], ["Y" if not spec.bias else "XW"]))
+        if spec.bias:
+            weights.append(rng.standard_normal(spec.out_channels, dtype=np.float32))
+            nodes.append(helper.make_node("Add", ["XW", "B"], ["Y"]))
+    else:
+        weights = [rng.standard_normal((spec.out_channels, spec.in_channels // spec.groups, *spec.kernel),
+                                       dtype=np.float32)]
+        if spec.bias:
+            weights.append(rng.standard_normal(spec.out_channels, dtype=np.float32))
+        nodes.append(helper.make_node("Conv", ["X", "W", "B"][: 2 + spec.bias], ["Y"], kernel_shape=list(spec.kernel),
+                                      strides=list(spec.stride), pads=[*spec.padding, *spec.padding],
+                                      dilations=list(spec.dilation), group=spec.groups))
+    initialisers = [numpy_helper.from_array(w, n) for w, n in zip(weights, ("W", "B"), strict=False)]
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [batch, *spec.input_shape])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "layer", [x], [y], initialisers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def layer_timer(runtime: str, device: torch.device, batch: int, threads: int | None, warmup: int,
+                repeats: int) -> Callable[[LayerSpec], float]:
+    """spec -> median milliseconds of that layer alone at ``batch`` under ``runtime`` (torch on ``device``)."""
+
+    def measure(spec: LayerSpec) -> float:
+        if runtime == "onnxruntime":
+            model: nn.Module | bytes = _layer_onnx(spec, batch)
+        else:
+            model = layer_module(spec).to(device)
+        with _runners(model, spec.input_shape, (batch,), warmup, repeats, runtime, threads) as runs:
+            return _medians_ms([runs[batch]], warmup, repeats)[0]
+
+    return measure
+
+
+def latency_meter(original: nn.Module, input_shape: Sequence[int], runtime: str, device: torch.device, batch: int,
+                  threads: int | None, warmup: int, repeats: int) -> Callable[..., list[float]]:
+    """``measure(*slim_models)`` -> milliseconds of the original and of each, their runs alternating so all see
+    the same load; the original is prepared once (exported, or moved to ``device``) for every call. Nothing is
+    held between calls (torch's ``inference_mode`` would stop the tracer from following the next slim model)."""
+
+    def place(model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model).to(device) if runtime == "torch" and device.type != "cpu" else model
+
+    prepared = onnx_bytes(original, input_shape) if runtime == "onnxruntime" else place(original)
+
+    def measure(*slim: nn.Module) -> list[float]:
+        with contextlib.ExitStack() as stack:
+            runs = [stack.enter_context(_runners(model, input_shape, (batch,), warmup, repeats, runtime, threads))[batch]
+                    for model in (prepared, *map(place, slim))]
+            return _medians_ms(runs, warmup, repeats)
+
+    return measure

@@ -18,6 +18,7 @@ from prunecli.criteria.base import CONV_LINEAR, out_weight
 from prunecli.criteria.sfp import kernel_dispersion
 from prunecli.errors import BudgetError
 from prunecli.graph import ChannelGroup, DependencyGraph
+from prunecli.latency_model import LatencyModel
 from prunecli.measure import CostModel, layer_costs
 from prunecli.runtime import model_device
 
@@ -25,17 +26,32 @@ if TYPE_CHECKING:
     from prunecli.config import PruneConfig
 
 
-def cost_function(budget_kind: str, evaluate: Callable[[np.ndarray], tuple[float, float]], groups: list[ChannelGroup]):
+def cost_function(budget_kind: str, evaluate: Callable[[np.ndarray], tuple[float, float]], groups: list[ChannelGroup],
+                  latency: Callable[[np.ndarray], float] | None = None):
+    """Kept counts per group -> the budgeted cost: MACs, params, predicted milliseconds (``latency``, kept
+    counts in ``groups`` order -> ms) or kept channels."""
     order = [g.index for g in groups]
 
     def vector(keep: Mapping[int, int]) -> np.ndarray:
         return np.array([keep[i] for i in order], dtype=float)
 
+    if budget_kind == "latency":
+        if latency is None:
+            raise BudgetError("a latency budget needs a latency model (prune measures one for --latency-target)")
+        return lambda keep: latency(vector(keep))
     if budget_kind == "flops":
         return lambda keep: evaluate(vector(keep))[0]
     if budget_kind == "params":
         return lambda keep: evaluate(vector(keep))[1]
     return lambda keep: float(sum(keep[g.index] for g in groups if g.prunable))
+
+
+def group_limits(config: PruneConfig, graph: DependencyGraph) -> dict[int, GroupLimits]:
+    """What the allocator may do to each group under ``config``."""
+    return {
+        g.index: GroupLimits(g.channels, g.blocks, g.prunable, config.max_layer_ratio, config.round_to, g.parts)
+        for g in graph.groups
+    }
 
 
 def plan_pruning(
@@ -44,21 +60,24 @@ def plan_pruning(
     cost_model: CostModel,
     scores: Mapping[int, torch.Tensor],
     evaluate: Callable[[np.ndarray], tuple[float, float]] | None = None,
+    latency: LatencyModel | None = None,
+    target: float | None = None,
 ) -> tuple[Plan, float]:
     """Turn scores and the budget into a plan; returns it with the absolute target.
 
     ``evaluate`` (kept counts per group -> MACs, params) replaces ``cost_model.evaluate``, e.g. with EDP's cost
-    after merging."""
-    limits = {
-        g.index: GroupLimits(g.channels, g.blocks, g.prunable, config.max_layer_ratio, config.round_to, g.parts)
-        for g in graph.groups
-    }
+    after merging. ``latency`` predicts a latency budget's cost from the layers' channel counts; ``target``
+    replaces the budget's own (the latency correction loop asks for other predicted costs)."""
+    limits = group_limits(config, graph)
+    exact = cost_model
     if evaluate is None:
         orders = {g: removal_order(scores[g], limits[g].blocks, limits[g].parts) for g in scores}  # as plans remove
-        evaluate = cost_model.removing_in_order(orders).evaluate
-    cost = cost_function(config.budget.kind, evaluate, graph.groups)
+        exact = cost_model.removing_in_order(orders)
+        evaluate = exact.evaluate
+    predict = (lambda keep: latency.predict(*exact.dims(keep))) if latency is not None else None
+    cost = cost_function(config.budget.kind, evaluate, graph.groups, predict)
     original = cost({g.index: g.channels for g in graph.groups})
-    target = config.budget.target(original)
+    target = config.budget.target(original) if target is None else target
     if not any(g.prunable for g in graph.groups):
         raise BudgetError("the model has no prunable channel group; check --ignore (see `prunecli analyze`)")
     dispersion = group_dispersion(graph, scores) if config.allocation == "dispersion" else None

@@ -113,7 +113,8 @@ def render_prune(result: PruneResult, console: Console) -> None:
     budget = result.budget
     console.print(
         f"method {result.method}, allocation {result.allocation}, budget --{budget['kind']}"
-        f"{'-target' if budget['kind'] != 'ratio' else ''} {budget['text']} → target {human(result.target)}; "
+        f"{'-target' if budget['kind'] != 'ratio' else ''} {budget['text']} → target {human(result.target)}"
+        f"{' ms (measured)' if budget['kind'] == 'latency' else ''}; "
         f"achieved {result.deviation_pp:+.2f} pp from target · {result.channels_removed} channels removed in "
         f"{result.groups_pruned} groups · {result.seconds:.1f} s · seed {result.seed}"
     )
@@ -130,8 +131,40 @@ def render_prune(result: PruneResult, console: Console) -> None:
         a = result.accuracy
         console.print(f"top-1 on {a['data']} ({a['images']} images): {100 * a['original_top1']:.2f}% original → "
                       f"{100 * a['pruned_top1']:.2f}% slim")
+    if result.latency_target:
+        render_latency_target(result.latency_target, console)
     if result.latency:
         render_latency(result.latency, console)
+
+
+def render_latency_target(record: dict[str, Any], console: Console) -> None:
+    """``--latency-target``: every slim model measured while correcting the request, then the outcome."""
+    table = Table(title=f"latency target ({record['runtime']}, batch {record['batch']}, {record['threads']} threads)",
+                  title_justify="left")
+    for column in _TARGET_HEADER:
+        table.add_column(column, justify="right")
+    for row in _target_rows(record):
+        table.add_row(*row)
+    console.print(table)
+    console.print(_target_line(record))
+
+
+def _target_rows(record: dict[str, Any]) -> list[tuple[str, ...]]:
+    return [(f"{i + 1}{' *' if i == record['chosen'] else ''}", f"{s['requested_ms']:.3f}", f"{s['predicted_ms']:.3f}",
+             f"{s['measured_ms']:.3f}", f"{s['measured_ratio']:.3f}", human(s["macs"]))
+            for i, s in enumerate(record["iterations"])]
+
+
+def _target_line(record: dict[str, Any]) -> str:
+    t, c = record["table"], record["cache"]
+    outcome = "within" if record["converged"] else "NOT within"
+    return (f"measured {record['original_ms']:.3f} ms → {record['slim_ms']:.3f} ms ({record['measured_ratio']:.3f} of the "
+            f"original; target {record['target_ratio']:.3f}, {outcome} {100 * record['tolerance']:.0f}%) after "
+            f"{len(record['iterations'])} slim models (* the one kept) · table of {t['layers']} layers at {t['points']} "
+            f"channel counts: {c['measured']} timed now, {c['reused']} from the cache {c['path']}")
+
+
+_TARGET_HEADER = ("slim model", "requested ms", "predicted ms", "measured ms", "of original", "MACs")
 
 
 _SPARKS = "▁▂▃▄▅▆▇█"
@@ -299,7 +332,9 @@ def prune_report(result: PruneResult) -> dict[str, Any]:
         for row in result.layers
     ]
     kind = result.budget["kind"]
-    base, achieved = {"flops": (before.macs, after.macs), "params": (before.params, after.params)}.get(kind, (0, None))
+    measured = result.latency_target or {}
+    base, achieved = {"flops": (before.macs, after.macs), "params": (before.params, after.params),
+                      "latency": (measured.get("original_ms"), measured.get("slim_ms"))}.get(kind, (0, None))
     report = {
         "prunecli_version": __version__,
         "model": {"source": result.model.source, "arch": result.model.arch, "input_shape": list(result.model.input_shape),
@@ -322,6 +357,8 @@ def prune_report(result: PruneResult) -> dict[str, Any]:
     }
     if result.accuracy:
         report["accuracy"] = result.accuracy
+    if result.latency_target:
+        report["latency_target"] = result.latency_target
     if result.latency:
         ratio = result.latency["macs_ratio"]
         report["latency"] = {
@@ -342,9 +379,13 @@ def _arrow(before: float, after: float, fmt=human) -> str:
 def _budget_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(what, requested, achieved) lines shared by the Markdown and HTML pages."""
     b = report["budget"]
-    label = {"flops": "MACs kept", "params": "params kept", "ratio": "channels removed per group"}[b["kind"]]
+    label = {"flops": "MACs kept", "params": "params kept", "latency": "latency kept (measured)",
+             "ratio": "channels removed per group"}[b["kind"]]
     if b["kind"] == "ratio":
         return [(label, b["requested"], f"{report['totals']['channels_removed']} channels")]
+    if b["kind"] == "latency":
+        return [(label, f"{b['requested']} ({_percent(b['target_kept'], 2)}, {b['target']:.3f} ms)",
+                 f"{_percent(b['achieved_kept'], 2)} ({b['achieved']:.3f} ms), {b['deviation_pp']:+.2f} pp")]
     return [
         (label, f"{b['requested']} ({_percent(b['target_kept'], 2)}, {human(b['target'])})",
          f"{_percent(b['achieved_kept'], 2)} ({human(b['achieved'])}), {b['deviation_pp']:+.2f} pp"),
@@ -407,6 +448,8 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], list[t
                 ("Totals", ("", "before", "after", "kept"), _total_rows(report))]
     if report.get("accuracy"):
         sections.append(("Accuracy (top-1)", ("data", "original", "slim"), _accuracy_rows(report)))
+    if report.get("latency_target"):
+        sections.append(("Latency target", _TARGET_HEADER, _target_rows(report["latency_target"])))
     if report.get("latency"):
         sections.append(("Latency (median)", _LATENCY_HEADER, _latency_rows(report)))
     return sections
@@ -414,7 +457,8 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], list[t
 
 def _channels_line(report: dict[str, Any]) -> str:
     t = report["totals"]
-    return f"{t['channels_removed']} channels removed in {t['groups_pruned']} channel groups."
+    line = f"{t['channels_removed']} channels removed in {t['groups_pruned']} channel groups."
+    return f"{line} Latency target: {_target_line(report['latency_target'])}." if report.get("latency_target") else line
 
 
 def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

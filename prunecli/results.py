@@ -136,6 +136,7 @@ class PruneResult:
     latency: dict[str, Any] | None = None  # a LatencyComparison of the original and the slim model (``--latency``)
     accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
     reconstruction: dict[str, Any] | None = None  # a ReconstructReport (``--reconstruct``)
+    latency_target: dict[str, Any] | None = None  # ``--latency-target``: measured before/after, iterations, table
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

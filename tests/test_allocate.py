@@ -223,7 +223,7 @@ def test_unreachable_budget_names_the_knobs(allocation):
 
 
 def test_unknown_allocation():
-    with pytest.raises(BudgetError, match="uniform, global, dispersion"):
+    with pytest.raises(BudgetError, match="uniform, global, efficiency, dispersion"):
         allocate({0: torch.rand(4)}, {0: GroupLimits(4)}, channel_count({0: 1}), 2, "greedy")
 
 

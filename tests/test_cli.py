@@ -356,6 +356,13 @@ BAD_PRUNE = {
     "everything ignored": (("--flops-target", "0.5", "--ignore", "*"), 1, "no prunable channel group"),
     "cuda that is not there": (("--flops-target", "0.5", "--device", "cuda:7"), 1, "--device"),
     "unknown device": (("--flops-target", "0.5", "--device", "tpu"), 1, "--device"),
+    "latency target 0": (("--latency-target", "0"), 1, "strictly between 0 and 1"),
+    "latency target 1.5": (("--latency-target", "1.5"), 1, "strictly between 0 and 1"),
+    "latency target abc": (("--latency-target", "abc"), 1, "is not a latency"),
+    "latency target -3ms": (("--latency-target", "-3ms"), 1, "is not a latency"),
+    "latency target 0ms": (("--latency-target", "0ms"), 1, "positive number of milliseconds"),
+    "latency target with soft pruning": (("--latency-target", "0.5", "--soft-epochs", "1", "--data", "fashion-mnist"), 1,
+                                         "does not combine with"),
 }
 
 
@@ -380,9 +387,15 @@ def test_bad_prune_options(tmp_path, r20, case):
         ("--flops-target", "0.5", "--timeout", "0"),
         ("--flops-target",),
         ("--flops-target", "0.5", "--no-such-option"),
+        ("--flops-target", "0.5", "--latency-target", "0.5"),
+        ("--flops-target", "0.5", "--latency-runtime", "torch"),
+        ("--latency-target", "0.5", "--latency-runtime", "tensorrt"),
+        ("--latency-target", "0.5", "--latency-batch", "0"),
+        ("--latency-target", "0.5", "--threads", "0"),
     ],
     ids=["unknown method", "no budget", "two budgets", "three budgets", "unknown allocation", "round-to 0",
-         "timeout 0", "budget without value", "unknown option"],
+         "timeout 0", "budget without value", "unknown option", "latency and flops targets",
+         "latency runtime without a latency target", "unknown latency runtime", "latency batch 0", "threads 0"],
 )
 def test_usage_errors_exit_2(tmp_path, r20, args):
     result = invoke("prune", r20, "--arch", "sample:resnet20", *args)

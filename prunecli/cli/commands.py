@@ -48,6 +48,7 @@ from prunecli.cli.options import (
     JsonOpt,
     LatencyBatchOpt,
     LatencyOpt,
+    LatencyRuntime,
     MeanOpt,
     Method,
     ModelArg,
@@ -61,6 +62,7 @@ from prunecli.cli.options import (
     ScoreTimeoutOpt,
     SeedOpt,
     StdOpt,
+    ThreadsOpt,
     TimeoutOpt,
     TrustPickleOpt,
     ValDataOpt,
@@ -205,7 +207,10 @@ def prune(
     flops_target: Annotated[str | None, typer.Option("--flops-target", help="MACs to keep: a fraction (0.5), a percentage (50%) or a count (2.1G).", rich_help_panel=BUDGET)] = None,
     params_target: Annotated[str | None, typer.Option("--params-target", help="Parameters to keep: a fraction, a percentage or a count (11M).", rich_help_panel=BUDGET)] = None,
     ratio: Annotated[str | None, typer.Option("--ratio", help="Share of each prunable group's channels to remove, e.g. 0.3.", rich_help_panel=BUDGET)] = None,
-    allocation: Annotated[Allocation | None, typer.Option("--allocation", help="uniform: the same ratio in every group; global: one threshold on normalised scores across groups; dispersion: SFP's kernel dispersion sets each group's ratio. Default: uniform, global for edp (ranks and widths per layer).", rich_help_panel=BUDGET)] = None,
+    latency_target: Annotated[str | None, typer.Option("--latency-target", help="Measured latency to reach: a fraction of the original's (0.5, 50%) or milliseconds (12ms), at --latency-batch under --latency-runtime. Every layer is timed alone on a grid of its channel counts (cached in $PRUNECLI_CACHE/latency, default ~/.cache/prunecli/latency), the allocator plans on the latency that table predicts, then the slim model is measured and the request corrected until it is within 5% (at most 5 slim models).", rich_help_panel=BUDGET)] = None,
+    latency_runtime: Annotated[LatencyRuntime | None, typer.Option("--latency-runtime", help="--latency-target: measure under onnxruntime (CPU, the default) or torch (eager, on --device).", rich_help_panel=BUDGET)] = None,
+    latency_batch: Annotated[int | None, typer.Option("--latency-batch", help="The batch --latency-target is measured at (default 1), and the larger batch --latency times beside batch 1 (default 16).", min=1, rich_help_panel=BUDGET)] = None,
+    allocation: Annotated[Allocation | None, typer.Option("--allocation", help="uniform: the same ratio in every group; global: one threshold on normalised scores across groups; efficiency: one threshold on each channel's score per unit of budgeted cost (MACs, params, milliseconds) its group's removal saves, so removal goes where it buys the most for the least score; dispersion: SFP's kernel dispersion sets each group's ratio. Default: uniform, global for edp (ranks and widths per layer).", rich_help_panel=BUDGET)] = None,
     max_layer_ratio: Annotated[float, typer.Option("--max-layer-ratio", help="Most of one group's channels that may go (at least one always stays).", rich_help_panel=BUDGET)] = 0.9,
     round_to: Annotated[int, typer.Option("--round-to", help="Keep channel counts at multiples of N (hardware-friendly).", min=1, rich_help_panel=BUDGET)] = 1,
     ignore: IgnoreOpt = None,
@@ -240,22 +245,25 @@ def prune(
     force: ForceOpt = False,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the before/after report: .json, .md or a self-contained .html page (by the extension).", rich_help_panel=OUTPUT)] = None,
     latency: Annotated[bool, typer.Option("--latency", help="Time the original beside the slim model (median, PyTorch eager and onnxruntime, batch 1 and --latency-batch) and show the speedup next to the MACs ratio.", rich_help_panel=OUTPUT)] = False,
-    latency_batch: LatencyBatchOpt = 16,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
     timeout: TimeoutOpt = 120.0,
     score_timeout: ScoreTimeoutOpt = None,
 ) -> None:
-    """Physically remove channels to reach a MACs, parameter or ratio budget, and write a slim model."""
-    budgets = [(k, v) for k, v in (("flops", flops_target), ("params", params_target), ("ratio", ratio)) if v is not None]
+    """Physically remove channels to reach a MACs, parameter, latency or ratio budget, and write a slim model."""
+    budgets = [(k, v) for k, v in (("flops", flops_target), ("params", params_target), ("latency", latency_target),
+                                   ("ratio", ratio)) if v is not None]
     if len(budgets) != 1:
-        fail("give exactly one budget: --flops-target, --params-target or --ratio", 2)
+        fail("give exactly one budget: --flops-target, --params-target, --latency-target or --ratio", 2)
+    if latency_runtime is not None and latency_target is None:
+        fail("--latency-runtime says how --latency-target is measured; give --latency-target too", 2)
 
     def call():
         from prunecli.api import default_output, prune_model
-        from prunecli.config import EdpOptions, FinetuneConfig, PruneConfig, ReconstructOptions, parse_budget
+        from prunecli.config import EdpOptions, FinetuneConfig, LatencyTarget, PruneConfig, ReconstructOptions, parse_budget
         from prunecli.report import check_report_path, print_json, render_prune, stdout_console, write_report
 
         if report is not None:
@@ -300,7 +308,10 @@ def prune(
             evaluate=labelled(eval_data),
             eval_limit=eval_limit,
             latency=latency,
-            latency_batch=latency_batch,
+            latency_batch=latency_batch or 16,
+            latency_target=LatencyTarget((latency_runtime or LatencyRuntime.onnxruntime).value, latency_batch or 1)
+            if latency_target is not None else None,
+            threads=threads,
         )
         with Progress(not (quiet or as_json), calib_images if data else None) as progress:
             result = prune_model(config, progress=progress.stage, batch_progress=progress.images,

@@ -46,7 +46,13 @@ def methods_help() -> str:
 class Allocation(str, Enum):
     uniform = "uniform"
     global_ = "global"
+    efficiency = "efficiency"
     dispersion = "dispersion"
+
+
+class LatencyRuntime(str, Enum):
+    onnxruntime = "onnxruntime"
+    torch = "torch"
 
 
 class Reduction(str, Enum):
@@ -168,6 +174,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress output.", rich_help_panel=OUTPUT)]
 LatencyOpt = Annotated[bool, typer.Option("--latency", help="Time the model (median, PyTorch eager and onnxruntime, batch 1 and --latency-batch); with an original beside it, the speedup next to the MACs ratio.", rich_help_panel=OUTPUT)]
 LatencyBatchOpt = Annotated[int, typer.Option("--latency-batch", help="The larger batch for --latency.", min=2, rich_help_panel=OUTPUT)]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Intra-op threads of every timing (--latency, --latency-target); default: onnxruntime the CPU count, torch its own setting.", min=1, rich_help_panel=RUN)]
 
 
 def either(new: object, old: object, new_flag: str, old_flag: str) -> object:

@@ -1,0 +1,303 @@
+"""``prune --latency-target``: the latency budget, the per-layer tables and the cost model they make, their disk
+cache and the correction loop, exact with fake timers; the efficiency allocation; and one real run on the sample
+ResNet-20 that checks the machinery (not the machine's timing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from prunecli.allocate import GroupLimits, allocate
+from prunecli.api import prune_model
+from prunecli.cli import app
+from prunecli.config import Budget, LatencyTarget, ModelSource, PruneConfig, parse_budget
+from prunecli.errors import BudgetError
+from prunecli.graph import DependencyGraph
+from prunecli.latency import layer_module, layer_timer
+from prunecli.latency_model import (
+    LatencyModel,
+    LayerSpec,
+    TimingKey,
+    cache_dir,
+    cached_timings,
+    correct_target,
+    grid_keeps,
+    layer_tables,
+    table_grid,
+    timed,
+    trace_specs,
+)
+from prunecli.measure import CostModel, layer_costs
+from prunecli.planning import group_limits, plan_pruning
+
+SAMPLE = Path(__file__).parents[1] / "sample_models"
+A, B = 0.01, 0.1  # the fake timer: A * in * out + B milliseconds per layer
+
+
+def fake_ms(spec: LayerSpec) -> float:
+    return A * spec.in_channels * spec.out_channels + B
+
+
+def three_layers() -> nn.Module:
+    """conv 3->8 (group a: its out, the BN, conv2's in), conv 8->8 (group b: its out, fc's in), fc 8->4 (feeds the
+    output: not prunable), on 1x3x8x8: both convs write 64 positions per channel."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval()
+
+
+def keeping(graph, by_root: dict[str, int]) -> np.ndarray:
+    """Kept counts in the order of the graph's groups, from counts by root layer."""
+    return np.array([by_root[g.root] for g in graph.groups], dtype=float)
+
+
+@pytest.fixture
+def traced():
+    model = three_layers()
+    x = torch.randn(1, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    return model, x, graph, CostModel(model, layer_costs(model, x), graph.groups)
+
+
+# ----------------------------------------------------------------------------- the budget
+
+
+@pytest.mark.parametrize(("text", "value", "absolute"), [("0.5", 0.5, False), ("70%", 0.7, False),
+                                                         ("12ms", 12.0, True), ("2.5 MS", 2.5, True)])
+def test_latency_budgets(text, value, absolute):
+    budget = parse_budget("latency", text)
+    assert (budget.kind, budget.value, budget.absolute) == ("latency", pytest.approx(value), absolute)
+
+
+@pytest.mark.parametrize(("text", "words"), [("0", "strictly between"), ("1.5", "strictly between"),
+                                             ("100%", "strictly between"), ("abc", "not a latency"),
+                                             ("-3ms", "not a latency"), ("0ms", "positive"), ("12s", "not a latency")])
+def test_bad_latency_budgets(text, words):
+    with pytest.raises(BudgetError, match=words):
+        parse_budget("latency", text)
+
+
+def test_a_latency_budget_in_ms_must_be_below_the_original():
+    assert parse_budget("latency", "0.5").target(8.0) == 4.0
+    assert parse_budget("latency", "3ms").target(8.0) == 3.0
+    with pytest.raises(BudgetError, match="not below the model's own 8 ms"):
+        parse_budget("latency", "9ms").target(8.0)
+
+
+def test_latency_target_options_round_trip_and_check():
+    options = LatencyTarget("torch", batch=4)
+    assert LatencyTarget.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+    with pytest.raises(BudgetError, match="--latency-runtime"):
+        LatencyTarget("tensorrt")
+    with pytest.raises(BudgetError, match="--latency-batch"):
+        LatencyTarget(batch=0)
+
+
+# ----------------------------------------------------------------------------- specs and tables
+
+
+def test_trace_specs_records_every_layer_with_its_input():
+    specs = trace_specs(three_layers(), torch.randn(1, 3, 8, 8))
+    assert list(specs) == ["0", "3", "7"]
+    conv, calls = specs["3"]
+    assert calls == 1
+    assert conv == LayerSpec("conv", 8, 8, (8, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
+    assert specs["7"][0] == LayerSpec("linear", 8, 4, (8,), bias=True)
+    assert conv.resized(4, 6).input_shape == (4, 8, 8) and specs["7"][0].resized(6, 4).input_shape == (6,)
+    depthwise = LayerSpec("conv", 8, 8, (8, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 8)
+    assert depthwise.depthwise and depthwise.resized(5, 5).groups == 5
+    for spec in (conv.resized(4, 6), specs["7"][0], depthwise.resized(5, 5)):  # the layer alone runs at its shape
+        module = layer_module(spec)
+        assert module(torch.randn(2, *spec.input_shape)).shape[1] == spec.out_channels
+
+
+def test_grid_steps_are_allowed_counts(traced):
+    _, _, graph, _ = traced
+    limits = {g.index: GroupLimits(g.channels, g.blocks, g.prunable, 0.75, 2) for g in graph.groups}
+    keeps = grid_keeps(limits, graph.groups, 3)  # allowed 2, 4, 6, 8 for both prunable groups; fc keeps 4
+    assert [g.root for g in graph.groups] == ["7", "3", "0"]
+    assert [k.tolist() for k in keeps] == [[4, 8, 8], [4, 6, 6], [4, 2, 2]]
+
+
+def test_the_cost_model_is_exact_for_a_bilinear_timer(traced):
+    model, x, graph, cost_model = traced
+    limits = {g.index: GroupLimits(g.channels, g.blocks, g.prunable, 0.75, 1) for g in graph.groups}
+    tables = layer_tables(trace_specs(model, x), cost_model, grid_keeps(limits, graph.groups, 3))
+    assert [(t.name, t.ins, t.outs) for t in tables] == [("0", (3,), (2, 5, 8)), ("3", (2, 5, 8), (2, 5, 8)),
+                                                          ("7", (2, 5, 8), (4,))]
+    tables = timed(tables, {p.key(): fake_ms(p) for t in tables for p in t.points()})
+    latency = LatencyModel(tables, cost_model.costs, measured_ms=2.0)
+    # full: 3*8, 8*8, 8*4 -> 0.24 + 0.64 + 0.32 + 3 * 0.1 = 1.5 ms of layers, 0.5 ms beside them
+    assert latency.layers_ms == pytest.approx(1.5) and latency.residual_ms == pytest.approx(0.5)
+    # a keeps 4, b keeps 6 (between the grid points): 3*4, 4*6, 6*4 -> 0.12 + 0.24 + 0.24 + 0.3 = 0.9 ms, and the
+    # residual scaled by the activation volume written: (4*64 + 6*64 + 4) / (8*64 + 8*64 + 4) = 644 / 1028
+    out, cin = cost_model.dims(keeping(graph, {"0": 4, "3": 6, "7": 4}))
+    assert latency.predict(out, cin) == pytest.approx(0.9 + 0.5 * 644 / 1028, rel=1e-12)
+    assert latency.predict(*cost_model.dims(keeping(graph, {"0": 8, "3": 8, "7": 4}))) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_a_depthwise_conv_is_a_line_over_its_channels():
+    spec = LayerSpec("conv", 8, 8, (8, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 8)
+    table = table_grid("dw", spec, 2, [8, 8, 8], [8, 5, 2])  # the cost model moves only its output count
+    assert (table.ins, table.outs) == ((2, 5, 8), (2, 5, 8))
+    assert [p.groups for p in table.points()] == [2, 5, 8]
+    table = timed([table], {p.key(): 0.5 * p.out_channels for p in table.points()})[0]
+    assert table.predict(8, 4) == pytest.approx(2 * 0.5 * 4)  # two calls, linear in the channels
+    multiplier = table_grid("dw2", LayerSpec("conv", 4, 8, (4, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 4), 1,
+                            [4, 4], [8, 6])
+    assert (multiplier.ins, multiplier.outs) == ((3, 4), (6, 8))  # two outputs per input channel
+    assert [(p.in_channels, p.out_channels, p.groups) for p in multiplier.points()] == [(3, 6, 3), (4, 8, 4)]
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def test_the_cache_is_written_once_read_back_and_keyed(tmp_path):
+    calls = []
+
+    def measure(spec):
+        calls.append(spec)
+        return fake_ms(spec)
+
+    specs = [LayerSpec("linear", i, 4, (i,)) for i in (2, 3, 2)]  # one repeated
+    key = TimingKey("onnxruntime", "1.0", "cpu", 1, 2)
+    first = cached_timings(tmp_path, key, specs, measure)
+    assert (first.measured, first.reused, len(calls)) == (2, 0, 2)
+    assert first.path == tmp_path / "onnxruntime-1.0-cpu-batch1-threads2.json"
+    stored = json.loads(first.path.read_text())
+    assert stored["key"] == {"runtime": "onnxruntime", "version": "1.0", "device": "cpu", "batch": 1, "threads": 2}
+    assert sorted(stored["layers"].values()) == pytest.approx([A * 2 * 4 + B, A * 3 * 4 + B])
+    written = first.path.stat().st_mtime_ns
+
+    again = cached_timings(tmp_path, key, specs, measure)
+    assert (again.measured, again.reused, len(calls)) == (0, 2, 2) and again.ms == first.ms
+    assert first.path.stat().st_mtime_ns == written  # nothing new: not rewritten
+
+    other = cached_timings(tmp_path, TimingKey("onnxruntime", "1.0", "cpu", 16, 2), specs, measure)
+    assert (other.measured, len(calls)) == (2, 4) and other.path.name == "onnxruntime-1.0-cpu-batch16-threads2.json"
+    more = cached_timings(tmp_path, key, [*specs, LayerSpec("linear", 5, 4, (5,))], measure)
+    assert (more.measured, more.reused, len(calls)) == (1, 2, 5)
+
+    first.path.write_text("{not json")  # a broken file is measured again and rewritten
+    assert cached_timings(tmp_path, key, specs, measure).measured == 2
+    assert json.loads(first.path.read_text())["key"]["batch"] == 1
+
+
+def test_the_cache_folder_follows_prunecli_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path / "latency"
+    monkeypatch.delenv("PRUNECLI_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "prunecli" / "latency"
+
+
+# ----------------------------------------------------------------------------- the correction loop
+
+
+def test_the_correction_loop_is_proportional_then_secant():
+    # the slim model measures 1 + 0.4 * requested: asked 5, it runs 3 ms; proportional: 5 * 5 / 3; then the
+    # secant through both attempts has the true slope and lands on 10 ms requested, 5 ms measured
+    best, steps = correct_target(5.0, lambda r: (r, 1 + 0.4 * r), start=5.0, low=0.0, high=20.0, tolerance=0.01,
+                                 iterations=5)
+    assert [s.requested for s in steps] == pytest.approx([5.0, 25 / 3, 10.0])
+    assert [s.measured for s in steps] == pytest.approx([3.0, 13 / 3, 5.0])
+    assert best == 2
+
+
+def test_the_correction_loop_stops_within_tolerance_or_after_its_iterations():
+    _, steps = correct_target(5.0, lambda r: (r, 0.98 * r), 5.0, 0.0, 20.0, tolerance=0.05, iterations=5)
+    assert len(steps) == 1
+    _, steps = correct_target(5.0, lambda r: (r, 1 + 0.4 * r), 5.0, 0.0, 20.0, tolerance=0.01, iterations=2)
+    assert len(steps) == 2
+
+
+def test_the_correction_loop_stops_at_the_floor():
+    # 4 ms + 0.1 per requested ms can never reach 3 ms: the request falls to the floor (1) and repeats
+    best, steps = correct_target(3.0, lambda r: (r, 4 + 0.1 * r), 3.0, 1.0, 10.0, tolerance=0.05, iterations=9)
+    assert [s.requested for s in steps] == pytest.approx([3.0, 9 / 4.3, 1.0])
+    assert best == 2 and steps[best].measured == pytest.approx(4.1)
+
+
+# ----------------------------------------------------------------------------- the efficiency allocation
+
+
+def test_efficiency_removes_where_it_saves_the_most_per_score():
+    scores = {0: torch.linspace(1, 2, 8), 1: torch.linspace(1, 2, 8)}
+    limits = {0: GroupLimits(8, max_ratio=0.75), 1: GroupLimits(8, max_ratio=0.75)}
+
+    def cost(keep):  # a channel of group 0 costs ten times one of group 1
+        return 10.0 * keep[0] + 1.0 * keep[1]
+
+    plan = allocate(scores, limits, cost, 68.0, "efficiency")
+    assert plan.keep == {0: 6, 1: 8} and plan.cost == 68.0  # group 0 gives its two lowest first
+    assert plan.removed == {0: (0, 1)}
+    for allocation in ("uniform", "global"):  # blind to the cost: the cheap group gives channels too
+        other = allocate(scores, limits, cost, 68.0, allocation)
+        assert other.keep[1] < 8 and abs(other.keep[0] - other.keep[1]) <= 1
+
+
+def test_planning_on_the_latency_model(traced):
+
+    model, x, graph, cost_model = traced
+    config = PruneConfig(ModelSource(Path("m.pt")), Budget("latency", 0.5), allocation="efficiency",
+                         latency_target=LatencyTarget())
+    limits = group_limits(config, graph)
+    tables = layer_tables(trace_specs(model, x), cost_model, grid_keeps(limits, graph.groups, 5))
+    tables = timed(tables, {p.key(): fake_ms(p) for t in tables for p in t.points()})
+    latency = LatencyModel(tables, cost_model.costs, measured_ms=1.5)  # no residual: the layers are all
+    index = {g.root: g.index for g in graph.groups}
+    scores = {index["0"]: torch.rand(8), index["3"]: torch.rand(8)}
+    plan, target = plan_pruning(config, graph, cost_model, scores, latency=latency)
+    assert target == pytest.approx(0.75)
+    a, b = plan.keep[index["0"]], plan.keep[index["3"]]
+    predicted = A * (3 * a + a * b + b * 4) + 3 * B
+    assert plan.cost == pytest.approx(predicted) and abs(plan.cost - 0.75) < 0.05  # a grid of 8 x 8 counts
+
+
+# ----------------------------------------------------------------------------- a real run
+
+
+def test_layer_timer_times_one_layer_on_each_runtime():
+    spec = LayerSpec("conv", 4, 6, (4, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, True)
+    for runtime in ("torch", "onnxruntime"):
+        assert layer_timer(runtime, torch.device("cpu"), 2, 1, warmup=1, repeats=2)(spec) > 0
+    assert layer_timer("onnxruntime", torch.device("cpu"), 1, 1, 0, 1)(LayerSpec("linear", 8, 3, (8,), bias=True)) > 0
+
+
+def test_prune_to_a_latency_target_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
+    model = SAMPLE / "resnet20_fmnist.safetensors"
+    args = ["prune", str(model), "--latency-target", "0.8", "--latency-runtime", "torch", "--latency-batch", "4",
+            "--threads", "1", "--allocation", "efficiency", "-o", str(tmp_path / "slim.safetensors"),
+            "--report", str(tmp_path / "report.json"), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    record = out["latency_target"]
+    assert (record["runtime"], record["batch"], record["threads"], record["target"]) == ("torch", 4, 1, "0.8")
+    assert record["target_ms"] == pytest.approx(0.8 * record["original_ms"])
+    assert record["slim_ms"] == record["iterations"][record["chosen"]]["measured_ms"]
+    assert 1 <= len(record["iterations"]) <= 5
+    assert record["converged"] == (abs(record["slim_ms"] / record["target_ms"] - 1) <= 0.05)
+    assert record["table"]["layers"] == 22 and record["cache"]["measured"] > 0
+    assert Path(record["cache"]["path"]).parent == tmp_path / "cache" / "latency"
+    assert out["after"]["macs"] < out["before"]["macs"]
+    assert out["target"] == record["target_ms"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["budget"]["kind"] == "latency" and report["budget"]["achieved"] == record["slim_ms"]
+    assert report["totals"]["macs"]["after"] == out["after"]["macs"] and report["latency_target"] == record
+
+    # a second run reads the table back (one slim model, fewer repeats: only the cache is checked)
+    config = PruneConfig(ModelSource(model), parse_budget("latency", "0.8"), allocation="efficiency", threads=1,
+                         output=tmp_path / "again.safetensors",
+                         latency_target=LatencyTarget("torch", batch=4, iterations=1, warmup=0, repeats=1))
+    again = prune_model(config).latency_target
+    assert (again["cache"]["measured"], again["cache"]["reused"]) == (0, record["cache"]["measured"])
+    assert again["cache"]["path"] == record["cache"]["path"] and len(again["iterations"]) == 1
