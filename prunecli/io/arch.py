@@ -270,7 +270,7 @@ def detect_torchvision_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec 
     wanted = {k: tuple(v.shape) for k, v in state_dict.items()}
     top_level = {k.split(".")[0] for k in wanted}
     matrices = [shape for shape in wanted.values() if len(shape) == 2]
-    class_counts = dict.fromkeys([matrices[-1][0] if matrices else None, None])
+    class_counts = dict.fromkeys([None, matrices[-1][0] if matrices else None])  # the builder's default first
     families: dict[str, list[str]] = {}
     for name in torchvision_models():
         if torchvision_task(name) != "quantization":
@@ -289,6 +289,4 @@ def detect_torchvision_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec 
     if len(matches) != 1:
         return None
     (name, count), = matches
-    default = _build_for_matching(name, None)
-    kwargs = {} if count is None or _signature(default) == wanted else {"num_classes": count}
-    return ArchSpec(f"torchvision:{name}", kwargs)
+    return ArchSpec(f"torchvision:{name}", {} if count is None else {"num_classes": count})
