@@ -26,7 +26,7 @@ from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
 from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError, first_line
 from prunecli.finetune import messages_to
-from prunecli.graph import ChannelGroup, DependencyGraph, refuse_unsupported
+from prunecli.graph import ChannelGroup, DependencyGraph, failing_module, refuse_unsupported
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
@@ -341,6 +341,9 @@ def prune_model(
         kept = graph.kept_outputs(plan.removed)
         unpruned = loaded.model if config.soft is None else copy.deepcopy(graph.model)  # the weights before removal
         graph.prune(plan.removed)
+        if config.soft is None:
+            graph, plan, target, kept = _hold_until_it_runs(config, loaded, x, costs, scores, graph, plan, target, kept,
+                                                            say)
         pruned = graph.model.eval()
         removed, groups_pruned = sum(len(v) for v in plan.removed.values()), len(plan.removed)
         if config.reconstruct is not None:
@@ -511,6 +514,31 @@ def _latency_plan(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, gra
         "table": {**model.to_dict(), "grid": options.grid}, "cache": cached.to_dict(),
     }
     return order[best]["plan"], target_ms, record
+
+
+MAX_HOLDS = 8  # module types whose channels may be held before a model that still fails is refused
+
+
+def _hold_until_it_runs(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, costs: list[LayerCost],
+                        scores: dict[int, torch.Tensor], graph: DependencyGraph, plan, target: float,
+                        kept: dict[str, list[int]], say: Progress):
+    """When the pruned model no longer runs, a module's forward reads a width its layers do not hold (timm's
+    attention keeps ``head_dim``): hold the channels of every module of that type, plan again and remove again
+    from a fresh copy, until the model runs. Models that run at once pay nothing."""
+    held: list[type] = []
+    while (failure := failing_module(graph.model, x)) is not None:
+        module, exc = failure
+        if module is graph.model or type(module) in held or len(held) == MAX_HOLDS:
+            break  # nothing narrower to hold; the output check below refuses the model
+        held.append(type(module))
+        say(f"the pruned model fails in its {type(module).__name__} layers; keeping their channels and planning again")
+        graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
+        graph.hold(held, f"a {'/'.join(t.__name__ for t in held)} layer's forward reads this width from elsewhere "
+                         f"({type(exc).__name__}: {first_line(exc, 80)})")
+        plan, target = plan_pruning(config, graph, CostModel(loaded.model, costs, graph.groups), scores)
+        kept = graph.kept_outputs(plan.removed)
+        graph.prune(plan.removed)
+    return graph, plan, target, kept
 
 
 def _prune_accuracy(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.Module, say: Progress):

@@ -9,6 +9,7 @@ through it. Its pruners, importances and schedulers are not used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import math
 import warnings
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunecli.errors import ArchitectureError
+from prunecli.errors import ArchitectureError, first_line
 from prunecli.outputs import output_tensors
 from prunecli.runtime import time_limit
 
@@ -87,12 +88,17 @@ def _channel_blocks(module: nn.Module) -> int:
 def _partial(module: nn.Module, dim: str, indices, blocks: int) -> bool:
     """A layer that only partly belongs to a group where it must belong whole: a conv/linear producer holds
     all its output channels in one group, and a grouped layer's block structure spans its whole input. Seen
-    otherwise only behind a concatenation that Torch-Pruning maps wrongly (into flatten or grouped convs)."""
+    otherwise only behind a concatenation that Torch-Pruning maps wrongly (into flatten or grouped convs), as is
+    an index past the layer's channels (timm's MobileNetV5)."""
     if not isinstance(module, ROOT_TYPES):
         return False
+    conv = isinstance(module, nn.modules.conv._ConvNd)
+    size = (module.out_channels if conv else module.out_features) if dim == "out" else (
+        module.in_channels if conv else module.in_features)
+    if max(indices, default=-1) >= size:
+        return True
     if dim == "out":
-        full = module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
-        return len(set(indices)) != full
+        return len(set(indices)) != size
     return blocks > 1 and len(set(indices)) != module.in_channels
 
 
@@ -286,12 +292,24 @@ class DependencyGraph:
             reason = "split into fixed-size parts (split/chunk/slice/unbind)"
         elif ambiguous:
             reason = "a concatenation meets a grouped layer or a flatten; the channel mapping is ambiguous"
+        elif channels % blocks:  # NextViT: a concat of branches whose grouped convs split it differently
+            reason = f"its grouped layers need {blocks} equal blocks, which {channels} channels do not make"
         elif channels // blocks < 2:
             reason = "too few channels"
         return ChannelGroup(index, root, channels, blocks, tuple(members), not reason, reason)
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
+
+    def hold(self, within: Sequence[type], reason: str) -> None:
+        """Make every prunable group with a layer inside a module of the types ``within`` unprunable: the forward of
+        such a module reads a width from elsewhere (an attribute, a constant in a reshape), which removal cannot change."""
+        owners = [f"{name}." for name, module in self.model.named_modules() if type(module) in within]
+        self.groups = [
+            dataclasses.replace(g, prunable=False, reason=reason)
+            if g.prunable and any(f"{m.layer}.".startswith(o) for m in g.members for o in owners) else g
+            for g in self.groups
+        ]
 
     def kept_outputs(self, removal: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
         """For every conv/linear that loses output channels under ``removal``: its original output indices that stay."""
@@ -338,8 +356,43 @@ class DependencyGraph:
             items = self._graph.get_pruning_group(root, pruner.prune_out_channels, sorted(int(p) for p in positions))
             if not self._graph.check_pruning_group(items):
                 raise ArchitectureError(f"removing {len(positions)} channels would empty a layer in group {group.root}")
-            items.prune()
+            try:
+                items.prune()
+            except Exception as exc:  # e.g. Torch-Pruning 1.6 resizes a GroupNorm's bias even where it has none
+                raise ArchitectureError(
+                    f"Torch-Pruning cannot remove channels of group {group.root} ({type(exc).__name__}: "
+                    f"{first_line(exc, 120)}); this architecture is not supported for pruning"
+                ) from exc
         for module in self.model.modules():
             sync = ATTRIBUTE_SYNC.get(f"{type(module).__module__}.{type(module).__qualname__}")
             if sync is not None:
                 sync(module)
+
+
+def failing_module(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, Exception] | None:
+    """Run ``model`` once: None if it runs, else the innermost module whose forward raised (a layer that raised
+    stands for its parent, whose code fed it the wrong width, and a Sequential for its owner) and the error."""
+    active: list[nn.Module] = []
+
+    def leave(module, args, output) -> None:  # a hook that returned a value would replace the output
+        active.pop()
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(lambda m, args: active.append(m)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    except Exception as exc:
+        parents = {child: parent for parent in model.modules() for child in parent.children()}
+        inner = active[-1] if active else model
+        if not any(True for _ in inner.children()):
+            inner = parents.get(inner, model)
+        while isinstance(inner, nn.Sequential):  # a container's forward holds no widths; its owner's may
+            inner = parents.get(inner, model)
+        return inner, exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None

@@ -459,6 +459,39 @@ class FeatureTaps(nn.Module):
         c2 = torch.relu(self.bn1(self.mid(x)))
         p3 = self.lateral(torch.relu(self.deep(c2)))
         return {"0": c2, "1": p3, "2": self.extra(torch.relu(p3))}
+class Heads(nn.Module):
+    """Splits its features into heads whose width is an attribute, as timm's attention keeps ``head_dim``."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.proj = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        y = self.proj(x).reshape(b, n, self.heads, self.head_dim).softmax(-1)
+        return self.out(y.reshape(b, n, -1))
+
+
+class HeadsInAttribute(nn.Module):
+    """stem (8 ch, as tokens) -> Heads -> fc1 (64) -> fc2 -> head. Removing any channel Heads touches (its input,
+    ``proj``, ``out``) breaks or skews its reshape; fc1's 64 hidden channels are free and hold most MACs."""
+
+    INPUT_SHAPE = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.attn = Heads(8)
+        self.fc1 = nn.Linear(8, 64)
+        self.fc2 = nn.Linear(64, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.attn(self.stem(x).flatten(2).transpose(1, 2))
+        x = self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))
 
 
 TRICKY_MODELS: tuple[type[nn.Module], ...] = (

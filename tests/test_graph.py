@@ -222,3 +222,67 @@ def test_a_time_limit_swallowed_by_library_code_still_stops_the_stage():
     assert isinstance(caught.value.__cause__, ValueError)
     with time_limit(5, "quick"):
         pass
+
+
+def test_prune_holds_the_channels_of_a_module_that_keeps_widths_in_attributes(tmp_path, saved_models):
+    """The plan that ignores Heads' attributes breaks its reshape; prune finds the module, holds every group with a
+    layer inside it, and meets the budget with fc1's hidden channels."""
+    from prunecli.api import prune_model
+    from prunecli.config import ModelSource, PruneConfig, parse_budget
+    from prunecli.graph import failing_module
+    from prunecli.io.slim import load
+
+    torch.manual_seed(0)
+    model = M.HeadsInAttribute().eval()
+    x = M.example(M.HeadsInAttribute)
+    graph = DependencyGraph(copy.deepcopy(model), x)
+    proj = next(g for g in graph.groups if g.root == "attn.proj")
+    graph.prune({proj.index: [0]})
+    module, exc = failing_module(graph.model, x)
+    assert module is graph.model.attn and isinstance(exc, RuntimeError)
+    assert failing_module(model, x) is None
+
+    source = tmp_path / "heads.pt"
+    torch.save(model.state_dict(), source)
+    config = PruneConfig(ModelSource(source, arch="models:HeadsInAttribute", input_shape=M.HeadsInAttribute.INPUT_SHAPE),
+                         parse_budget("flops", "0.5"), output=tmp_path / "slim.safetensors")
+    result = prune_model(config)
+    assert abs(result.macs_kept - 0.5) <= 0.005, result.macs_kept
+    (pruned,) = saved_models
+    assert (pruned.stem.out_channels, pruned.attn.proj.out_features, pruned.attn.out.out_features) == (8, 8, 8)
+    assert pruned.fc1.out_features < 64
+    loaded = load(tmp_path / "slim.safetensors", trust_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_a_removal_torch_pruning_cannot_do_is_an_architecture_error():
+    """Torch-Pruning 1.6 resizes a GroupNorm's bias even where it has none (timm's PoolFormerV2 norms)."""
+    norm = nn.GroupNorm(1, 8)
+    norm.bias = None
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 4, 3)).eval()
+    graph = DependencyGraph(model, torch.randn(1, 3, 8, 8))
+    group = next(g for g in graph.groups if g.root == "0")
+    with pytest.raises(ArchitectureError, match=r"Torch-Pruning cannot remove channels of group 0 \(AttributeError"):
+        graph.prune({group.index: [0, 1]})
+
+
+class UnevenBlocks(nn.Module):
+    """cat(a: 4 ch, b: 6 ch from a conv with 3 groups) + c (10 ch) -> fc: 3 blocks do not divide the 10 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 1, groups=3)
+        self.c = nn.Conv2d(3, 10, 1)
+        self.fc = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        return self.fc(torch.cat([self.a(x), self.b(x)], 1) + self.c(x)).mean((2, 3))
+
+
+def test_blocks_that_do_not_divide_a_group_make_it_unprunable():
+    graph = DependencyGraph(UnevenBlocks().eval(), torch.randn(1, 3, 4, 4))
+    (group,) = [g for g in graph.groups if g.root in ("a", "b", "c")]
+    assert (group.channels, group.blocks, group.prunable) == (10, 3, False)
+    assert group.reason == "its grouped layers need 3 equal blocks, which 10 channels do not make"

@@ -131,7 +131,7 @@ class DType(str, Enum):
 # ----------------------------------------------------------------------------- Model
 
 ModelArg = Annotated[Path, typer.Argument(help="Model file: prunecli .safetensors, a state dict (.safetensors/.pt/.pth) or a pickled model.", show_default=False)]
-ArchOpt = Annotated[str | None, typer.Option("--arch", help="Base architecture: torchvision:resnet50, sample:resnet20, pkg.module:factory or file.py:factory. Detected for torchvision weights and slim files.", rich_help_panel=MODEL)]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="Base architecture: torchvision:resnet50, timm:resnet50 (pip install prunecli[timm]), sample:resnet20, pkg.module:factory or file.py:factory. Detected for torchvision weights, timm weights where unambiguous, and slim files.", rich_help_panel=MODEL)]
 ArchKwargsOpt = Annotated[str | None, typer.Option("--arch-kwargs", help='JSON keyword arguments for the factory, e.g. \'{"num_classes": 10}\' (also used for a companion model given with its own --*-arch).', rich_help_panel=MODEL)]
 InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Input CxHxW, e.g. 3x224x224 (default: by architecture, or stored in slim files).", rich_help_panel=MODEL)]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow full pickles that name your own classes. Unpickling runs code from the file: only for files you trust.", rich_help_panel=MODEL)]

@@ -1,6 +1,7 @@
 """Architecture specs -> freshly initialised ``nn.Module`` (never downloads weights).
 
-Spec forms: ``torchvision:<model>``, ``sample:<name>``, ``pkg.module:factory``, ``path/to/file.py:factory``.
+Spec forms: ``torchvision:<model>``, ``timm:<model>``, ``sample:<name>``, ``pkg.module:factory``,
+``path/to/file.py:factory``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from prunecli.errors import ArchitectureError
+from prunecli.io.timm_arch import timm_factory, timm_input, timm_matches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,13 +105,15 @@ def _resolve_factory(spec: str, import_paths: tuple[Path, ...] = ()) -> Callable
     kind, sep, name = spec.partition(":")
     if not sep or not kind or not name:
         raise ArchitectureError(
-            f"architecture {spec!r} is not of the form 'torchvision:resnet50', 'sample:resnet20', "
+            f"architecture {spec!r} is not of the form 'torchvision:resnet50', 'timm:resnet50', 'sample:resnet20', "
             "'package.module:factory' or 'file.py:factory'"
         )
     if kind == "torchvision":
         if name not in torchvision_models():
             raise _unknown_torchvision(name)
         return _torchvision_builder(name)
+    if kind == "timm":
+        return timm_factory(name)
     if kind == "sample":
         from prunecli.samples import SAMPLE_ARCHITECTURES
 
@@ -189,7 +193,8 @@ class InputInfo:
 
 
 def default_input(arch: ArchSpec) -> InputInfo | None:
-    """Default input for known architectures (torchvision: the size and normalisation of its reference weights)."""
+    """Default input for known architectures (torchvision: the size and normalisation of its reference weights;
+    timm: the input size and normalisation of its pretrained config)."""
     kind, _, name = arch.spec.partition(":")
     if kind == "sample":
         from prunecli.samples import SAMPLE_INPUT_SHAPES
@@ -198,6 +203,8 @@ def default_input(arch: ArchSpec) -> InputInfo | None:
         return InputInfo((channels, *SAMPLE_INPUT_SHAPES[name][1:]))
     if kind == "torchvision":
         return _torchvision_input(arch)
+    if kind == "timm":
+        return InputInfo(*timm_input(name, arch.kwargs))
     return None
 
 
@@ -290,3 +297,18 @@ def detect_torchvision_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec 
         return None
     (name, count), = matches
     return ArchSpec(f"torchvision:{name}", {} if count is None else {"num_classes": count})
+
+
+def detect_timm_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec | None:
+    """The one timm model whose keys and shapes match ``state_dict`` exactly; None without timm or a match.
+
+    timm registers many models with one layout (DeiT and ViT, tf_ and plain EfficientNets): several matches
+    raise an error that names them, since guessing one could pick the wrong forward.
+    """
+    if importlib.util.find_spec("timm") is None:
+        return None
+    matches, kwargs = timm_matches(state_dict)
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (f" (+{len(matches) - 5} more)" if len(matches) > 5 else "")
+        raise ArchitectureError(f"the weights match {len(matches)} timm models ({shown}); pass --arch timm:NAME")
+    return ArchSpec(f"timm:{matches[0]}", kwargs) if matches else None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from prunecli.errors import CheckpointError
-from prunecli.io.arch import ArchSpec, InputInfo, build_model, default_input, detect_torchvision_arch
+from prunecli.io.arch import ArchSpec, InputInfo, build_model, default_input, detect_timm_arch, detect_torchvision_arch
 from prunecli.io.files import sha256_file
 from prunecli.io.readers import check_file, read_safetensors, sniff, torch_load, unwrap_state_dict
 from prunecli.io.slim import load_strict, read_sidecar, read_slim_metadata, rebuild
@@ -43,12 +43,12 @@ def _model_from_state(
     state: dict[str, torch.Tensor], arch: ArchSpec | None, import_paths: tuple[Path, ...], notes: list[str]
 ) -> tuple[nn.Module, ArchSpec]:
     if arch is None:
-        arch = detect_torchvision_arch(state)
+        arch = detect_torchvision_arch(state) or detect_timm_arch(state)
         if arch is None:
             raise CheckpointError(
-                "the file holds only weights and they match no single torchvision model (some share their weights, e.g. "
-                "the two fasterrcnn_mobilenet_v3_large FPNs); "
-                "pass --arch (e.g. torchvision:resnet50, sample:resnet20, mypkg.models:factory)"
+                "the file holds only weights and they match no single torchvision or timm model (some share their "
+                "weights, e.g. the two fasterrcnn_mobilenet_v3_large FPNs); "
+                "pass --arch (e.g. torchvision:resnet50, timm:NAME, sample:resnet20, mypkg.models:factory)"
             )
         notes.append(f"recognised the weights as {arch.spec} {dict(arch.kwargs) or ''}".strip())
     model = build_model(arch, import_paths)

@@ -1,0 +1,82 @@
+"""What a coverage walk's worker does for one model, whatever zoo it comes from: prune a saved state dict to half its
+MACs, reload the slim file without pickle, compare it with the model pruned in memory, and turn what happened into a
+JSON record; and the parent's side, which runs each worker in its own process under a hard limit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+
+def prune_and_reload(config, shape: tuple[int, ...], record: dict) -> None:
+    """Run ``prune_model(config)`` and check the artifact; the numbers, output shape and rebuild go into ``record``.
+
+    Raises what pruning or reloading raised; ``record["stage"]`` says which it was."""
+    import torch
+
+    import prunecli
+    import prunecli.io.slim as slim_module
+    from prunecli.api import prune_model
+
+    captured = []
+    original_save = slim_module.save_slim
+
+    def spy(model, path, **kwargs):
+        captured.append(model)
+        return original_save(model, path, **kwargs)
+
+    slim_module.save_slim = spy
+    try:
+        record["stage"] = "prune"
+        result = prune_model(config)
+    finally:
+        slim_module.save_slim = original_save
+    record.update(
+        macs_before=result.before.macs, macs_after=result.after.macs, params_before=result.before.params,
+        params_after=result.after.params, macs_kept=result.macs_kept, channels_removed=result.channels_removed,
+    )
+    record["stage"] = "reload"
+    config.source.path.unlink()  # the slim file must rebuild on its own
+    loaded = prunecli.load(config.output)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
+    (pruned,) = captured
+    with torch.no_grad():
+        got, want = loaded(x), pruned.eval()(x)
+    record["output_shape"] = list(got.shape)
+    state, expected = loaded.state_dict(), pruned.state_dict()
+    same = list(state) == list(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+    record["max_abs_diff"] = float((got - want).abs().max()) / (float(want.abs().max()) or 1.0)
+    record["rebuild"] = "exact" if same and record["max_abs_diff"] <= 1e-5 else "MISMATCH"
+    record["status"] = "ok"
+
+
+def failure(exc: Exception, stage: str) -> dict:
+    """A PrunecliError while pruning is a refusal; any other error, or one after pruning, a failure."""
+    from prunecli.errors import PrunecliError
+
+    if isinstance(exc, PrunecliError):
+        return {"status": "refused" if stage == "prune" else "error", "error": f"{type(exc).__name__}: {exc}",
+                "prunecli_error": True}
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return {"status": "crash", "error": f"{type(exc).__name__}: {first} ({where})", "prunecli_error": False}
+
+
+def run_worker(command: list[str], record: dict, hard_limit: float, env: dict | None = None) -> dict:
+    """Run one worker process; its last JSON line, or ``record`` marked as a hang or a crash."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=hard_limit, check=False, env=env)
+    except subprocess.TimeoutExpired:
+        return {**record, "status": "hang", "seconds": time.perf_counter() - started,
+                "error": f"no answer after {hard_limit:g} s", "prunecli_error": False}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {**record, "status": "crash", "seconds": time.perf_counter() - started,
+                "error": f"worker exited with {done.returncode}: {tail}", "prunecli_error": False}
+    return {**json.loads(lines[-1]), "seconds": time.perf_counter() - started}
