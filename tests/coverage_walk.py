@@ -1,6 +1,7 @@
 """What a coverage walk's worker does for one model, whatever zoo it comes from: prune a saved state dict to half its
-MACs, reload the slim file without pickle, compare it with the model pruned in memory, and turn what happened into a
-JSON record; and the parent's side, which runs each worker in its own process under a hard limit."""
+MACs, reload the slim file without pickle, compare it with the model pruned in memory (every output tensor, and a
+detector's detections end to end), and turn what happened into a JSON record; and the parent's side, which runs
+each worker in its own process under a hard limit."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import traceback
 from pathlib import Path
 
 
-def prune_and_reload(config, shape: tuple[int, ...], record: dict) -> None:
-    """Run ``prune_model(config)`` and check the artifact; the numbers, output shape and rebuild go into ``record``.
+def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, record: dict) -> None:
+    """Run ``prune_model(config)`` and check the artifact against the model pruned in memory and the original's
+    output shapes (``reference_shapes``, of its prunable part); the numbers, shapes and rebuild go into ``record``.
 
     Raises what pruning or reloading raised; ``record["stage"]`` says which it was."""
     import torch
@@ -20,6 +22,8 @@ def prune_and_reload(config, shape: tuple[int, ...], record: dict) -> None:
     import prunecli
     import prunecli.io.slim as slim_module
     from prunecli.api import prune_model
+    from prunecli.outputs import output_shapes, output_tensors
+    from prunecli.tasks import end_to_end_outputs, prunable_part
 
     captured = []
     original_save = slim_module.save_slim
@@ -31,25 +35,37 @@ def prune_and_reload(config, shape: tuple[int, ...], record: dict) -> None:
     slim_module.save_slim = spy
     try:
         record["stage"] = "prune"
-        result = prune_model(config)
+        result = prune_model(config)  # a model prunecli cannot run on one batch is refused here
     finally:
         slim_module.save_slim = original_save
     record.update(
         macs_before=result.before.macs, macs_after=result.after.macs, params_before=result.before.params,
         params_after=result.after.params, macs_kept=result.macs_kept, channels_removed=result.channels_removed,
+        prune_seconds=result.seconds,
     )
     record["stage"] = "reload"
     config.source.path.unlink()  # the slim file must rebuild on its own
     loaded = prunecli.load(config.output)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
     (pruned,) = captured
+    pruned.eval()
     with torch.no_grad():
-        got, want = loaded(x), pruned.eval()(x)
-    record["output_shape"] = list(got.shape)
+        got, want = prunable_part(loaded)(x), prunable_part(pruned)(x)
+    record["output_shapes"] = [list(s) for s in output_shapes(got)]
+    record["shapes_kept"] = output_shapes(got) == tuple(tuple(s) for s in reference_shapes)
     state, expected = loaded.state_dict(), pruned.state_dict()
     same = list(state) == list(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
-    record["max_abs_diff"] = float((got - want).abs().max()) / (float(want.abs().max()) or 1.0)
-    record["rebuild"] = "exact" if same and record["max_abs_diff"] <= 1e-5 else "MISMATCH"
+    pairs = list(zip(output_tensors(got), output_tensors(want), strict=True))
+    detections = end_to_end_outputs(pruned, shape)
+    if detections is not None:
+        pairs += zip(end_to_end_outputs(loaded, shape), detections, strict=True)
+        record["detections"] = sum(len(t) for t in detections if t.dim() == 2 and t.shape[1] == 4)  # boxes
+    record["max_abs_diff"] = max(
+        float((g.float() - w.float()).abs().max()) / (float(w.float().abs().max()) or 1.0) if w.numel() else 0.0
+        for g, w in pairs
+    )
+    exact = same and record["max_abs_diff"] <= 1e-5 and record["shapes_kept"]
+    record["rebuild"] = "exact" if exact else "MISMATCH"
     record["status"] = "ok"
 
 

@@ -15,12 +15,12 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from coverage_walk import failure, prune_and_reload, run_worker
 
 TRACE_TIMEOUT = 120.0  # the config's timeout: tracing must give up with an ArchitectureError after this
 HARD_LIMIT = 1500  # seconds for one model's process before it counts as a hang
@@ -90,28 +90,14 @@ def worker(name: str, shape: tuple[int, ...], folder: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    import prunecli
-    import prunecli.io.slim as slim_module
-    from prunecli.api import prune_model
     from prunecli.config import ModelSource, PruneConfig, parse_budget
-    from prunecli.errors import PrunecliError
     from prunecli.io.arch import ArchSpec, build_model
-    from prunecli.outputs import output_shapes, output_tensors
-    from prunecli.tasks import end_to_end_outputs, prunable_part
+    from prunecli.outputs import output_shapes
+    from prunecli.tasks import prunable_part
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    record: dict = {"model": name, "input": "x".join(map(str, shape)), "task": task(name)}
+    record: dict = {"model": name, "input": "x".join(map(str, shape)), "task": task(name), "stage": "build"}
     started = time.perf_counter()
-    stage = "build"
-    captured = []
-    original_save = slim_module.save_slim
-
-    def spy(model, path, **kwargs):
-        captured.append(model)
-        return original_save(model, path, **kwargs)
-
-    slim_module.save_slim = spy
-    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
     try:
         torch.manual_seed(0)
         with warnings.catch_warnings():
@@ -119,59 +105,18 @@ def worker(name: str, shape: tuple[int, ...], folder: Path) -> dict:
             model = build_model(ArchSpec(f"torchvision:{name}"))
         source = folder / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
-        stage = "prune"
-        output = folder / f"{name}.slim.safetensors"
+        with torch.no_grad():
+            reference = output_shapes(prunable_part(model)(torch.randn(1, *shape)))
+        del model
         config = PruneConfig(
             ModelSource(source, arch=f"torchvision:{name}", input_shape=shape),
             parse_budget("flops", "0.5"),
-            output=output,
+            output=folder / f"{name}.slim.safetensors",
             timeout=TRACE_TIMEOUT,
         )
-        result = prune_model(config)  # a model prunecli cannot run on one batch is refused here
-        with torch.no_grad():
-            reference_shapes = output_shapes(prunable_part(model)(x))
-        del model
-        record.update(
-            macs_before=result.before.macs, macs_after=result.after.macs, params_before=result.before.params,
-            params_after=result.after.params, macs_kept=result.macs_kept, channels_removed=result.channels_removed,
-            prune_seconds=result.seconds,
-        )
-        stage = "reload"
-        source.unlink()
-        loaded = prunecli.load(output)
-        pruned = captured[0].eval()
-        with torch.no_grad():
-            got, want = prunable_part(loaded)(x), prunable_part(pruned)(x)
-        record["output_shapes"] = [list(s) for s in output_shapes(got)]
-        record["shapes_kept"] = output_shapes(got) == reference_shapes
-        state, expected = loaded.state_dict(), pruned.state_dict()
-        same_keys = list(state) == list(expected)
-        same_state = same_keys and all(torch.equal(state[k], expected[k]) for k in expected)
-        pairs = list(zip(output_tensors(got), output_tensors(want), strict=True))
-        detections = end_to_end_outputs(pruned, shape)
-        if detections is not None:
-            pairs += zip(end_to_end_outputs(loaded, shape), detections, strict=True)
-            record["detections"] = sum(len(t) for t in detections if t.dim() == 2 and t.shape[1] == 4)  # boxes
-        record["max_abs_diff"] = max(
-            float((g.float() - w.float()).abs().max()) / (float(w.float().abs().max()) or 1.0) if w.numel() else 0.0
-            for g, w in pairs
-        )
-        exact = same_keys and same_state and record["max_abs_diff"] <= 1e-5 and record["shapes_kept"]
-        record["rebuild"] = "exact" if exact else "MISMATCH"
-        record["status"] = "ok"
-    except PrunecliError as exc:
-        record.update(status="refused" if stage == "prune" else "error", error=f"{type(exc).__name__}: {exc}",
-                      prunecli_error=True)
+        prune_and_reload(config, shape, reference, record)
     except Exception as exc:
-        import traceback
-
-        frames = traceback.extract_tb(exc.__traceback__)[-3:]
-        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        record.update(status="crash", error=f"{type(exc).__name__}: {first} ({where})", prunecli_error=False)
-    finally:
-        slim_module.save_slim = original_save
-    record["stage"] = stage
+        record.update(failure(exc, record["stage"]))
     record["seconds"] = time.perf_counter() - started
     return record
 
@@ -286,29 +231,15 @@ are kept from the last walk that ran them.
 # ----------------------------------------------------------------------------- the test
 
 
-def run_worker(name: str, shape: tuple[int, ...], folder: Path) -> dict:
+def run_model(name: str, shape: tuple[int, ...], folder: Path) -> dict:
     what = {"model": name, "input": "x".join(map(str, shape)), "task": task(name)}
-    command = [sys.executable, __file__, "--worker", name, what["input"], str(folder)]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=HARD_LIMIT, check=False)
-    except subprocess.TimeoutExpired:
-        return {**what, "status": "hang", "seconds": time.perf_counter() - started,
-                "error": f"no answer after {HARD_LIMIT} s", "prunecli_error": False}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        return {**what, "status": "crash", "seconds": time.perf_counter() - started,
-                "error": f"worker exited with {done.returncode}: {tail}", "prunecli_error": False}
-    record = json.loads(lines[-1])
-    record["seconds"] = time.perf_counter() - started
-    return record
+    return run_worker([sys.executable, __file__, "--worker", name, what["input"], str(folder)], what, HARD_LIMIT)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", all_models())
 def test_prune_every_torchvision_model(tmp_path, name):
-    record = run_worker(name, input_shape(name), tmp_path)
+    record = run_model(name, input_shape(name), tmp_path)
     RESULTS[name] = (record, table_row(record))
     write_doc()  # after every model: an interrupted walk keeps what it measured
     status = record["status"]

@@ -136,6 +136,7 @@ def worker(family: str, folder: Path) -> dict:
     import torch
 
     from prunecli.config import ModelSource, PruneConfig, parse_budget
+    from prunecli.outputs import output_shapes
 
     torch.set_num_threads(1)
     record: dict = {"family": family, "stage": "build"}
@@ -146,6 +147,8 @@ def worker(family: str, folder: Path) -> dict:
         record.update(kwargs=kwargs, size=shape[1])
         source = folder / f"{name}.pt"  # a torch file: some timm models share layers (CoaT), safetensors refuses that
         torch.save(model.state_dict(), source)
+        with torch.no_grad():
+            reference = output_shapes(model(torch.zeros(1, *shape)))
         del model
         config = PruneConfig(
             ModelSource(source, arch=f"timm:{name}", arch_kwargs=kwargs, input_shape=shape),
@@ -153,7 +156,7 @@ def worker(family: str, folder: Path) -> dict:
             output=folder / f"{name}.slim.safetensors",
             timeout=TRACE_TIMEOUT,
         )
-        prune_and_reload(config, shape, record)
+        prune_and_reload(config, shape, reference, record)
     except Exception as exc:
         record.update(failure(exc, record["stage"]))
     if "size" in record and "dependencies took longer" not in record.get("error", ""):  # its tracer would time out too
