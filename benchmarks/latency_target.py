@@ -31,7 +31,7 @@ import torchvision
 import prunecli
 from prunecli.api import prune_model
 from prunecli.config import DataOptions, LatencyTarget, ModelSource, PruneConfig, parse_budget
-from prunecli.errors import PrunecliError, one_line
+from prunecli.errors import BudgetError, PrunecliError, one_line
 from prunecli.latency import latency_meter
 from prunecli.latency_model import correct_target
 from prunecli.samples import SAMPLE_INPUT_SHAPES
@@ -82,20 +82,32 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
                           args.repeats)
 
     lat_model = prunecli.load(lat.output).eval()
+    floor = {"fraction": 0.0}  # the fewest MACs pruning to MACs can reach, once a request went below it
+
+    def prune_to_macs(fraction: float, evaluate: bool):
+        """Prune to the MACs ``fraction``, or to the least pruning to MACs can reach where that is more."""
+        def prune_at(value: float):
+            return prune_model(config_for(src, parse_budget("flops", f"{value:.6f}"), args, work / "macs.safetensors",
+                                          batch, evaluate))
+        try:
+            return prune_at(max(fraction, floor["fraction"]))
+        except BudgetError as exc:
+            if exc.least is None:
+                raise
+            floor["fraction"] = exc.least / lat.before.macs * (1 + 1e-4)
+            return prune_at(floor["fraction"])
 
     def attempt(fraction: float) -> tuple[float, float]:
         """A MACs-targeted slim model's latency over the latency-targeted one's, both timed in the same runs."""
-        result = prune_model(config_for(src, parse_budget("flops", f"{fraction:.6f}"), args,
-                                        work / "macs.safetensors", batch, False))
+        result = prune_to_macs(fraction, False)
         _, lat_ms, ms = meter(lat_model, prunecli.load(result.output).eval())
         return result.macs_kept, ms / lat_ms
 
     # the MACs fraction whose slim model runs as fast as the latency-targeted one
     best, steps = correct_target(1.0, attempt, start=record["measured_ratio"], low=0.02, high=0.98,
                                  tolerance=args.match, iterations=args.iterations)
-    fraction = steps[best].requested
-    macs = prune_model(config_for(src, parse_budget("flops", f"{fraction:.6f}"), args, work / "macs.safetensors",
-                                  batch, sample))
+    fraction = max(steps[best].requested, floor["fraction"])
+    macs = prune_to_macs(fraction, sample)
     final = latency_meter(original, shape, "onnxruntime", torch.device("cpu"), batch, args.threads, args.warmup,
                           3 * args.repeats)  # the two slim models side by side, three times the runs
     original_ms, lat_ms, macs_ms = final(lat_model, prunecli.load(macs.output).eval())
@@ -109,6 +121,7 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
                              "top1": lat.accuracy["pruned_top1"] if lat.accuracy else None},
         "macs_targeted": {"macs_target": fraction, "macs_kept": macs.macs_kept, "params_kept": macs.params_kept,
                           "matching_steps": len(steps), "matched_over_latency_targeted": steps[best].measured,
+                          "at_floor": fraction == floor["fraction"],
                           "top1": macs.accuracy["pruned_top1"] if macs.accuracy else None},
         "remeasured": {"original_ms": original_ms, "latency_targeted_ratio": lat_ms / original_ms,
                        "macs_targeted_ratio": macs_ms / original_ms},
@@ -136,7 +149,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['input']} | {r['batch']} | {r['target']:g} | {lat['measured_ratio']:.3f} "
             f"({lat['iterations']}{'' if lat['converged'] else ', not within 5%'}) | {_pct(lat['macs_kept'])} | "
-            f"{_pct(mac['macs_kept'])} ({mac['matching_steps']}) | "
+            f"{_pct(mac['macs_kept'])} ({mac['matching_steps']}{', its floor' if mac.get('at_floor') else ''}) | "
             f"{again['latency_targeted_ratio']:.3f} / {again['macs_targeted_ratio']:.3f} | {top1} |")
     return "\n".join(lines) + "\n"
 

@@ -174,7 +174,7 @@ def allocate(
         best = total(keep_at(high_knob))
         raise BudgetError(
             f"the budget cannot be reached: pruning as far as allowed still leaves {best:.4g} (target {target:.4g}); "
-            "raise --max-layer-ratio, remove --ignore patterns or ask for less"
+            "raise --max-layer-ratio, remove --ignore patterns or ask for less", least=best
         )
     for _ in range(iterations):
         middle = (low_knob + high_knob) / 2

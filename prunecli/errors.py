@@ -16,6 +16,10 @@ class ArchitectureError(PrunecliError):
 class BudgetError(PrunecliError):
     """A FLOPs/params/ratio budget is malformed or cannot be reached."""
 
+    def __init__(self, message: str, least: float | None = None):
+        super().__init__(message)
+        self.least = least  # the lowest cost pruning can reach, where that is why the budget failed
+
 
 class DataError(PrunecliError):
     """Calibration or training data is missing, unreadable or of the wrong shape."""
