@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,115 @@ class ChannelGroup:
         depthwise conv): a plan that takes all of them would empty that layer."""
         found = {tuple(sorted(set(m.root_indices))) for m in self.members}
         return tuple(sorted(p for p in found if len(p) < self.channels))
+
+
+# (index, root index) pairs one group's walk may reach: a flatten into a classifier reaches channels x positions
+# (VGG-16: 25,088); reshapes that Torch-Pruning reads as flattens, chained in attention blocks, reach millions
+MAX_SPREAD = 500_000
+
+
+class _Spread(Exception):
+    """A group whose indices spread past ``MAX_SPREAD`` positions through reshapes."""
+
+
+@functools.cache
+def _dependency_graph_type() -> type:
+    """Torch-Pruning's ``DependencyGraph`` with a group walk that visits each (layer, handler, index) once.
+
+    Torch-Pruning 1.6 walks a group by following each edge with the whole index list it arrived with, and stops only
+    where a visited layer already holds that exact list. Where slices and concatenations hand a layer many
+    different subsets of a group (timm's ReXNet, whose blocks add into a slice of a wider tensor), the walk grows
+    without bound: 3.6 million items for one group of ReXNet-1.0, minutes of tracing. Every index mapping maps
+    indices one by one, so following only the indices a (layer, handler) pair has not seen yet reaches the same
+    indices. As Torch-Pruning's merge does, each layer keeps the first (index, root index) pair walked per index.
+
+    Where Torch-Pruning's shape inference fails for one concat, reshape, split or expand (a concat of inputs whose
+    width it cannot infer, a reshape it reads as a flatten by zero, timm's CoaT, CSPNet's focus, SHViT, Twins), the
+    whole trace used to fail. The op is now left unmapped and remembered, and a group whose walk reaches it, or whose
+    index mapping fails on the way, carries ``unmapped`` (the op and the error): it is described as unprunable and the
+    rest of the model prunes as before."""
+    from numbers import Number
+
+    import torch_pruning as tp
+    from torch_pruning import _helpers, ops
+    from torch_pruning.dependency import index_mapping
+    from torch_pruning.dependency.dependency import Dependency
+    from torch_pruning.dependency.group import Group
+    from torch_pruning.pruner import function
+
+    updates = {ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
+               ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+               ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
+               ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
+               ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
+               ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
+
+    def update_index_mapping(graph) -> None:  # Torch-Pruning's loop, with each op's failure kept on the graph
+        for node in graph.module2node.values():
+            if node.type in updates:
+                try:
+                    updates[node.type](graph, node)
+                except (ArithmeticError, IndexError, TypeError) as exc:
+                    graph.unmapped.setdefault(node, exc)
+
+    index_mapping.update_index_mapping = update_index_mapping  # build_dependency calls it through the module
+
+    class OnceEachDependencyGraph(tp.DependencyGraph):
+        def __init__(self):
+            super().__init__()
+            self.unmapped: dict = {}  # op node -> the error that left its index mapping uninferred
+
+        def get_pruning_group(self, module: nn.Module, pruning_fn, idxs) -> Group:
+            if module not in self.module2node:
+                raise ValueError(f"Module {module} is not in the dependency graph.")
+            if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
+                pruning_fn = function.prune_depthwise_conv_out_channels
+            idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in ([idxs] if isinstance(idxs, Number) else idxs)]
+            index_mapping.update_index_mapping(self)
+            root = self.module2node[module]
+            # per (layer, handler): its Dependency, the (index, root index) pairs walked, the first pair per index
+            found = {(root, pruning_fn): (Dependency(pruning_fn, pruning_fn, source=root, target=root), set(idxs),
+                                          {i.idx: i for i in idxs})}
+            stack, unmapped, spread = [(root, pruning_fn, idxs)], None, 0
+            while stack and (unmapped is None or spread <= MAX_SPREAD):
+                node, fn, arrived = stack.pop()
+                for dep in node.dependencies:
+                    if not dep.is_triggered_by(fn):
+                        continue
+                    mapped = arrived
+                    try:
+                        for mapping in dep.index_mapping:
+                            if mapping is not None:
+                                mapped = mapping(mapped)
+                    except (ArithmeticError, IndexError, TypeError) as exc:
+                        unmapped = unmapped or (dep.target, exc)
+                        continue
+                    if dep.target in self.unmapped:
+                        unmapped = unmapped or (dep.target, self.unmapped[dep.target])
+                    if not mapped:
+                        continue
+                    _, walked, first = found.setdefault((dep.target, dep.handler), (dep, set(), {}))
+                    new = [i for i in mapped if i not in walked]
+                    if new:
+                        spread += len(new)
+                        if spread > MAX_SPREAD:
+                            unmapped = unmapped or (dep.target, _Spread(f"over {MAX_SPREAD:,} positions"))
+                            break
+                        walked.update(new)
+                        for index in new:
+                            first.setdefault(index.idx, index)
+                        stack.append((dep.target, dep.handler, new))
+            group = Group()
+            group._DG, group.unmapped = self, unmapped
+            for dep, _, first in found.values():
+                if not (isinstance(dep.target.module, nn.Parameter)
+                        and any(dep.target.module is p for p in self.ignored_params)):
+                    hybrid = list(first.values())
+                    group.add_dep(dep, _helpers.to_plain_idxs(hybrid))
+                    group[-1].root_idxs = _helpers.to_root_idxs(hybrid)
+            return group
+
+    return OnceEachDependencyGraph
 
 
 def _channel_blocks(module: nn.Module) -> int:
@@ -217,8 +327,6 @@ class DependencyGraph:
         ignore: Sequence[str] = (),
         timeout: float | None = None,
     ):
-        import torch_pruning as tp
-
         refuse_unsupported(model)
         self.model = model
         self._names = {module: name for name, module in model.named_modules()}
@@ -232,7 +340,7 @@ class DependencyGraph:
             with time_limit(timeout, "tracing the model's channel dependencies"), warnings.catch_warnings(), \
                     _traceable_shuffles(model), _out_of_place(model):
                 warnings.simplefilter("ignore")
-                self._graph = tp.DependencyGraph().build_dependency(
+                self._graph = _dependency_graph_type()().build_dependency(
                     model, example_inputs=example_input, verbose=False, output_transform=self._note_outputs
                 )
                 raw_groups = list(self._graph.get_all_groups(root_module_types=ROOT_TYPES))
@@ -282,7 +390,12 @@ class DependencyGraph:
         ignored = next((p for p in ignore for layer in outs if fnmatch.fnmatchcase(layer, p)), None)
         consumers = [m for m in members if m.dim == "in"]
         reason = ""
-        if ignored is not None:
+        if raw.unmapped is not None:
+            op, exc = raw.unmapped
+            reason = (f"its channels spread {exc} through reshapes read as flattens" if isinstance(exc, _Spread) else
+                      f"passes through a {type(op.module).__name__.strip('_').removesuffix('Op').lower()} whose channel "
+                      f"mapping cannot be inferred ({type(exc).__name__}: {first_line(exc, 60)})")
+        elif ignored is not None:
             reason = f"ignored ({ignored})"
         elif shuffled:  # before the outputs: the stand-in that reads the group is no consumer of the model's
             reason = SHUFFLE

@@ -494,6 +494,27 @@ class HeadsInAttribute(nn.Module):
         return self.head(x.mean(1))
 
 
+class WidenAndAdd(nn.Module):
+    """ReXNet's blocks: each widens the tensor with a 1x1 conv and adds its input into the first channels, through a
+    slice and a concat. Every block hands the earlier groups another subset of indices."""
+
+    INPUT_SHAPE = (3, 8, 8)
+
+    def __init__(self, blocks: int = 5):
+        super().__init__()
+        widths = [8 + 4 * i for i in range(blocks + 1)]
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip(widths, widths[1:]))
+        self.fc = nn.Linear(widths[-1], 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for conv in self.blocks:
+            y = conv(x)
+            x = torch.cat([y[:, : x.shape[1]] + x, y[:, x.shape[1]:]], 1)
+        return self.fc(x.mean((2, 3)))
+
+
 TRICKY_MODELS: tuple[type[nn.Module], ...] = (
     ResidualAdd,
     ConcatBranches,

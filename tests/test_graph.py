@@ -286,3 +286,70 @@ def test_blocks_that_do_not_divide_a_group_make_it_unprunable():
     (group,) = [g for g in graph.groups if g.root in ("a", "b", "c")]
     assert (group.channels, group.blocks, group.prunable) == (10, 3, False)
     assert group.reason == "its grouped layers need 3 equal blocks, which 10 channels do not make"
+
+
+def _items(group, exact: bool) -> dict:
+    return {(item.dep.target, item.dep.handler): (list(item.idxs), list(item.root_idxs)) if exact else set(item.idxs)
+            for item in group.items}
+
+
+@pytest.mark.parametrize(("build", "exact"), [
+    (lambda: M.WidenAndAdd(blocks=3), False), (M.ConcatBranches, True), (M.ChannelSlice, True),
+    (M.FlattenLinear, True), (M.ChunkBranches, True), (M.ResidualAdd, True),
+])
+def test_the_group_walk_finds_what_torch_pruning_finds(build, exact):
+    """Each (layer, handler, index) is walked once, and every group holds the same items and indices as Torch-Pruning's
+    own walk, in the same order with the same root indices. In WidenAndAdd one index of a layer is reached from
+    several root channels (the adds couple them); the root index kept for it, the first walked, depends on the order
+    of the walk, so there the indices are compared as sets."""
+    import torch_pruning as tp
+
+    model = build().eval()
+    graph = DependencyGraph(model, M.example(type(model)))
+    raw = graph._graph
+    for group in graph.groups:
+        root = graph.module(group.root)
+        fn = raw.get_pruner_of_module(root).prune_out_channels
+        ours = raw.get_pruning_group(root, fn, list(range(group.channels)))
+        theirs = tp.DependencyGraph.get_pruning_group(raw, root, fn, list(range(group.channels)))
+        assert _items(ours, exact) == _items(theirs, exact), group.root
+
+
+def test_a_long_chain_of_widening_blocks_traces():
+    """Torch-Pruning's walk grows with every subset of indices it is handed (7 blocks: 20 s, and about sevenfold for
+    each block more); ours visits each index once."""
+    graph = DependencyGraph(M.WidenAndAdd(blocks=10).eval(), M.example(M.WidenAndAdd), timeout=60)
+    reasons = {g.root: g.reason for g in graph.groups}  # the adds couple every layer into the last block's group
+    assert reasons == {"fc": "feeds the model output",
+                       "blocks.9": "split into fixed-size parts (split/chunk/slice/unbind)"}
+
+
+def test_an_op_whose_mapping_cannot_be_inferred_holds_only_the_groups_through_it(monkeypatch):
+    """A concat whose input widths Torch-Pruning cannot infer (it summed None and raised, failing the whole trace:
+    timm's CoaT, CSPNet): the branches it joins stay, the layers elsewhere prune."""
+    from torch_pruning.dependency import shape_infer
+
+    monkeypatch.setattr(shape_infer, "infer_channels_between", lambda graph, a, b: None)
+    graph = DependencyGraph(M.ConcatBranches().eval(), M.example(M.ConcatBranches))
+    held = {g.root: g for g in graph.groups if not g.prunable}
+    assert set(held) == {"branch_b", "fc"}  # unmapped, the concat couples the branches index by index: one group
+    assert set(held["branch_b"].layers("out")) == {"branch_a", "bn_a", "branch_b", "bn_b"}
+    assert held["branch_b"].reason == ("passes through a concat whose channel mapping cannot be inferred "
+                                "(TypeError: unsupported operand type(s) for +: 'int' and 'NoneType')")
+    assert {g.root for g in graph.groups if g.prunable} == {"stem", "merge"}
+    merge = next(g for g in graph.groups if g.root == "merge")
+    graph.prune({merge.index: [0, 1]})
+    assert graph.module("merge").out_channels == 14 and graph.module("fc").in_features == 14
+
+
+def test_a_group_that_spreads_past_the_limit_is_held(monkeypatch):
+    """Reshapes that Torch-Pruning reads as flattens can spread one group over millions of positions; past
+    MAX_SPREAD the group is held with the reason and its walk stops. conv's group reaches fc1's 128 inputs; fc1's
+    group (16 channels into fc2) stays well under 64."""
+    import prunecli.graph as graph_module
+
+    monkeypatch.setattr(graph_module, "MAX_SPREAD", 64)
+    graph = DependencyGraph(M.FlattenLinear().eval(), M.example(M.FlattenLinear))
+    reasons = {g.root: g.reason for g in graph.groups}
+    assert reasons["conv"] == "its channels spread over 64 positions through reshapes read as flattens"
+    assert reasons["fc1"] == ""
