@@ -109,7 +109,12 @@ def _dependency_graph_type() -> type:
                ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
                ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
 
-    def update_index_mapping(graph) -> None:  # Torch-Pruning's loop, with each op's failure kept on the graph
+    plain_update = index_mapping.update_index_mapping
+
+    def update_index_mapping(graph) -> None:  # Torch-Pruning's loop, with each op's failure kept on our graphs
+        if not hasattr(graph, "unmapped"):  # a graph of Torch-Pruning's own (its pruners build one) is left as it was
+            plain_update(graph)
+            return
         for node in graph.module2node.values():
             if node.type in updates:
                 try:

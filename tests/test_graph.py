@@ -341,6 +341,11 @@ def test_an_op_whose_mapping_cannot_be_inferred_holds_only_the_groups_through_it
     graph.prune({merge.index: [0, 1]})
     assert graph.module("merge").out_channels == 14 and graph.module("fc").in_features == 14
 
+    import torch_pruning as tp
+
+    with pytest.raises(TypeError):  # Torch-Pruning's own graphs (its pruners build them) behave as they did
+        tp.DependencyGraph().build_dependency(M.ConcatBranches().eval(), M.example(M.ConcatBranches))
+
 
 def test_a_group_that_spreads_past_the_limit_is_held(monkeypatch):
     """Reshapes that Torch-Pruning reads as flattens can spread one group over millions of positions; past
