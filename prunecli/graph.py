@@ -171,15 +171,34 @@ def _dependency_graph_type() -> type:
                         stack.append((dep.target, dep.handler, new))
             group = Group()
             group._DG, group.unmapped = self, unmapped
-            for dep, _, first in found.values():
+            for dep, walked, first in found.values():
                 if not (isinstance(dep.target.module, nn.Parameter)
                         and any(dep.target.module is p for p in self.ignored_params)):
                     hybrid = list(first.values())
                     group.add_dep(dep, _helpers.to_plain_idxs(hybrid))
                     group[-1].root_idxs = _helpers.to_root_idxs(hybrid)
+                    group[-1].shared = _shared_indices(walked, len(idxs))
             return group
 
     return OnceEachDependencyGraph
+
+
+def _shared_indices(pairs, channels: int) -> int | None:
+    """How many root channels each index of a layer stands for: 1 where each has one root; ``k`` where every index
+    is reached from ``k`` roots spaced ``channels / k`` apart (GhostNet: a depthwise "cheap" conv doubles its primary
+    conv's channels and a concat joins both, so primary channel j goes with roots j and j + channels / 2); None
+    where the roots follow no such blocks, and no plan of single positions can prune the layer."""
+    roots: dict[int, set] = {}
+    for pair in pairs:
+        roots.setdefault(pair.idx, set()).add(pair.root_idx)
+    counts = {len(r) for r in roots.values()}
+    if counts == {1}:
+        return 1
+    k = counts.pop() if len(counts) == 1 else 0
+    if not k or channels % k or any(None in r for r in roots.values()):
+        return None
+    step = channels // k
+    return k if all(sorted(r) == list(range(min(r), channels, step)) and min(r) < step for r in roots.values()) else None
 
 
 def _channel_blocks(module: nn.Module) -> int:
@@ -387,7 +406,9 @@ class DependencyGraph:
                 shuffled = shuffled or isinstance(module, _ShuffleStandIn)
                 continue
             members.append(Member(name, dim, tuple(item.idxs), tuple(item.root_idxs)))
-            blocks = math.lcm(blocks, _channel_blocks(module))
+            shared = getattr(item, "shared", 1)  # a layer whose channels each stand for several root channels
+            ambiguous = ambiguous or shared is None
+            blocks = math.lcm(blocks, _channel_blocks(module), shared or 1)
             ambiguous = ambiguous or _partial(module, dim, item.idxs, _channel_blocks(module))
         root = self._names.get(raw[0].dep.target.module) or members[0].layer  # a stand-in: name a layer that reads it
         channels = len(raw[0].idxs)

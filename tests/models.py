@@ -515,6 +515,27 @@ class WidenAndAdd(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class GhostModule(nn.Module):
+    """GhostNet's module: primary 1x1 conv (6 ch) -> "cheap" depthwise conv on its output (6 ch) -> cat (12) ->
+    depthwise conv_dw (12) -> pw (8) -> fc. Primary channel j feeds cat channels j and j + 6, so the group of
+    conv_dw's 12 channels is two blocks of 6: position j goes with position j + 6."""
+
+    INPUT_SHAPE = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.primary = nn.Conv2d(3, 6, 1, bias=False)
+        self.cheap = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+        self.conv_dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.pw = nn.Conv2d(12, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.primary(x))
+        y = torch.cat([y, torch.relu(self.cheap(y))], 1)
+        return self.fc(torch.relu(self.pw(torch.relu(self.conv_dw(y)))).mean((2, 3)))
+
+
 TRICKY_MODELS: tuple[type[nn.Module], ...] = (
     ResidualAdd,
     ConcatBranches,

@@ -358,3 +358,24 @@ def test_a_group_that_spreads_past_the_limit_is_held(monkeypatch):
     reasons = {g.root: g.reason for g in graph.groups}
     assert reasons["conv"] == "its channels spread over 64 positions through reshapes read as flattens"
     assert reasons["fc1"] == ""
+
+
+def test_a_layer_whose_channels_each_feed_two_root_channels_makes_blocks():
+    """GhostModule: removing root position j must take j + 6 too, as blocks do; zeroing exactly those channels and
+    pruning them leaves the output unchanged."""
+    torch.manual_seed(0)
+    model = M.GhostModule().eval()
+    x = M.example(M.GhostModule)
+    graph = DependencyGraph(model, x)
+    group = next(g for g in graph.groups if g.root == "conv_dw")
+    assert (group.channels, group.blocks, group.prunable) == (12, 2, True)
+    assert {m.layer for m in group.members if m.dim == "out"} == {"primary", "cheap", "conv_dw"}
+    with torch.no_grad():
+        for layer, rows in (("primary", [1, 4]), ("cheap", [1, 4]), ("conv_dw", [1, 4, 7, 10])):
+            getattr(model, layer).weight[rows] = 0
+        want = model(x)
+    graph.prune({group.index: [1, 4, 7, 10]})
+    assert (model.primary.out_channels, model.cheap.out_channels, model.conv_dw.out_channels) == (4, 4, 8)
+    assert model.pw.in_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
