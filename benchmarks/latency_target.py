@@ -8,7 +8,8 @@ have to: prune to a MACs fraction (same method, allocation and rounding), measur
 latency-targeted model's, matches it within ``--match``. Both slim models are then timed once more (three times the
 runs), their runs alternating with the original's, so the two ratios in a row come from the same load. On the
 sample models the accuracy of both is measured on the Fashion-MNIST test set after BN recalibration
-(``--recalibrate-bn`` on sample_models/fmnist_calib.safetensors).
+(``--recalibrate-bn`` on sample_models/fmnist_calib.safetensors), or with ``--reconstruct`` after reconstruction
+on the same images.
 
 Rows are appended to ``--log`` (JSON lines) as they finish and rows already there are skipped, so an interrupted
 run continues where it stopped. Run it pinned to one core with a passive OpenMP wait policy to limit noise:
@@ -30,7 +31,7 @@ import torchvision
 
 import prunecli
 from prunecli.api import prune_model
-from prunecli.config import DataOptions, LatencyTarget, ModelSource, PruneConfig, parse_budget
+from prunecli.config import DataOptions, LatencyTarget, ModelSource, PruneConfig, ReconstructOptions, parse_budget
 from prunecli.errors import BudgetError, PrunecliError, one_line
 from prunecli.latency import latency_meter
 from prunecli.latency_model import correct_target
@@ -61,8 +62,9 @@ def source(name: str, work: Path, size: int) -> tuple[ModelSource, torch.nn.Modu
 def config_for(src: ModelSource, budget, args, output: Path, batch: int, sample: bool) -> PruneConfig:
     recovery = {}
     if sample:
-        recovery = {"data": DataOptions(str(CALIB), batch_size=64), "recalibrate_bn": 8,
+        recovery = {"data": DataOptions(str(CALIB), batch_size=64),
                     "evaluate": DataOptions("fashion-mnist:test", batch_size=256), "eval_limit": args.eval_limit}
+        recovery.update({"reconstruct": ReconstructOptions()} if args.reconstruct else {"recalibrate_bn": 8})
     target = None
     if budget.kind == "latency":
         target = LatencyTarget("onnxruntime", batch, warmup=args.warmup, repeats=args.repeats)
@@ -168,6 +170,8 @@ def main() -> None:
     parser.add_argument("--match", type=float, default=0.03, help="how near the MACs-targeted model's latency must come")
     parser.add_argument("--iterations", type=int, default=4, help="MACs-targeted models tried per row at most")
     parser.add_argument("--eval-limit", type=int, default=None, help="sample models: a seeded subset of the test set")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="sample models: recover with --reconstruct on the calibration images, not BN recalibration")
     parser.add_argument("--log", type=Path, required=True, help="JSON lines: one finished row each")
     parser.add_argument("--markdown", action="store_true", help="print the table of the rows in --log and stop")
     args = parser.parse_args()
