@@ -124,16 +124,51 @@ def _dependency_graph_type() -> type:
 
     index_mapping.update_index_mapping = update_index_mapping  # build_dependency calls it through the module
 
+    class NoneSafe:
+        """Leaves a parameter a layer declares as None (GroupNorm or LayerNorm without bias: timm's PoolFormerV2) as
+        None, where Torch-Pruning 1.6 tried to resize it."""
+
+        def _prune_parameter_and_grad(self, weight, keep_idxs, pruning_dim):
+            return None if weight is None else super()._prune_parameter_and_grad(weight, keep_idxs, pruning_dim)
+
+    class ExtraOutParameters(NoneSafe):
+        """Also resizes a conv or linear subclass's own per-output-channel parameters (timm's ScaledStdConv2d
+        ``gain``, NFNet's), which Torch-Pruning leaves at their old length."""
+
+        def prune_out_channels(self, layer: nn.Module, idxs):
+            size = self.get_out_channels(layer)
+            extras = [name for name, p in layer._parameters.items()
+                      if name not in ("weight", "bias") and p is not None and p.dim() and p.shape[0] == size]
+            layer = super().prune_out_channels(layer, idxs)
+            keep = sorted(set(range(size)) - set(idxs))
+            for name in extras:
+                setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 0))
+            return layer
+
+    def completed(optype, base: type) -> type:
+        if optype not in (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR):
+            return type(base.__name__, (NoneSafe, base), {})
+        # a depthwise conv's input pruning is its output pruning, one function that the graph's checks compare
+        same = {"prune_in_channels": ExtraOutParameters.prune_out_channels} \
+            if base.prune_in_channels is base.prune_out_channels else {}
+        return type(base.__name__, (ExtraOutParameters, base), same)
+
+    pruner_types = {optype: completed(optype, type(p)) for optype, p in function.PrunerBox.items()}
+
     class OnceEachDependencyGraph(tp.DependencyGraph):
         def __init__(self):
             super().__init__()
             self.unmapped: dict = {}  # op node -> the error that left its index mapping uninferred
+            self.REGISTERED_PRUNERS.update({optype: pruner() for optype, pruner in pruner_types.items()})
+            pruners = list(self.REGISTERED_PRUNERS.values())
+            self._in_channel_pruning_fn = {p.prune_in_channels for p in pruners if p is not None}
+            self._out_channel_pruning_fn = {p.prune_out_channels for p in pruners if p is not None}
 
         def get_pruning_group(self, module: nn.Module, pruning_fn, idxs) -> Group:
             if module not in self.module2node:
                 raise ValueError(f"Module {module} is not in the dependency graph.")
             if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
-                pruning_fn = function.prune_depthwise_conv_out_channels
+                pruning_fn = self.REGISTERED_PRUNERS[ops.OPTYPE.DEPTHWISE_CONV].prune_out_channels
             idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in ([idxs] if isinstance(idxs, Number) else idxs)]
             index_mapping.update_index_mapping(self)
             root = self.module2node[module]
@@ -263,7 +298,12 @@ def refuse_unsupported(model: nn.Module) -> None:
 
 # Attributes that some architectures keep outside their layers and read in ``forward``; pruning the layers
 # leaves them stale, so they are set again from the layers after every removal.
-ATTRIBUTE_SYNC = {"torchvision.models.vision_transformer.VisionTransformer": _sync_vision_transformer}
+def _sync_metaformer_scale(scale: nn.Module) -> None:  # timm's layer and residual scales reshape by ``shape``
+    scale.shape = (scale.scale.shape[0], *scale.shape[1:])
+
+
+ATTRIBUTE_SYNC = {"torchvision.models.vision_transformer.VisionTransformer": _sync_vision_transformer,
+                  "timm.models.metaformer.Scale": _sync_metaformer_scale}
 
 SHUFFLE = "reaches a channel shuffle (ShuffleNetV2 interleaves the two branches' channels)"
 
@@ -497,7 +537,7 @@ class DependencyGraph:
                 raise ArchitectureError(f"removing {len(positions)} channels would empty a layer in group {group.root}")
             try:
                 items.prune()
-            except Exception as exc:  # e.g. Torch-Pruning 1.6 resizes a GroupNorm's bias even where it has none
+            except Exception as exc:  # a layer type whose removal Torch-Pruning gets wrong
                 raise ArchitectureError(
                     f"Torch-Pruning cannot remove channels of group {group.root} ({type(exc).__name__}: "
                     f"{first_line(exc, 120)}); this architecture is not supported for pruning"

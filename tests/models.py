@@ -19,6 +19,7 @@ The answers are worked out by hand from the forward pass, not copied from the li
 from __future__ import annotations
 
 import copy
+import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -504,7 +505,7 @@ class WidenAndAdd(nn.Module):
         super().__init__()
         widths = [8 + 4 * i for i in range(blocks + 1)]
         self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
-        self.blocks = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip(widths, widths[1:]))
+        self.blocks = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in itertools.pairwise(widths))
         self.fc = nn.Linear(widths[-1], 4)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -256,14 +256,56 @@ def test_prune_holds_the_channels_of_a_module_that_keeps_widths_in_attributes(tm
         torch.testing.assert_close(loaded(x), pruned(x))
 
 
-def test_a_removal_torch_pruning_cannot_do_is_an_architecture_error():
-    """Torch-Pruning 1.6 resizes a GroupNorm's bias even where it has none (timm's PoolFormerV2 norms)."""
+def test_a_norm_without_bias_prunes():
+    """Torch-Pruning 1.6 resized a GroupNorm's bias even where it has none (timm's PoolFormerV2 norms): it stays None."""
+    torch.manual_seed(0)
     norm = nn.GroupNorm(1, 8)
     norm.bias = None
     model = nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        model[0].weight[[0, 1]] = 0
+        model[0].bias[[0, 1]] = 0
+        model[2].weight[:, [0, 1]] = 0
+    graph = DependencyGraph(copy.deepcopy(model), x)
+    group = next(g for g in graph.groups if g.root == "0")
+    graph.prune({group.index: [0, 1]})
+    pruned = graph.model
+    assert pruned[1].weight.shape == (6,) and pruned[1].bias is None and pruned[2].in_channels == 6
+    assert pruned(x).shape == model(x).shape
+
+
+def test_a_conv_subclass_keeps_its_per_channel_parameters_in_step():
+    """timm's ScaledStdConv2d holds a ``gain`` per output channel; it loses the removed channels with the weight."""
+
+    class GainConv(nn.Conv2d):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gain = nn.Parameter(torch.arange(float(self.out_channels)).view(-1, 1, 1, 1))
+
+        def forward(self, x):
+            return self._conv_forward(x, self.weight * self.gain, self.bias)
+
+    model = nn.Sequential(GainConv(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     graph = DependencyGraph(model, torch.randn(1, 3, 8, 8))
     group = next(g for g in graph.groups if g.root == "0")
-    with pytest.raises(ArchitectureError, match=r"Torch-Pruning cannot remove channels of group 0 \(AttributeError"):
+    graph.prune({group.index: [1, 5]})
+    assert model[0].gain.flatten().tolist() == [0, 2, 3, 4, 6, 7]
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 4, 4, 4)
+
+
+def test_a_removal_torch_pruning_cannot_do_is_an_architecture_error(monkeypatch):
+    import torch_pruning as tp
+
+    def fail(self, layer, idxs):
+        raise RuntimeError("no such layer")
+
+    for name in ("prune_out_channels", "prune_in_channels"):  # one function under two names
+        monkeypatch.setattr(tp.pruner.function.BatchnormPruner, name, fail)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)).eval()
+    graph = DependencyGraph(model, torch.randn(1, 3, 8, 8))
+    group = next(g for g in graph.groups if g.root == "0")
+    with pytest.raises(ArchitectureError, match=r"Torch-Pruning cannot remove channels of group 0 \(RuntimeError: no such"):
         graph.prune({group.index: [0, 1]})
 
 

@@ -1,5 +1,6 @@
 """``--arch timm:NAME``: building without weights, its errors, default inputs, recognising bare timm state dicts,
-and a small timm CNN and ViT pruned to half their MACs and reloaded from the slim file without pickle."""
+and small timm models pruned to half their MACs and reloaded from the slim file without pickle: a CNN, a ViT, an NFNet
+(its convs hold a per-channel ``gain``) and a PoolFormerV2 (bias-free GroupNorms, scales that reshape by ``shape``)."""
 
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def test_weights_of_no_timm_model_are_not_recognised():
 
 @pytest.mark.parametrize(
     ("name", "kwargs", "kind"),
-    [("test_efficientnet", {}, "EfficientNet"), ("test_vit", {"img_size": 64, "depth": 2}, "VisionTransformer")],
+    [("test_efficientnet", {}, "EfficientNet"), ("test_vit", {"img_size": 64, "depth": 2}, "VisionTransformer"),
+     ("test_nfnet", {}, "NormFreeNet"), ("poolformerv2_s12", {}, "MetaFormer")],
 )
 def test_half_the_macs_and_an_exact_reload(tmp_path, saved_models, one_thread, name, kwargs, kind):
     torch.manual_seed(0)
