@@ -421,3 +421,33 @@ def test_a_layer_whose_channels_each_feed_two_root_channels_makes_blocks():
     assert model.pw.in_channels == 8
     with torch.no_grad():
         torch.testing.assert_close(model(x), want)
+
+
+def test_a_feature_map_shaped_parameter_is_pruned_along_its_channels():
+    """A position embedding of shape (1, C, H, W) added to a conv's output (timm's Visformer): removing channels of the
+    conv removes the same channels of the embedding, and removing channels that are zero everywhere changes nothing."""
+
+    class PosEmbed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.pos = nn.Parameter(torch.randn(1, 8, 4, 4))
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x) + self.pos)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = PosEmbed().eval()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        model.conv.weight[[2, 6]] = 0
+        model.conv.bias[[2, 6]] = 0
+        model.pos[:, [2, 6]] = 0
+        want = model(x)
+    graph = DependencyGraph(model, x)
+    group = next(g for g in graph.groups if g.root == "conv")
+    graph.prune({group.index: [2, 6]})
+    assert model.pos.shape == (1, 6, 4, 4) and model.head.in_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
