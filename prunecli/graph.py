@@ -92,7 +92,7 @@ def _dependency_graph_type() -> type:
     width it cannot infer, a reshape it reads as a flatten by zero, timm's CoaT, CSPNet's focus, SHViT, Twins), the
     whole trace used to fail. The op is now left unmapped and remembered, and a group whose walk reaches it, or whose
     index mapping fails on the way, carries ``unmapped`` (the op and the error): it is described as unprunable and the
-    rest of the model prunes as before."""
+    rest of the model prunes as before. Its pruners and ``build_dependency`` fix three more things (below)."""
     from numbers import Number
 
     import torch_pruning as tp
@@ -187,7 +187,7 @@ def _dependency_graph_type() -> type:
             found = {(root, pruning_fn): (Dependency(pruning_fn, pruning_fn, source=root, target=root), set(idxs),
                                           {i.idx: i for i in idxs})}
             stack, unmapped, spread = [(root, pruning_fn, idxs)], None, 0
-            while stack and (unmapped is None or spread <= MAX_SPREAD):
+            while stack and spread <= MAX_SPREAD:
                 node, fn, arrived = stack.pop()
                 for dep in node.dependencies:
                     if not dep.is_triggered_by(fn):
