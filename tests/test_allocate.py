@@ -210,6 +210,27 @@ def test_dispersion_needs_values():
         allocate(scores, {0: GroupLimits(8)}, channel_count({0: 1}), 4, "dispersion")
 
 
+def test_a_coarse_group_is_made_up_by_the_fine_ones():
+    """Group 0 has 3 channels of 10 each, groups 1 and 2 have 100 channels of 1. Uniform ratios give 120 (0 keeps 2)
+    or 110 (0 keeps 1) around the target 115; nudging the fine groups, each at most 4 of its 91 widths away from the
+    knob's (NUDGE_REACH), reaches 115."""
+    scores = {0: torch.rand(3), 1: torch.rand(100), 2: torch.rand(100)}
+    limits = {g: GroupLimits(len(s)) for g, s in scores.items()}
+    plan = allocate(scores, limits, channel_count({0: 10, 1: 1, 2: 1}), 115, "uniform")
+    assert plan.cost == 115
+    assert plan.keep[0] in (1, 2) and abs(plan.keep[1] - plan.keep[2]) <= 1  # the fine groups stay near one ratio
+
+
+def test_a_nudge_stays_near_the_knob():
+    """The same groups with 100 per coarse channel: 300 or 200 around 250, too far for the fine groups' reach; the
+    plan moves each of them by at most 4 widths and stays the closest it can."""
+    scores = {0: torch.rand(3), 1: torch.rand(100), 2: torch.rand(100)}
+    limits = {g: GroupLimits(len(s)) for g, s in scores.items()}
+    plan = allocate(scores, limits, channel_count({0: 100, 1: 1, 2: 1}), 250, "uniform")
+    assert plan.keep in ({0: 2, 1: 46, 2: 46}, {0: 1, 1: 54, 2: 54})
+    assert plan.cost in (292, 208)
+
+
 # --- errors ----------------------------------------------------------------------------------------------
 
 

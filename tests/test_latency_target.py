@@ -228,7 +228,7 @@ def test_the_correction_loop_stops_at_the_floor():
 # ----------------------------------------------------------------------------- the efficiency allocation
 
 
-def test_efficiency_removes_where_it_saves_the_most_per_score():
+def test_efficiency_removes_where_it_saves_the_most_per_score(monkeypatch):
     scores = {0: torch.linspace(1, 2, 8), 1: torch.linspace(1, 2, 8)}
     limits = {0: GroupLimits(8, max_ratio=0.75), 1: GroupLimits(8, max_ratio=0.75)}
 
@@ -238,6 +238,7 @@ def test_efficiency_removes_where_it_saves_the_most_per_score():
     plan = allocate(scores, limits, cost, 68.0, "efficiency")
     assert plan.keep == {0: 6, 1: 8} and plan.cost == 68.0  # group 0 gives its two lowest first
     assert plan.removed == {0: (0, 1)}
+    monkeypatch.setattr("prunecli.allocate.NUDGE_ABOVE", float("inf"))  # the knob alone: a nudge gives one back
     for allocation in ("uniform", "global"):  # blind to the cost: the cheap group gives channels too
         other = allocate(scores, limits, cost, 68.0, allocation)
         assert other.keep[1] < 8 and abs(other.keep[0] - other.keep[1]) <= 1
