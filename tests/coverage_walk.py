@@ -69,6 +69,23 @@ def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, re
     record["status"] = "ok"
 
 
+TOLERANCE = 0.005  # achieved MACs share within half a percentage point of the 0.5 asked for
+
+
+def verdict(record: dict) -> tuple[str, str, str]:
+    """A row's status, kept-MACs and note cells: ok only for an exact rebuild within ``TOLERANCE`` of half the MACs."""
+    status = record["status"]
+    if status != "ok":
+        cell = {"refused": "refused (PrunecliError)", "hang": "**HANG**"}.get(status, f"**{status.upper()}**")
+        return cell, "-", record.get("error", "")
+    kept = record["macs_kept"]
+    note = f"rebuild {record['rebuild']}"
+    if abs(kept - 0.5) > TOLERANCE:
+        note += f"; budget missed by {100 * (kept - 0.5):+.2f} pp"
+    good = record["rebuild"] == "exact" and abs(kept - 0.5) <= TOLERANCE
+    return "ok" if good else "**FAIL**", f"{100 * kept:.2f}%", note
+
+
 def failure(exc: Exception, stage: str) -> dict:
     """A PrunecliError while pruning is a refusal; any other error, or one after pruning, a failure."""
     from prunecli.errors import PrunecliError

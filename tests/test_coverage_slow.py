@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from coverage_walk import failure, prune_and_reload, run_worker
+from coverage_walk import TOLERANCE, failure, prune_and_reload, run_worker, verdict
 
 TRACE_TIMEOUT = 120.0  # the config's timeout: tracing must give up with an ArchitectureError after this
 HARD_LIMIT = 1500  # seconds for one model's process before it counts as a hang
-TOLERANCE = 0.005  # achieved MACs share within half a percentage point of the 0.5 asked for
 DOC = Path(__file__).resolve().parent.parent / "docs" / "coverage.md"
 # Architectures whose input size is fixed by the weights-free build (position embeddings, window partitions).
 FIXED_SIZE = {"vit_b_16": 224, "vit_b_32": 224, "vit_l_16": 224, "vit_l_32": 224, "vit_h_14": 224, "maxvit_t": 224}
@@ -141,19 +140,8 @@ def _cell(text: str) -> str:
 
 
 def table_row(record: dict) -> str:
-    status = record["status"]
-    if status == "ok":
-        kept = record["macs_kept"]
-        note = f"rebuild {record['rebuild']}"
-        if abs(kept - 0.5) > TOLERANCE:
-            note += f"; budget missed by {100 * (kept - 0.5):+.2f} pp"
-        status_cell = "ok" if record["rebuild"] == "exact" and abs(kept - 0.5) <= TOLERANCE else "**FAIL**"
-        kept_cell = f"{100 * kept:.2f}%"
-    else:
-        note = record.get("error", "")
-        status_cell = {"refused": "refused (PrunecliError)", "hang": "**HANG**"}.get(status, f"**{status.upper()}**")
-        kept_cell = "-"
-    if record.get("detections") is not None and status == "ok":
+    status_cell, kept_cell, note = verdict(record)
+    if record.get("detections") is not None and record["status"] == "ok":
         note += f"; {record['detections']} detections end to end, same after reload"
     dims = record["input"].split("x")[1:]  # without the channels
     reduced = record["task"] in ("classification", "quantization") and dims == [str(SMALL_INPUT)] * 2

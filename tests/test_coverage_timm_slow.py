@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
-from coverage_walk import failure, prune_and_reload, run_worker
-from test_coverage_slow import TOLERANCE, _cell, _human
+from coverage_walk import TOLERANCE, failure, prune_and_reload, run_worker, verdict
+from test_coverage_slow import _cell, _human
 
 pytest.importorskip("timm")
 
@@ -171,14 +171,6 @@ _ROW = re.compile(r"^\| `([a-z0-9_]+)` \|")
 RESULTS: dict[str, tuple[dict, str]] = {}
 
 
-def _status(record: dict) -> str:
-    if record["status"] == "ok":
-        good = record["rebuild"] == "exact" and abs(record["macs_kept"] - 0.5) <= TOLERANCE
-        return "ok" if good else "**FAIL**"
-    status = record["status"]
-    return {"refused": "refused (PrunecliError)", "hang": "**HANG**"}.get(status, f"**{status.upper()}**")
-
-
 def _plain_cell(record: dict) -> str:
     tp = record.get("tp")
     if tp is None:
@@ -190,19 +182,12 @@ def _plain_cell(record: dict) -> str:
 
 
 def table_row(record: dict) -> str:
-    if record["status"] == "ok":
-        kept = record["macs_kept"]
-        note = f"rebuild {record['rebuild']}"
-        if abs(kept - 0.5) > TOLERANCE:
-            note += f"; budget missed by {100 * (kept - 0.5):+.2f} pp"
-        kept_cell = f"{100 * kept:.2f}%"
-    else:
-        note, kept_cell = record.get("error", ""), "-"
+    status_cell, kept_cell, note = verdict(record)
     model = f"`{record['model']}`" if record.get("model") else "-"
     size = record.get("size")
     size_cell = "-" if size is None else f"{size}" + (f" ({', '.join(record['kwargs'])})" if record.get("kwargs") else "")
     return (
-        f"| `{record['family']}` | {model} | {size_cell} | {_status(record)} | {_human(record.get('macs_before'))} | "
+        f"| `{record['family']}` | {model} | {size_cell} | {status_cell} | {_human(record.get('macs_before'))} | "
         f"{kept_cell} | {_human(record.get('params_before'))} → {_human(record.get('params_after'))} | "
         f"{_plain_cell(record)} | {record['seconds']:.0f} | {_cell(note)} |"
     )
@@ -260,7 +245,8 @@ stayed right; "-" where tracing for prunecli already ran out of time (Torch-Prun
 
 Seconds are the whole per-family process (choosing the variant, build, save, prune, reload, run, Torch-Pruning)
 on {platform.machine()} with {os.cpu_count()} CPU cores and {threads} torch thread; prunecli {prunecli.__version__},
-timm {timm.__version__}, torch {torch.__version__}, torch-pruning {torch_pruning.__version__}.
+timm {timm.__version__}, torch {torch.__version__}, torch-pruning {torch_pruning.__version__}. `-k` re-runs a
+selection; the rows of the others are kept from the last walk that ran them.
 
 **{len(ordered)} families: {counts['ok']} ok, {counts['refused']} refused with a clear error, {counts['fail']} failing.**
 Plain Torch-Pruning: {plain['ok']} ran with the right output shape, {plain['wrong']} changed the output shape,
