@@ -165,14 +165,16 @@ def _dependency_graph_type() -> type:
             self._out_channel_pruning_fn = {p.prune_out_channels for p in pruners if p is not None}
 
         def build_dependency(self, model: nn.Module, *args, unwrapped_parameters=None, **kwargs):
-            """A parameter of no layer shaped like a feature map (1, C, H, W) (a position embedding added to a conv's
-            output: timm's Visformer, TNT) is pruned along C; Torch-Pruning took its last dimension (W)."""
+            """A parameter of no layer shaped like a square feature map (1, C, H, H) (a position embedding added to a
+            conv's output: timm's Visformer, TNT) is pruned along C; Torch-Pruning took its last dimension (W). Other
+            shapes keep Torch-Pruning's choice, the last dimension (NesT's (1, blocks, tokens, C))."""
             if unwrapped_parameters is None:
                 layers = [m for m in model.modules()
                           if ops.module2type(m) in self.REGISTERED_PRUNERS and ops.module2type(m) != ops.OPTYPE.ELEMENTWISE]
                 owned = {id(p) for m in layers for p in m.parameters()}
                 unwrapped_parameters = [_helpers.UnwrappedParameters(p, 1) for p in model.parameters()
-                                        if id(p) not in owned and p.dim() == 4 and p.shape[0] == 1]
+                                        if id(p) not in owned and p.dim() == 4 and p.shape[0] == 1
+                                        and p.shape[2] == p.shape[3] != p.shape[1]]
             return super().build_dependency(model, *args, unwrapped_parameters=unwrapped_parameters, **kwargs)
 
         def get_pruning_group(self, module: nn.Module, pruning_fn, idxs) -> Group:

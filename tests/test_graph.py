@@ -451,3 +451,26 @@ def test_a_feature_map_shaped_parameter_is_pruned_along_its_channels():
     assert model.pos.shape == (1, 6, 4, 4) and model.head.in_channels == 6
     with torch.no_grad():
         torch.testing.assert_close(model(x), want)
+
+
+def test_a_token_shaped_parameter_keeps_its_last_dimension_as_channels():
+    """NesT's position embedding is (1, blocks, tokens, C): not a square feature map, so its channels stay the last
+    dimension (Torch-Pruning's default) and follow the linear layer it is added to."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 8)
+            self.pos = nn.Parameter(torch.randn(1, 2, 5, 8))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.embed(x) + self.pos)).mean((1, 2))
+
+    model = Tokens().eval()
+    x = torch.randn(2, 2, 5, 3)
+    graph = DependencyGraph(model, x)
+    group = next(g for g in graph.groups if g.root == "embed")
+    graph.prune({group.index: [0, 3]})
+    assert model.pos.shape == (1, 2, 5, 6) and model.head.in_features == 6
+    assert model(x).shape == (2, 4)
