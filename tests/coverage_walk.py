@@ -86,6 +86,20 @@ def verdict(record: dict) -> tuple[str, str, str]:
     return "ok" if good else "**FAIL**", f"{100 * kept:.2f}%", note
 
 
+def check(name: str, record: dict) -> None:
+    """What a walk asserts of one model: refused with one short line, or ok with its output shapes kept, an exact
+    rebuild and the budget met."""
+    status = record["status"]
+    assert status in ("ok", "refused"), f"{name}: {status}: {record.get('error')}"
+    if status == "refused":
+        assert record["prunecli_error"]
+        assert "\n" not in record["error"] and len(record["error"]) < 500
+        return
+    assert record["shapes_kept"], record["output_shapes"]
+    assert record["rebuild"] == "exact", record["max_abs_diff"]
+    assert abs(record["macs_kept"] - 0.5) <= TOLERANCE, record["macs_kept"]
+
+
 def failure(exc: Exception, stage: str) -> dict:
     """A PrunecliError while pruning is a refusal; any other error, or one after pruning, a failure."""
     from prunecli.errors import PrunecliError
