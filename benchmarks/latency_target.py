@@ -59,11 +59,12 @@ def source(name: str, work: Path, size: int) -> tuple[ModelSource, torch.nn.Modu
     return ModelSource(checkpoint, f"torchvision:{name}", input_shape=(3, size, size)), model, (3, size, size)
 
 
-def config_for(src: ModelSource, budget, args, output: Path, batch: int, sample: bool) -> PruneConfig:
-    recovery = {}
-    if sample:
-        recovery = {"data": DataOptions(str(CALIB), batch_size=64),
-                    "evaluate": DataOptions("fashion-mnist:test", batch_size=256), "eval_limit": args.eval_limit}
+def config_for(src: ModelSource, budget, args, output: Path, batch: int, sample: bool, recover: bool) -> PruneConfig:
+    """The prune of one side; a sample model gets the calibration images (``--allocation sensitivity`` plans on
+    them) and, with ``recover``, its recovery and the test set."""
+    recovery = {"data": DataOptions(str(CALIB), batch_size=64)} if sample else {}
+    if sample and recover:
+        recovery.update({"evaluate": DataOptions("fashion-mnist:test", batch_size=256), "eval_limit": args.eval_limit})
         recovery.update({"reconstruct": ReconstructOptions()} if args.reconstruct else {"recalibrate_bn": 8})
     target = None
     if budget.kind == "latency":
@@ -77,7 +78,7 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
     src, original, shape = source(name, work, args.size)
     started = time.perf_counter()
     lat = prune_model(config_for(src, parse_budget("latency", str(target)), args, work / "lat.safetensors", batch,
-                                 sample))
+                                 sample, True))
     lat_seconds = time.perf_counter() - started
     record = lat.latency_target
     meter = latency_meter(original, shape, "onnxruntime", torch.device("cpu"), batch, args.threads, args.warmup,
@@ -86,11 +87,11 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
     lat_model = prunecli.load(lat.output).eval()
     floor = {"fraction": 0.0}  # the fewest MACs pruning to MACs can reach, once a request went below it
 
-    def prune_to_macs(fraction: float, evaluate: bool):
+    def prune_to_macs(fraction: float, recover: bool):
         """Prune to the MACs ``fraction``, or to the least pruning to MACs can reach where that is more."""
         def prune_at(value: float):
             return prune_model(config_for(src, parse_budget("flops", f"{value:.6f}"), args, work / "macs.safetensors",
-                                          batch, evaluate))
+                                          batch, sample, recover))
         try:
             return prune_at(max(fraction, floor["fraction"]))
         except BudgetError as exc:
@@ -115,6 +116,7 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
     original_ms, lat_ms, macs_ms = final(lat_model, prunecli.load(macs.output).eval())
     row = {
         "model": name, "batch": batch, "target": target, "input": "x".join(map(str, shape)),
+        "allocation": args.allocation, "recovery": recovery(name, args),
         "latency_targeted": {"measured_ratio": record["measured_ratio"], "iterations": len(record["iterations"]),
                              "converged": record["converged"], "macs_kept": lat.macs_kept,
                              "params_kept": lat.params_kept, "seconds": lat_seconds,
@@ -133,6 +135,25 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
     return row
 
 
+def row_key(row: dict) -> tuple:
+    """What makes a row: model, batch, target, allocation and, on the sample models, the recovery."""
+    return row["model"], row["batch"], row["target"], row.get("allocation", "efficiency"), row.get("recovery")
+
+
+def recovery(name: str, args) -> str | None:
+    """How a sample model is repaired before its accuracy is measured (the torchvision models are not evaluated)."""
+    if name not in SAMPLES:
+        return None
+    return "reconstruct" if args.reconstruct else "recalibrate_bn"
+
+
+def label(row: dict) -> str:
+    """The model cell: its name, with the allocation and recovery where they are not the defaults."""
+    extra = [f"`--allocation {row['allocation']}`"] if row.get("allocation", "efficiency") != "efficiency" else []
+    extra += ["`--reconstruct`"] if row.get("recovery") == "reconstruct" else []
+    return ", ".join([row["model"], *extra])
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -144,12 +165,12 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['batch']} | {r['target']:g} | {r['error']} | | | | |")
+            lines.append(f"| {label(r)} | | {r['batch']} | {r['target']:g} | {r['error']} | | | | |")
             continue
         lat, mac, again = r["latency_targeted"], r["macs_targeted"], r["remeasured"]
         top1 = "-" if lat["top1"] is None else f"{_pct(lat['top1'])} / {_pct(mac['top1'])} ({_pct(r['original_top1'])})"
         lines.append(
-            f"| {r['model']} | {r['input']} | {r['batch']} | {r['target']:g} | {lat['measured_ratio']:.3f} "
+            f"| {label(r)} | {r['input']} | {r['batch']} | {r['target']:g} | {lat['measured_ratio']:.3f} "
             f"({lat['iterations']}{'' if lat['converged'] else ', not within 5%'}) | {_pct(lat['macs_kept'])} | "
             f"{_pct(mac['macs_kept'])} ({mac['matching_steps']}{', its floor' if mac.get('at_floor') else ''}) | "
             f"{again['latency_targeted_ratio']:.3f} / {again['macs_targeted_ratio']:.3f} | {top1} |")
@@ -179,17 +200,19 @@ def main() -> None:
     if args.markdown:
         print(markdown(done))
         return
-    keys = {(r["model"], r["batch"], r["target"]) for r in done}
+    keys = {row_key(r) for r in done}
     with tempfile.TemporaryDirectory(prefix="prunecli-latency-target-") as folder:
         for batch in args.batches:
             for name in args.models:
                 for target in args.targets:
-                    if (name, batch, target) in keys:
+                    if row_key({"model": name, "batch": batch, "target": target, "allocation": args.allocation,
+                                "recovery": recovery(name, args)}) in keys:
                         continue
                     try:
                         row = run_row(name, batch, target, args, Path(folder))
                     except PrunecliError as exc:  # e.g. a target the model cannot reach: a row that says so
-                        row = {"model": name, "batch": batch, "target": target, "error": one_line(exc)}
+                        row = {"model": name, "batch": batch, "target": target, "allocation": args.allocation,
+                               "recovery": recovery(name, args), "error": one_line(exc)}
                     with args.log.open("a") as log:
                         log.write(json.dumps(row) + "\n")
                     print(markdown([row]).splitlines()[-1], flush=True)

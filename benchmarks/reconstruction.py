@@ -4,9 +4,12 @@ For each model, criterion and MACs target: top-1 on the full Fashion-MNIST test 
 batch-norm recalibration, after ``--reconstruct`` and after reconstruction followed by recalibration. The same 1024
 unlabelled training images (a seeded subset) serve data-driven scoring, reconstruction and recalibration (8 batches
 of 128). Beside them: Torch-Pruning alone (MetaPruner + group L1 magnitude, uniform ratio bisected to the target) and
-Torch-Pruning's own plan followed by our reconstruction. Writes one JSON line per row and a markdown table.
+Torch-Pruning's own plan followed by our reconstruction. A method may name an allocation (default uniform):
+``l1@sensitivity`` plans on each group's damage measured on the same calibration images (``prunecli.sensitivity``).
+Writes one JSON line per row and a markdown table.
 
     python benchmarks/reconstruction.py --models resnet20,mobilenetv2 --targets 0.3,0.5,0.7
+    python benchmarks/reconstruction.py --models mobilenetv2 --methods l1,l1@sensitivity,recon,recon@sensitivity
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from prunecli.finetune import evaluate, recalibrate_bn
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet, iterate_batches, load_fashion_mnist, normalize
 from prunecli.measure import CostModel, costs_and_output, totals
-from prunecli.planning import plan_pruning
+from prunecli.planning import group_limits, plan_pruning
 from prunecli.reconstruct import reconstruct
+from prunecli.sensitivity import group_sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"resnet20": "resnet20_fmnist.safetensors", "mobilenetv2": "mobilenetv2_fmnist.safetensors"}
@@ -119,7 +123,8 @@ def run(model_name: str, methods: list[str], targets: list[float], log: Path, do
     unpruned = evaluate(loaded.model, test).top1
     rows = [{"model": model_name, "method": "unpruned", "target": 1.0, **dict.fromkeys(VARIANTS, unpruned)}]
     for method in methods:
-        scores = None
+        scores = curves = None
+        criterion, _, allocation = method.partition("@")
         for target in targets:
             previous = [r for r in done if (r["model"], r["method"], r["target"]) == (model_name, method, target)]
             if previous:
@@ -132,9 +137,14 @@ def run(model_name: str, methods: list[str], targets: list[float], log: Path, do
                 recalibrate_bn(alone, iterate_batches(calibration, 128), 8)
                 baseline["tp_recalibrated"] = evaluate(alone, test).top1
             else:
-                scores = scores if scores is not None else method_scores(method, graph, calibration)
-                config = PruneConfig(source, parse_budget("flops", str(target)), method=method.partition(":")[0])
-                plan, _ = plan_pruning(config, graph, CostModel(loaded.model, costs, graph.groups), scores)
+                scores = scores if scores is not None else method_scores(criterion, graph, calibration)
+                config = PruneConfig(source, parse_budget("flops", str(target)), method=criterion.partition(":")[0],
+                                     allocation=allocation or "uniform")
+                if allocation == "sensitivity" and curves is None:
+                    curves = group_sensitivity(graph, scores, group_limits(config, graph),
+                                               calibration.images.split(CALIBRATION.batch_size), torch.device("cpu"))
+                plan, _ = plan_pruning(config, graph, CostModel(loaded.model, costs, graph.groups), scores,
+                                       sensitivity=curves)
                 plan, baseline = plan.removed, {}
             row = {"model": model_name, "method": method, "target": target,
                    **variants(loaded, graph, plan, calibration, test), **baseline,
@@ -171,7 +181,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.3,0.5,0.7", help="MACs to keep")
     parser.add_argument("--methods", default=",".join([*list_criteria(), *(f"{m}:producers" for m in ("l1", "l2", "fpgm")),
                                                         "torch-pruning"]),
-                        help="criteria (name:producers scores a weight criterion on the producers alone) and torch-pruning")
+                        help="criteria (name:producers scores a weight criterion on the producers alone; name@allocation "
+                             "plans with that allocation) and torch-pruning")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     args = parser.parse_args()
     torch.manual_seed(0)

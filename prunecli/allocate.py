@@ -18,7 +18,7 @@ from torch import Tensor
 
 from prunecli.errors import BudgetError
 
-ALLOCATIONS = ("uniform", "global", "efficiency", "dispersion")
+ALLOCATIONS = ("uniform", "global", "efficiency", "dispersion", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,7 @@ def allocate(
     allocation: str = "uniform",
     dispersion: Mapping[int, float] | None = None,
     iterations: int = 60,
+    sensitivity: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Plan:
     """Find the plan whose ``cost`` (a function of kept counts per group) is closest to ``target``.
 
@@ -130,7 +131,9 @@ def allocate(
             normalised scores across groups), ``efficiency`` (one threshold on each channel's score per unit
             of the cost its removal saves, so the removal goes where it buys the most cost (MACs,
             milliseconds) for the least score) or ``dispersion`` (ratio per group proportional to
-            ``1 - dispersion / max dispersion``, SFP's Kernel Dispersion).
+            ``1 - dispersion / max dispersion``, SFP's Kernel Dispersion) or ``sensitivity`` (each group at the
+            width that minimises its measured damage plus the knob times its cost; ``sensitivity`` holds per group
+            the widths measured and the damage at each, ``prunecli.sensitivity``).
     """
     candidates = [g for g in scores if limits[g].prunable and len(limits[g].allowed_keeps()) > 1]
     allowed = {g: limits[g].allowed_keeps() for g in candidates}
@@ -163,6 +166,14 @@ def allocate(
                 out[g] = _quantise(limits[g].channels * (1 - ratio), allowed[g])
             return out
         high = 1.0 / max(min((1 - dispersion[g] / top for g in candidates if dispersion[g] < top), default=1.0), 1e-6)
+    elif allocation == "sensitivity":
+        if sensitivity is None:
+            raise BudgetError("sensitivity allocation needs each group's measured damage: pass --data")
+        tradeoffs = {g: _tradeoff(allowed[g], *sensitivity[g], g, fixed, cost) for g in candidates}
+
+        def keep_at(rate: float) -> dict[int, int]:
+            return {g: _least_total(allowed[g], damage, spent, rate) for g, (damage, spent) in tradeoffs.items()}
+        high = max((_steepest(*t) for t in tradeoffs.values()), default=0.0) * (1 + 1e-6) + 1e-12
     else:
         raise BudgetError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
 
@@ -224,6 +235,26 @@ def _savings(candidates, allowed, full: dict[int, int], cost) -> dict[int, float
     per_channel = {g: (base - cost({**full, g: int(allowed[g][0])})) / (full[g] - int(allowed[g][0])) for g in candidates}
     mean = float(np.mean([max(v, 0.0) for v in per_channel.values()])) if per_channel else 0.0
     return {g: max(v / mean, 1e-6) if mean > 0 else 1.0 for g, v in per_channel.items()}
+
+
+def _tradeoff(allowed: np.ndarray, widths: np.ndarray, damage: np.ndarray, group: int, full: dict[int, int], cost):
+    """A group's damage and the model's cost at each of its allowed widths, the other groups at full width; both
+    interpolated between the measured widths (a cost that is linear in one group's width, as MACs are, is exact)."""
+    spent = np.array([cost({**full, group: int(k)}) for k in widths], dtype=float)
+    return np.interp(allowed, widths, damage), np.interp(allowed, widths, spent)
+
+
+def _least_total(allowed: np.ndarray, damage: np.ndarray, spent: np.ndarray, rate: float) -> int:
+    """The width minimising damage + rate * cost (the widest of ties, so the width falls as the rate rises)."""
+    total = damage + rate * spent
+    return int(allowed[np.flatnonzero(total <= total.min() + 1e-12 * (abs(total.min()) + 1e-30))[-1]])
+
+
+def _steepest(damage: np.ndarray, spent: np.ndarray) -> float:
+    """The rate above which a group's floor is its best width: the most damage per unit of cost saved from any
+    width down to the floor."""
+    saved = spent - spent[0]
+    return float(np.max(np.where(saved > 0, (damage[0] - damage) / np.where(saved > 0, saved, 1.0), 0.0)))
 
 
 def _per_saving(scores: np.ndarray, saving: float) -> np.ndarray:

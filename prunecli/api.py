@@ -304,6 +304,11 @@ def prune_model(
         _require_data(config)
     if config.latency_target is not None and (config.method == "edp" or config.soft is not None):
         raise PrunecliError("--latency-target plans on scores; it does not combine with --method edp or --soft-epochs")
+    if config.allocation == "sensitivity":
+        if config.method == "edp" or config.soft is not None:
+            raise PrunecliError("--allocation sensitivity measures the model once before pruning; it does not combine "
+                                "with --method edp or --soft-epochs, which train while they prune")
+        _require_data(config)
     say("loading the model")
     loaded = open_model(config.source)
     if loaded.arch is None:
@@ -328,22 +333,23 @@ def prune_model(
         else:
             say(f"scoring channels with {config.method}")
             scores = compute_scores(config.scoring, loaded, graph, say, batch_progress, config.score_timeout)
+        sensitivity = _sensitivity(config, loaded, graph, scores, say, step_progress)
         if config.soft is not None:
             graph, plan, target, training_record = _soft_prune(config, loaded, x, say, batch_progress)
         elif config.latency_target is not None:
-            plan, target, latency_record = _latency_plan(config, loaded, x, graph, cost_model, scores, say)
+            plan, target, latency_record = _latency_plan(config, loaded, x, graph, cost_model, scores, sensitivity, say)
             training_record = None
         else:
             say("allocating the budget")
-            plan, target = plan_pruning(config, graph, cost_model, scores)
+            plan, target = plan_pruning(config, graph, cost_model, scores, sensitivity=sensitivity)
             training_record = None
         say("removing channels")
         kept = graph.kept_outputs(plan.removed)
         unpruned = loaded.model if config.soft is None else copy.deepcopy(graph.model)  # the weights before removal
         graph.prune(plan.removed)
         if config.soft is None:
-            graph, plan, target, kept = _hold_until_it_runs(config, loaded, x, costs, scores, graph, plan, target, kept,
-                                                            say)
+            graph, plan, target, kept = _hold_until_it_runs(config, loaded, x, costs, scores, sensitivity, graph, plan,
+                                                            target, kept, say)
         pruned = graph.model.eval()
         removed, groups_pruned = sum(len(v) for v in plan.removed.values()), len(plan.removed)
         if config.reconstruct is not None:
@@ -435,7 +441,7 @@ def _check_end_to_end(loaded: LoadedModel, deployed: torch.nn.Module) -> None:
 
 
 def _latency_plan(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, graph: DependencyGraph,
-                  cost_model: CostModel, scores: dict[int, torch.Tensor], say: Progress):
+                  cost_model: CostModel, scores: dict[int, torch.Tensor], sensitivity, say: Progress):
     """``--latency-target``: time every layer alone on a grid of its channel counts (a cached table), plan on the
     latency it predicts, then measure the slim model and correct the requested latency until the measurement
     is within the tolerance. Returns the plan closest to the target, the target in ms and the record."""
@@ -479,7 +485,8 @@ def _latency_plan(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, gra
     order: list[dict] = []  # the step of every attempt
 
     def attempt(requested: float) -> tuple[float, float]:
-        plan, _ = plan_pruning(config, graph, cost_model, scores, latency=model, target=requested)
+        plan, _ = plan_pruning(config, graph, cost_model, scores, latency=model, target=requested,
+                               sensitivity=sensitivity)
         kept = tuple(sorted(plan.keep.items()))
         if kept not in tried:
             slim = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
@@ -520,7 +527,7 @@ MAX_HOLDS = 8  # module types whose channels may be held before a model that sti
 
 
 def _hold_until_it_runs(config: PruneConfig, loaded: LoadedModel, x: torch.Tensor, costs: list[LayerCost],
-                        scores: dict[int, torch.Tensor], graph: DependencyGraph, plan, target: float,
+                        scores: dict[int, torch.Tensor], sensitivity, graph: DependencyGraph, plan, target: float,
                         kept: dict[str, list[int]], say: Progress):
     """When the pruned model no longer runs, a module's forward reads a width its layers do not hold (timm's
     attention keeps ``head_dim``): hold the channels of every module of that type, plan again and remove again
@@ -535,7 +542,8 @@ def _hold_until_it_runs(config: PruneConfig, loaded: LoadedModel, x: torch.Tenso
         graph = DependencyGraph(copy.deepcopy(loaded.model), x, config.ignore, config.timeout)
         graph.hold(held, f"a {'/'.join(t.__name__ for t in held)} layer's forward reads this width from elsewhere "
                          f"({type(exc).__name__}: {first_line(exc, 80)})")
-        plan, target = plan_pruning(config, graph, CostModel(loaded.model, costs, graph.groups), scores)
+        plan, target = plan_pruning(config, graph, CostModel(loaded.model, costs, graph.groups), scores,
+                                    sensitivity=sensitivity)
         kept = graph.kept_outputs(plan.removed)
         graph.prune(plan.removed)
     return graph, plan, target, kept
@@ -559,11 +567,28 @@ def _prune_accuracy(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.M
             "pruned_top1": evaluate(pruned, images, batch, device).top1}
 
 
+def _sensitivity(config: PruneConfig, loaded: LoadedModel, graph: DependencyGraph, scores: dict[int, torch.Tensor],
+                 say: Progress, step_progress):
+    """``--allocation sensitivity``: each group's damage to the output at a few widths, on the calibration images."""
+    if config.allocation != "sensitivity":
+        return None
+    from prunecli.planning import group_limits
+    from prunecli.sensitivity import group_sensitivity
+
+    options = config.data
+    images = load_images(options, loaded, options.calib_images, config.seed)
+    say(f"measuring each group's sensitivity on {len(images)} images on {config.device}")
+    with time_limit(config.score_timeout, "measuring group sensitivity",
+                    "raise --score-timeout, or give fewer --calib-images"):
+        return group_sensitivity(graph, scores, group_limits(config, graph), images.images.split(options.batch_size),
+                                 torch.device(config.device), progress=step_progress)
+
+
 def _require_data(config: PruneConfig) -> DataOptions:
     if config.data is None:
         raise DataError(
-            "--method edp, --recalibrate-bn, --reconstruct and --soft-epochs need images: pass --data "
-            "(e.g. fashion-mnist:train or an image folder; --reconstruct needs no labels)"
+            "--method edp, --recalibrate-bn, --reconstruct, --soft-epochs and --allocation sensitivity need images: "
+            "pass --data (e.g. fashion-mnist:train or an image folder; --reconstruct and sensitivity need no labels)"
         )
     return config.data
 

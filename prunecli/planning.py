@@ -62,12 +62,14 @@ def plan_pruning(
     evaluate: Callable[[np.ndarray], tuple[float, float]] | None = None,
     latency: LatencyModel | None = None,
     target: float | None = None,
+    sensitivity: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[Plan, float]:
     """Turn scores and the budget into a plan; returns it with the absolute target.
 
     ``evaluate`` (kept counts per group -> MACs, params) replaces ``cost_model.evaluate``, e.g. with EDP's cost
     after merging. ``latency`` predicts a latency budget's cost from the layers' channel counts; ``target``
-    replaces the budget's own (the latency correction loop asks for other predicted costs)."""
+    replaces the budget's own (the latency correction loop asks for other predicted costs); ``sensitivity`` is each
+    group's measured damage for ``--allocation sensitivity`` (``prunecli.sensitivity.group_sensitivity``)."""
     limits = group_limits(config, graph)
     exact = cost_model
     if evaluate is None:
@@ -81,7 +83,7 @@ def plan_pruning(
     if not any(g.prunable for g in graph.groups):
         raise BudgetError("the model has no prunable channel group; check --ignore (see `prunecli analyze`)")
     dispersion = group_dispersion(graph, scores) if config.allocation == "dispersion" else None
-    plan = allocate(scores, limits, cost, target, config.allocation, dispersion)
+    plan = allocate(scores, limits, cost, target, config.allocation, dispersion, sensitivity=sensitivity)
     return plan, target
 
 

@@ -261,7 +261,8 @@ def test_cli_edp_writes_a_slim_model_that_reloads(tmp_path):
     ("args", "message"),
     [
         (["--flops-target", "0.5"],
-         "--method edp, --recalibrate-bn, --reconstruct and --soft-epochs need images: pass --data"),
+         "--method edp, --recalibrate-bn, --reconstruct, --soft-epochs and --allocation sensitivity need images: "
+         "pass --data"),
         (["--ratio", "0.3", "--data", CALIB], "--method edp needs --flops-target or --params-target"),
         (["--flops-target", "0.001", "--data", CALIB], "the budget cannot be reached"),
     ],

@@ -302,7 +302,7 @@ def test_cli_prune_reconstruct_writes_a_reloadable_model_and_reports_the_fit(tmp
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "--reconstruct and --soft-epochs need images: pass --data"),
+        ([], "--soft-epochs and --allocation sensitivity need images: pass --data"),
         (["--method", "edp", "--data", CALIB], "--reconstruct does not apply to --method edp"),
         (["--data", CALIB, "--recon-ridge", "0"], "--recon-ridge 0.0 must be positive"),
     ],

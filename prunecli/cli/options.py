@@ -48,6 +48,7 @@ class Allocation(str, Enum):
     global_ = "global"
     efficiency = "efficiency"
     dispersion = "dispersion"
+    sensitivity = "sensitivity"
 
 
 class LatencyRuntime(str, Enum):
