@@ -319,7 +319,7 @@ def prune_model(
     costs, reference = _profile(loaded, x)
     before = Totals(count_params(loaded.model), sum(c.macs for c in costs))
     method = config.method
-    reconstruction = latency_record = None
+    reconstruction = latency_record = sensitivity = None
     if config.method == "edp":
         pruned, target, removed, groups_pruned, training_record = _edp(config, loaded, x, say)
     else:
@@ -426,6 +426,7 @@ def prune_model(
         accuracy,
         reconstruction.to_dict() if reconstruction is not None else None,
         latency_record,
+        _sensitivity_record(graph, sensitivity, plan) if sensitivity is not None else None,
     )
 
 
@@ -582,6 +583,15 @@ def _sensitivity(config: PruneConfig, loaded: LoadedModel, graph: DependencyGrap
                     "raise --score-timeout, or give fewer --calib-images"):
         return group_sensitivity(graph, scores, group_limits(config, graph), images.images.split(options.batch_size),
                                  torch.device(config.device), progress=step_progress)
+
+
+def _sensitivity_record(graph: DependencyGraph, sensitivity, plan) -> dict[str, dict]:
+    """Per group (by its root layer): the widths measured, the relative output error at each, the width kept."""
+    return {
+        g.root: {"channels": g.channels, "widths": [int(k) for k in sensitivity[g.index][0]],
+                 "damage": [float(d) for d in sensitivity[g.index][1]], "kept": int(plan.keep.get(g.index, g.channels))}
+        for g in graph.groups if g.index in sensitivity
+    }
 
 
 def _require_data(config: PruneConfig) -> DataOptions:

@@ -137,6 +137,7 @@ class PruneResult:
     accuracy: dict[str, Any] | None = None  # top-1 on --eval-data, else the test accuracy the source file records
     reconstruction: dict[str, Any] | None = None  # a ReconstructReport (``--reconstruct``)
     latency_target: dict[str, Any] | None = None  # ``--latency-target``: measured before/after, iterations, table
+    sensitivity: dict[str, Any] | None = None  # ``--allocation sensitivity``: per group, widths, damage at each, kept
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

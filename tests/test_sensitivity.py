@@ -121,6 +121,15 @@ def test_cli_sensitivity_keeps_more_of_the_sample_models_accuracy_than_efficienc
         assert abs(payload["macs_kept"] - 0.5) < 0.005
         assert read_slim_metadata(out)["config"]["allocation"] == allocation
         top1[allocation] = payload["accuracy"]["pruned_top1"]
+        if allocation == "sensitivity":
+            groups = payload["sensitivity"]
+            assert len(groups) == 13  # every prunable group of the sample MobileNetV2 (`analyze`: 13 of 14)
+            for group in groups.values():
+                assert group["widths"][-1] == group["channels"] and group["damage"][-1] == 0.0
+                assert group["damage"] == sorted(group["damage"], reverse=True)  # narrower never hurts less
+                assert group["widths"][0] <= group["kept"] <= group["channels"]
+        else:
+            assert payload["sensitivity"] is None
     assert top1["sensitivity"] > top1["efficiency"] + 0.05, top1
 
 
