@@ -193,7 +193,7 @@ def allocate(
             low_knob = middle
         else:
             high_knob = middle
-    keep = _closest_between(keep_at(low_knob), keep_at(high_knob), total, target)
+    keep = _closest_between(keep_at(low_knob), keep_at(high_knob), allowed, total, target)
     if abs(total(keep) - target) > NUDGE_ABOVE * target:
         keep = _nudged(keep, allowed, total, target)
     return _plan(keep, scores, limits, total(keep), high_knob)
@@ -262,17 +262,22 @@ def _per_saving(scores: np.ndarray, saving: float) -> np.ndarray:
     return np.where(scores >= 0, scores / saving, scores * saving)
 
 
-def _closest_between(above: dict[int, int], below: dict[int, int], total, target: float) -> dict[int, int]:
-    """Step from the plan just above the target to the one just below, one group at a time.
+def _closest_between(above: dict[int, int], below: dict[int, int], allowed: Mapping[int, np.ndarray], total,
+                     target: float) -> dict[int, int]:
+    """Step from the plan just above the target to the one just below, one group and one allowed width at a time.
 
-    Where quantisation makes many groups switch at the same knob value (equal widths, grouped convs),
-    the intermediate plans are much closer to the target than either end.
+    Where quantisation makes many groups switch at the same knob value (equal widths, grouped convs), or one group
+    jumps several widths at once (``sensitivity``: its best width moves past widths that never win), the
+    intermediate plans are much closer to the target than either end.
     """
     current = dict(above)
     best, best_gap = dict(current), abs(total(current) - target)
     for g in sorted(g for g in above if above[g] != below[g]):
-        current[g] = below[g]
-        gap = abs(total(current) - target)
-        if gap < best_gap:
-            best, best_gap = dict(current), gap
+        low, high = sorted((above[g], below[g]))
+        between = allowed[g][(allowed[g] >= low) & (allowed[g] <= high) & (allowed[g] != above[g])]
+        for width in between[::-1] if below[g] < above[g] else between:  # from above's width to below's, step by step
+            current[g] = int(width)
+            gap = abs(total(current) - target)
+            if gap < best_gap:
+                best, best_gap = dict(current), gap
     return best

@@ -93,6 +93,16 @@ def test_sensitivity_allocation_minimises_damage_per_unit_of_cost(target, keep):
     assert plan.removed.get(0, ()) == tuple(sorted([1, 3, 2, 0][: 4 - keep[0]]))  # lowest scores first
 
 
+def test_a_group_that_jumps_past_widths_still_meets_the_budget():
+    """A damage curve with a cliff: any cut costs 1, so the best width jumps from 20 straight to the floor (2). The
+    plan steps through the widths in between and lands on the target (before, it kept 19 or 3: 8 channels off)."""
+    widths = np.arange(2, 21)
+    damage = np.where(widths == 20, 0.0, 1.0 + 1e-6 * (20 - widths))
+    plan = allocate({0: torch.arange(20.0)}, {0: GroupLimits(20)}, linear_cost({0: 1}), 11, "sensitivity",
+                    sensitivity={0: (widths, damage)})
+    assert plan.keep == {0: 11} and plan.cost == 11
+
+
 def test_damage_and_cost_between_measured_widths_are_interpolated():
     """Group 0 measured at 2, 6 and 10 of 10 channels; its cost is timed (here: 3 per channel plus 7 for group 1)
     at those widths only."""
