@@ -9,6 +9,7 @@ import models as M
 import numpy as np
 import pytest
 import torch
+import torchvision
 from typer.testing import CliRunner
 
 from prunecli.allocate import GroupLimits, _tradeoff, allocate, lowest_positions
@@ -43,7 +44,7 @@ def relative_error(out, reference) -> float:
 
 
 @pytest.mark.parametrize("cls", [M.ResidualAdd, M.ConcatBranches, M.DepthwiseSeparable, M.GroupedConv, M.SqueezeExcite,
-                                 M.FlattenLinear, M.ChannelSlice])
+                                 M.FlattenLinear, M.ChannelSlice, M.SharedLayer])
 def test_damage_equals_the_output_error_of_the_really_pruned_model(cls):
     """Zeroing a group's removed channels at the layers that read them is what removing them does: the damage at
     every measured width is the relative squared error of the model with those channels physically removed."""
@@ -69,6 +70,38 @@ def test_damage_equals_the_output_error_of_the_really_pruned_model(cls):
         envelope = np.maximum.accumulate(np.array(true)[::-1])[::-1]
         np.testing.assert_allclose(damage, envelope, rtol=1e-9, atol=1e-12)
         assert damage[-1] == 0.0 and widths[-1] == group.channels
+
+
+@pytest.mark.parametrize("build", [M.SharedLayer, lambda: torchvision.models.resnet18(num_classes=10)],
+                         ids=["shared conv", "resnet18"])
+def test_replaying_the_layers_before_a_group_gives_the_numbers_of_a_full_rerun_for_less_work(build, monkeypatch):
+    """The conv outputs computed before a group's first reader cannot change, so they are replayed: the damage is
+    bit for bit that of rerunning the whole model per width (resnet18 calls one ReLU module twice per block, the toy
+    one conv twice), and fewer convolutions run."""
+    torch.manual_seed(0)
+    model = M.randomise_norms(build().eval())
+    x = torch.randn(4, 3, 32, 32)
+    graph = DependencyGraph(copy.deepcopy(model), x[:1])
+    limits = {g.index: GroupLimits(g.channels, g.blocks, g.prunable, 0.9, 1, g.parts) for g in graph.groups}
+    scores = {g.index: torch.rand(g.channels) for g in graph.groups if g.prunable}
+    convolutions = []
+    real = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda *a: convolutions.append(1) or real(*a))
+    curves = {}
+    for replay in (False, True):
+        convolutions.clear()
+        curves[replay] = group_sensitivity(graph, scores, limits, x.split(2), torch.device("cpu"), levels=3,
+                                           replay=replay)
+        curves[replay, "convolutions"] = len(convolutions)
+    assert curves[True].keys() == curves[False].keys()
+    for index, (widths, damage) in curves[False].items():
+        np.testing.assert_array_equal(curves[True][index][0], widths)
+        np.testing.assert_array_equal(curves[True][index][1], damage)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    cuts = sum(len(w) - 1 for w, _ in curves[False].values())
+    expected_rerun = 2 * (cuts + 1) * (convs + (1 if build is M.SharedLayer else 0))  # 2 batches; shared runs twice
+    assert curves[False, "convolutions"] == expected_rerun
+    assert curves[True, "convolutions"] < 0.75 * expected_rerun
 
 
 def linear_cost(weights):
