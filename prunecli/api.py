@@ -586,12 +586,19 @@ def _sensitivity(config: PruneConfig, loaded: LoadedModel, graph: DependencyGrap
 
 
 def _sensitivity_record(graph: DependencyGraph, sensitivity, plan) -> dict[str, dict]:
-    """Per group (by its root layer): the widths measured, the relative output error at each, the width kept."""
-    return {
-        g.root: {"channels": g.channels, "widths": [int(k) for k in sensitivity[g.index][0]],
-                 "damage": [float(d) for d in sensitivity[g.index][1]], "kept": int(plan.keep.get(g.index, g.channels))}
-        for g in graph.groups if g.index in sensitivity
-    }
+    """Per group (by its root layer): the widths measured, the relative output error at each, the width kept and the
+    error there (interpolated between the measured widths, as the allocation does)."""
+    from prunecli.sensitivity import damage_at
+
+    record = {}
+    for g in graph.groups:
+        if g.index in sensitivity:
+            widths, damage = sensitivity[g.index]
+            kept = int(plan.keep.get(g.index, g.channels))
+            record[g.root] = {"channels": g.channels, "widths": [int(k) for k in widths],
+                              "damage": [float(d) for d in damage], "kept": kept,
+                              "damage_kept": damage_at(sensitivity[g.index], kept)}
+    return record
 
 
 def _require_data(config: PruneConfig) -> DataOptions:

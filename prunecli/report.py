@@ -120,6 +120,8 @@ def render_prune(result: PruneResult, console: Console) -> None:
     )
     for note in result.notes:
         console.print(f"note: {note}")
+    if result.sensitivity:
+        render_sensitivity(result.sensitivity, console)
     if result.reconstruction:
         r = result.reconstruction
         console.print(f"reconstructed {r['layers_refit']} of {len(r['layers'])} changed layers on {r['images']} images "
@@ -135,6 +137,14 @@ def render_prune(result: PruneResult, console: Console) -> None:
         render_latency_target(result.latency_target, console)
     if result.latency:
         render_latency(result.latency, console)
+
+
+def render_sensitivity(groups: dict[str, dict], console: Console, shown: int = 3) -> None:
+    """One line: the groups whose cut, measured alone, moves the output most (where ``--ignore`` would help most).
+    Their damages are not added up: groups narrowed together do not add (a deep cut can move it more or less)."""
+    worst = sorted(groups.items(), key=lambda item: -item[1]["damage_kept"])[:shown]
+    console.print("sensitivity: the cuts that move the output most, each measured alone (relative squared error): "
+                  + ", ".join(f"{root} {g['kept']}/{g['channels']} ({g['damage_kept']:.4f})" for root, g in worst))
 
 
 def render_latency_target(record: dict[str, Any], console: Console) -> None:

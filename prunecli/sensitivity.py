@@ -43,6 +43,12 @@ def sensitivity_widths(limits: GroupLimits, levels: int = LEVELS) -> np.ndarray:
     return allowed[picks]
 
 
+def damage_at(curve: tuple[np.ndarray, np.ndarray], width: int) -> float:
+    """A group's damage at any allowed width: linear between the measured ones, as the allocation reads it."""
+    widths, damage = curve
+    return float(np.interp(width, widths, damage))
+
+
 def group_sensitivity(
     graph: DependencyGraph,
     scores: Mapping[int, Tensor],

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from rich.console import Console
 from typer.testing import CliRunner
 
 from prunecli.allocate import GroupLimits, _tradeoff, allocate, lowest_positions
@@ -18,6 +19,7 @@ from prunecli.errors import BudgetError
 from prunecli.graph import DependencyGraph
 from prunecli.io.slim import read_slim_metadata
 from prunecli.outputs import output_tensors
+from prunecli.report import render_sensitivity
 from prunecli.sensitivity import group_sensitivity, sensitivity_widths
 
 runner = CliRunner()
@@ -171,9 +173,21 @@ def test_cli_sensitivity_keeps_more_of_the_sample_models_accuracy_than_efficienc
                 assert group["widths"][-1] == group["channels"] and group["damage"][-1] == 0.0
                 assert group["damage"] == sorted(group["damage"], reverse=True)  # narrower never hurts less
                 assert group["widths"][0] <= group["kept"] <= group["channels"]
+                assert group["damage_kept"] == pytest.approx(np.interp(group["kept"], group["widths"], group["damage"]))
         else:
             assert payload["sensitivity"] is None
     assert top1["sensitivity"] > top1["efficiency"] + 0.05, top1
+
+
+def test_the_report_names_the_cuts_that_move_the_output_most():
+    console = Console(record=True, width=400)
+    render_sensitivity({"a": {"channels": 16, "kept": 8, "damage_kept": 0.125},
+                        "b": {"channels": 32, "kept": 4, "damage_kept": 0.5},
+                        "c": {"channels": 8, "kept": 8, "damage_kept": 0.0},
+                        "d": {"channels": 8, "kept": 6, "damage_kept": 0.25}}, console)
+    assert console.export_text().strip() == (
+        "sensitivity: the cuts that move the output most, each measured alone (relative squared error): "
+        "b 4/32 (0.5000), d 6/8 (0.2500), a 8/16 (0.1250)")
 
 
 def test_cli_sensitivity_without_images_is_one_line_and_writes_nothing(tmp_path):
