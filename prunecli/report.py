@@ -140,7 +140,7 @@ def render_prune(result: PruneResult, console: Console) -> None:
 
 
 def render_sensitivity(groups: dict[str, dict], console: Console, shown: int = 3) -> None:
-    """One line: the groups whose cut, measured alone, moves the output most (where ``--ignore`` would help most).
+    """One line: the groups whose cut, measured alone, moves the output most (candidates for ``--ignore``).
     Their damages are not added up: groups narrowed together do not add (a deep cut can move it more or less)."""
     worst = sorted(groups.items(), key=lambda item: -item[1]["damage_kept"])[:shown]
     console.print("sensitivity: the cuts that move the output most, each measured alone (relative squared error): "

@@ -77,13 +77,13 @@ def group_sensitivity(
             reference_energy = 0.0
             for images in batches:
                 images = images.to(device)
-                reference = [t.double() for t in output_tensors(replayer.record(model, images))]
+                reference = [t.double() for t in output_tensors(replayer.record(images))]
                 reference_energy += sum(float(t.square().sum()) for t in reference)
                 done += 1
                 for group, keep in cuts:
                     removed = lowest_positions(scores[group.index], group.channels - keep, limits[group.index].blocks,
                                                limits[group.index].parts)
-                    out = output_tensors(replayer.masked(model, images, _input_masks(graph, group, removed, device)))
+                    out = output_tensors(replayer.masked(images, _input_masks(graph, group, removed, device)))
                     error[group.index, keep] += sum(float((o.double() - r).square().sum())
                                                     for o, r in zip(out, reference, strict=True))
                     done += 1
@@ -123,7 +123,7 @@ class _Replay:
     Holds one batch's conv/linear outputs."""
 
     def __init__(self, model: nn.Module, replay: bool = True):
-        self.replay = replay
+        self.model, self.replay = model, replay
         self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MASKED_TYPES)]
         self.recording = False
         self.outputs: list[Tensor] = []
@@ -132,19 +132,19 @@ class _Replay:
         self.replay_until = 0
         self.calls = 0
 
-    def record(self, model: nn.Module, images: Tensor):
+    def record(self, images: Tensor):
         self.outputs, self.callers, self.masks, self.replay_until, self.calls = [], [], {}, 0, 0
         self.recording = True
         try:
-            return model(images)
+            return self.model(images)
         finally:
             self.recording = False
 
-    def masked(self, model: nn.Module, images: Tensor, masks: Mapping[str, list[tuple[int, Tensor]]]):
+    def masked(self, images: Tensor, masks: Mapping[str, list[tuple[int, Tensor]]]):
         self.masks, self.calls = masks, 0
         first_masked = next((i for i, name in enumerate(self.callers) if name in masks), len(self.callers))
         self.replay_until = first_masked if self.replay else 0
-        return model(images)
+        return self.model(images)
 
     def _forward(self, name: str, original: Callable):
         def forward(x, *args, **kwargs):
