@@ -31,7 +31,20 @@ import torchvision
 
 import prunecli
 from prunecli.api import prune_model
-from prunecli.config import DataOptions, LatencyTarget, ModelSource, PruneConfig, ReconstructOptions, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import (
+    AccuracyOptions,
+    DataOptions,
+    LatencyOptions,
+    LatencyTarget,
+    ModelSource,
+    OutputOptions,
+    PlanOptions,
+    PruneConfig,
+    ReconstructOptions,
+    RecoveryOptions,
+    RunOptions,
+)
 from prunecli.errors import BudgetError, PrunecliError, one_line
 from prunecli.latency import latency_meter
 from prunecli.latency_model import correct_target
@@ -62,15 +75,17 @@ def source(name: str, work: Path, size: int) -> tuple[ModelSource, torch.nn.Modu
 def config_for(src: ModelSource, budget, args, output: Path, batch: int, sample: bool, recover: bool) -> PruneConfig:
     """The prune of one side; a sample model gets the calibration images (``--allocation sensitivity`` plans on
     them) and, with ``recover``, its recovery and the test set."""
-    recovery = {"data": DataOptions(str(CALIB), batch_size=64)} if sample else {}
+    data = DataOptions(str(CALIB), batch_size=64) if sample else None
+    recovery, evaluate = RecoveryOptions(), None
     if sample and recover:
-        recovery.update({"evaluate": DataOptions("fashion-mnist:test", batch_size=256), "eval_limit": args.eval_limit})
-        recovery.update({"reconstruct": ReconstructOptions()} if args.reconstruct else {"recalibrate_bn": 8})
+        evaluate = AccuracyOptions(DataOptions("fashion-mnist:test", batch_size=256), args.eval_limit)
+        recovery = RecoveryOptions(reconstruct=ReconstructOptions()) if args.reconstruct else RecoveryOptions(4)
     target = None
     if budget.kind == "latency":
-        target = LatencyTarget("onnxruntime", batch, warmup=args.warmup, repeats=args.repeats)
-    return PruneConfig(src, budget, method="l1", allocation=args.allocation, round_to=8, output=output, force=True,
-                       threads=args.threads, latency_target=target, **recovery)
+        target = LatencyTarget("onnxruntime", warmup=args.warmup, repeats=args.repeats)
+    return PruneConfig(src, budget, data, plan=PlanOptions(args.allocation, round_to=8), recovery=recovery,
+                       evaluate=evaluate, latency=LatencyOptions(batch=batch, target=target),
+                       output=OutputOptions(output, force=True), run=RunOptions(threads=args.threads))
 
 
 def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
@@ -90,7 +105,7 @@ def run_row(name: str, batch: int, target: float, args, work: Path) -> dict:
     def prune_to_macs(fraction: float, recover: bool):
         """Prune to the MACs ``fraction``, or to the least pruning to MACs can reach where that is more."""
         def prune_at(value: float):
-            return prune_model(config_for(src, parse_budget("flops", f"{value:.6f}"), args, work / "macs.safetensors",
+            return prune_model(config_for(src, parse_budget("macs", f"{value:.6f}"), args, work / "macs.safetensors",
                                           batch, sample, recover))
         try:
             return prune_at(max(fraction, floor["fraction"]))

@@ -22,13 +22,23 @@ from pathlib import Path
 import torch
 
 from prunecli.api import prune_model
-from prunecli.config import DataOptions, ModelSource, PruneConfig, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import (
+    DataOptions,
+    EdpOptions,
+    ModelSource,
+    OutputOptions,
+    PlanOptions,
+    PruneConfig,
+    ScoringOptions,
+)
 from prunecli.criteria import get_criterion, list_criteria
 from prunecli.finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from prunecli.io.data import ImageSet, iterate_batches, load_fashion_mnist, normalize
 from prunecli.io.slim import load
 from prunecli.measure import totals
 from prunecli.methods.edp import edp_prune
+from prunecli.planning import Selection
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "resnet20_fmnist.safetensors"
@@ -72,18 +82,18 @@ def recalibrate(model, train: ImageSet) -> None:
 def prune_sample(method: str, target: float, teacher, x: torch.Tensor, work: Path, **options):
     """The sample pruned by a criterion or by the Torch-Pruning baseline: (model, MACs kept).
 
-    ``options`` are further ``PruneConfig`` fields (``group_scope="all"``, ...).
+    ``options`` are further ``ScoringOptions`` fields (``group_scope="all"``, ...).
     """
     if method == "torch-pruning":
         return torch_pruning_baseline(teacher, target, x)
     needs_data = get_criterion(method).needs_data
     tag = "".join(f"-{v}" for v in options.values())
-    config = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(target)), method=method,
-                         output=work / f"{method}{tag}-{target}.safetensors", force=True,
+    config = PruneConfig(ModelSource(SAMPLE), parse_budget("macs", str(target)),
                          data=DataOptions(str(CALIB), calib_images=512, batch_size=128) if needs_data else None,
-                         **options)
+                         scoring=ScoringOptions(method, **options),
+                         output=OutputOptions(work / f"{method}{tag}-{target}.safetensors", force=True))
     kept = prune_model(config).macs_kept
-    return load(config.output), kept
+    return load(config.output.path), kept
 
 
 def torch_pruning_baseline(reference, target: float, x: torch.Tensor):
@@ -108,8 +118,8 @@ def torch_pruning_baseline(reference, target: float, x: torch.Tensor):
 def edp(reference, train: ImageSet, epoch_images: int, target: float, x: torch.Tensor):
     """EDP with the same total training as the others' one fine-tuning epoch: one epoch over the same images."""
     config = FinetuneConfig(**RECIPE)
-    prune = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", str(target)), method="edp", allocation="global")
-    result = edp_prune(copy.deepcopy(reference), x, first(train, epoch_images), None, config, prune)
+    selection = Selection(parse_budget("macs", str(target)), PlanOptions("global"), ScoringOptions("edp"))
+    result = edp_prune(copy.deepcopy(reference), x, first(train, epoch_images), None, EdpOptions(config), selection)
     return result.model, totals(result.model, x).macs / totals(reference, x).macs
 
 

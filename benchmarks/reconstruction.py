@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from prunecli.api import example_input, load_images, open_model
-from prunecli.config import GROUP_SCOPE, DataOptions, ModelSource, PruneConfig, ReconstructOptions, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import GROUP_SCOPE, DataOptions, ModelSource, PlanOptions, ReconstructOptions
 from prunecli.criteria import list_criteria
 from prunecli.criteria.base import score_weights, score_with_data
 from prunecli.finetune import evaluate, recalibrate_bn
@@ -138,13 +139,12 @@ def run(model_name: str, methods: list[str], targets: list[float], log: Path, do
                 baseline["tp_recalibrated"] = evaluate(alone, test).top1
             else:
                 scores = scores if scores is not None else method_scores(criterion, graph, calibration)
-                config = PruneConfig(source, parse_budget("flops", str(target)), method=criterion.partition(":")[0],
-                                     allocation=allocation or "uniform")
+                options = PlanOptions(allocation or "uniform")
                 if allocation == "sensitivity" and curves is None:
-                    curves = group_sensitivity(graph, scores, group_limits(config, graph),
+                    curves = group_sensitivity(graph, scores, group_limits(options, graph),
                                                calibration.images.split(CALIBRATION.batch_size), torch.device("cpu"))
-                plan, _ = plan_pruning(config, graph, CostModel(loaded.model, costs, graph.groups), scores,
-                                       sensitivity=curves)
+                plan, _ = plan_pruning(parse_budget("macs", str(target)), options, graph,
+                                       CostModel(loaded.model, costs, graph.groups), scores, sensitivity=curves)
                 plan, baseline = plan.removed, {}
             row = {"model": model_name, "method": method, "target": target,
                    **variants(loaded, graph, plan, calibration, test), **baseline,

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import PlanOptions
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import score_weights
 from prunecli.graph import DependencyGraph
@@ -73,8 +74,8 @@ def main() -> None:
     costs, _ = costs_and_output(model, x)
     graph = DependencyGraph(copy.deepcopy(model), x)
     scores = score_weights(get_criterion("l1")(), graph, [g for g in graph.groups if g.prunable])
-    config = PruneConfig(ModelSource(Path("resnet50.pt")), parse_budget("flops", str(args.target)))
-    plan, _ = plan_pruning(config, graph, CostModel(model, costs, graph.groups), scores)
+    plan, _ = plan_pruning(parse_budget("macs", str(args.target)), PlanOptions("uniform"), graph,
+                           CostModel(model, costs, graph.groups), scores)
     kept = graph.kept_outputs(plan.removed)
     graph.prune(plan.removed)
     pruned = graph.model.eval()

@@ -26,7 +26,8 @@ import torchvision
 
 import prunecli
 from prunecli.api import prune_model
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import ModelSource, OutputOptions, PlanOptions, PruneConfig
 from prunecli.latency import compare_latency
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +45,8 @@ def measure(name: str, target: float, args: argparse.Namespace, work: Path) -> l
         torch.manual_seed(0)
         torch.save(getattr(torchvision.models, name)(weights=None).state_dict(), checkpoint)
     config = PruneConfig(ModelSource(checkpoint, f"torchvision:{name}", input_shape=INPUT_SHAPE),
-                         parse_budget("flops", str(target)), method="l1", allocation=args.allocation, round_to=8,
-                         output=work / f"{name}-{target}.safetensors", force=True)
+                         parse_budget("macs", str(target)), plan=PlanOptions(args.allocation, round_to=8),
+                         output=OutputOptions(work / f"{name}-{target}.safetensors", force=True))
     started = time.perf_counter()
     pruned = prune_model(config)
     prune_seconds = time.perf_counter() - started

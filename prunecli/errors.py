@@ -1,8 +1,12 @@
-"""Domain errors. The CLI turns each into one line on stderr and exit code 1."""
+"""Domain errors. The CLI turns each into one line on stderr and exit code 1, an :class:`OptionError` exit 2."""
 
 
 class PrunecliError(Exception):
     """Base class: the message says what went wrong and what to do about it."""
+
+
+class OptionError(PrunecliError):
+    """An option value is malformed or out of range, or options that exclude each other were given: a usage error."""
 
 
 class CheckpointError(PrunecliError):
@@ -14,7 +18,7 @@ class ArchitectureError(PrunecliError):
 
 
 class BudgetError(PrunecliError):
-    """A FLOPs/params/ratio budget is malformed or cannot be reached."""
+    """A budget cannot be reached on this model."""
 
     def __init__(self, message: str, least: float | None = None):
         super().__init__(message)

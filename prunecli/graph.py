@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from prunecli.errors import ArchitectureError, first_line
+from prunecli.layers import CONV_LINEAR
 from prunecli.outputs import output_tensors
 from prunecli.runtime import time_limit
 
-ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # Torch-Pruning's traced ops that cut a channel dimension into parts. The part sizes are constants in the
 # model's forward, which removal cannot change: a removal that is not spread exactly as they expect
 # breaks the forward or, worse, silently feeds the wrong channels to the consumers.
@@ -272,7 +272,7 @@ def _partial(module: nn.Module, dim: str, indices, blocks: int) -> bool:
     all its output channels in one group, and a grouped layer's block structure spans its whole input. Seen
     otherwise only behind a concatenation that Torch-Pruning maps wrongly (into flatten or grouped convs), as is
     an index past the layer's channels (timm's MobileNetV5)."""
-    if not isinstance(module, ROOT_TYPES):
+    if not isinstance(module, CONV_LINEAR):
         return False
     conv = isinstance(module, nn.modules.conv._ConvNd)
     size = (module.out_channels if conv else module.out_features) if dim == "out" else (
@@ -420,7 +420,7 @@ class DependencyGraph:
                 self._graph = _dependency_graph_type()().build_dependency(
                     model, example_inputs=example_input, verbose=False, output_transform=self._note_outputs
                 )
-                raw_groups = list(self._graph.get_all_groups(root_module_types=ROOT_TYPES))
+                raw_groups = list(self._graph.get_all_groups(root_module_types=CONV_LINEAR))
         except ArchitectureError:
             raise
         except Exception as exc:
@@ -453,7 +453,7 @@ class DependencyGraph:
             # the traced output is this node's result, and the group's channels are that result's channels (not
             # those of a conv/linear that only reads the group)
             produces_output = item.dep.target.grad_fn in self._output_grad_fns
-            feeds_output = feeds_output or (produces_output and (dim == "out" or not isinstance(module, ROOT_TYPES)))
+            feeds_output = feeds_output or (produces_output and (dim == "out" or not isinstance(module, CONV_LINEAR)))
             if name is None:  # a traced op (add, concat, reshape) or a shuffle's stand-in, not a layer
                 split = split or type(module).__name__ in SPLIT_OPS
                 shuffled = shuffled or isinstance(module, _ShuffleStandIn)
@@ -510,7 +510,7 @@ class DependencyGraph:
             positions = {int(p) for p in removal.get(group.index, ())}
             for member in group.members if positions else ():
                 module = self.module(member.layer)
-                if member.dim != "out" or not isinstance(module, ROOT_TYPES):
+                if member.dim != "out" or not isinstance(module, CONV_LINEAR):
                     continue
                 size = module.out_features if isinstance(module, nn.Linear) else module.out_channels
                 gone = {i for i, root in zip(member.indices, member.root_indices, strict=True) if root in positions}

@@ -13,10 +13,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from prunecli.config import EDP_INITS
+
+CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)  # the layers whose channels prunecli scores, costs and removes
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-INITS = ("svd", "identity")
 
 
 class DecomposedConv(nn.Module):
@@ -43,7 +43,7 @@ class DecomposedConv(nn.Module):
             block = cls(conv, in_channels, out_channels, len(s), weight.device)
             basis, coeff = vh.reshape(len(s), *weight.shape[1:]), u * s
         else:
-            raise ValueError(f"unknown EDP initialisation {init!r}; choose one of {', '.join(INITS)}")
+            raise ValueError(f"unknown EDP initialisation {init!r}; choose one of {', '.join(EDP_INITS)}")
         with torch.no_grad():
             block.basis.weight.copy_(basis)
             block.coeff.weight.copy_(coeff[:, :, None, None])

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from prunecli.graph import ChannelGroup
+from prunecli.layers import CONV_LINEAR
 from prunecli.results import Totals
-
-COSTED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def costs_and_output(model: nn.Module, example_input: torch.Tensor) -> tuple[lis
     records: dict[str, LayerCost] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, COSTED_TYPES):
+        if isinstance(module, CONV_LINEAR):
 
             def hook(mod, inputs, output, name=name):
                 cost = _layer_cost(name, mod, output[:1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,33 +23,31 @@ def prune_metadata(
     before: Totals,
     after: Totals,
     reference: torch.Tensor,
-    training_record: dict[str, Any] | None,
+    records: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The provenance of a slim model: method, budget, config, costs before and after, the source and its parent.
 
     Args:
         method: the method that chose the channels (a ``--scores`` file's, when one was given).
         reference: the original model's output on the example input (its width is the number of classes).
-        training_record: what soft pruning or EDP trained, if either did.
+        records: what each recovery step that ran did (``soft_pruning``, ``edp``, ``recalibrate_bn``,
+            ``reconstruct``, ``latency``), under its name.
     """
     metadata = {
         "method": method,
-        "allocation": config.allocation,
+        "allocation": config.plan.allocation,
         "budget": config.budget.to_dict(),
         "config": config.provenance(),
         "achieved": {"macs": after.macs, "params": after.params},
         "original": {"macs": before.macs, "params": before.params},
         "source_sha256": loaded.sha256,
-        "seed": config.seed,
+        "seed": config.run.seed,
         "prunecli_version": __version__,
         "mean": list(loaded.input.mean) if loaded.input.mean else None,
         "std": list(loaded.input.std) if loaded.input.std else None,
         "num_classes": int(reference.shape[-1]) if isinstance(reference, torch.Tensor) and reference.dim() == 2 else None,
+        **{name: record for name, record in records.items() if record is not None},
     }
-    if training_record is not None:
-        metadata["edp" if config.method == "edp" else "soft_pruning"] = training_record
-    if config.recalibrate_bn:
-        metadata["recalibrate_bn"] = {"batches": config.recalibrate_bn, "data": config.data.source}
     if loaded.document:
         metadata["parent"] = {k: loaded.document.get(k) for k in ("method", "budget", "source_sha256", "achieved")}
         for key in ("dataset", "test_accuracy"):

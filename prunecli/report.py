@@ -14,19 +14,13 @@ from rich.console import Console
 from rich.table import Table
 
 from prunecli._version import __version__
+from prunecli.budget import OPTIONS as BUDGET_OPTIONS
+from prunecli.budget import human
 from prunecli.errors import ExportError
 from prunecli.io.files import atomic_output, check_output_path
 from prunecli.results import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
 
 PIPE_WIDTH = 200  # columns of a table printed to a pipe; longer cells fold
-
-
-def human(number: float, digits: int = 2) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(number) >= scale:
-            return f"{number / scale:.{digits}f}{unit}"
-    return f"{number:.0f}" if float(number).is_integer() else f"{number:.{digits}f}"
 
 
 def stdout_console() -> Console:
@@ -41,6 +35,40 @@ def print_json(result: Any) -> None:
     """One JSON document on stdout, nothing else."""
     sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def render(result: Any, console: Console, quiet: bool = False) -> None:
+    """A command's result as tables and lines; with ``quiet``, only its one-line summary."""
+    if quiet:
+        console.print(summary_line(result), highlight=False, soft_wrap=True)
+        return
+    renderers = {AnalyzeResult: render_analyze, ScoreResult: render_score, PruneResult: render_prune,
+                 EvaluateResult: render_evaluate, FinetuneRunResult: render_finetune}
+    renderers.get(type(result), render_export)(result, console)
+
+
+def summary_line(result: Any) -> str:
+    """What a command did, in one line: what ``-q`` prints."""
+    if isinstance(result, AnalyzeResult):
+        m = result.model
+        return (f"{m.source}: {human(m.params)} params, {human(m.macs)} MACs, {len(result.groups)} channel groups "
+                f"({sum(g.prunable for g in result.groups)} prunable)")
+    if isinstance(result, ScoreResult):
+        return (f"{result.model.source}: {len(result.groups)} groups scored with {result.method}"
+                + (f", written to {result.output}" if result.output else ""))
+    if isinstance(result, PruneResult):
+        return (f"{result.model.source} -> {result.output}: MACs {human(result.before.macs)} -> "
+                f"{human(result.after.macs)} ({100 * result.macs_kept:.2f}% kept), params {human(result.before.params)}"
+                f" -> {human(result.after.params)} ({100 * result.params_kept:.2f}% kept)")
+    if isinstance(result, EvaluateResult):
+        return f"{result.model.source}: top-1 {100 * result.metrics['top1']:.2f}% on {result.data}"
+    if isinstance(result, FinetuneRunResult):
+        after = f", validation top-1 {100 * result.after['top1']:.2f}%" if result.after else ""
+        return f"{result.model.source} -> {result.output}: fine-tuned{after}"
+    data = result.to_dict()
+    check = data.get("verification")
+    verified = "" if not check else ", verified" if check["passed"] else ", verification failed"
+    return f"wrote {data['output']} ({data['format']}{verified})"
 
 
 def _bar(fraction: float, width: int = 12) -> str:
@@ -112,8 +140,8 @@ def render_prune(result: PruneResult, console: Console) -> None:
     console.print(summary)
     budget = result.budget
     console.print(
-        f"method {result.method}, allocation {result.allocation}, budget --{budget['kind']}"
-        f"{'-target' if budget['kind'] != 'ratio' else ''} {budget['text']} → target {human(result.target)}"
+        f"method {result.method}, allocation {result.allocation}, budget {BUDGET_OPTIONS[budget['kind']]} "
+        f"{budget['text']} → target {human(result.target)}"
         f"{' ms (measured)' if budget['kind'] == 'latency' else ''}; "
         f"achieved {result.deviation_pp:+.2f} pp from target · {result.channels_removed} channels removed in "
         f"{result.groups_pruned} groups · {result.seconds:.1f} s · seed {result.seed}"
@@ -122,6 +150,10 @@ def render_prune(result: PruneResult, console: Console) -> None:
         console.print(f"note: {note}")
     if result.sensitivity:
         render_sensitivity(result.sensitivity, console)
+    if result.recalibration:
+        r = result.recalibration
+        console.print(f"batch-norm statistics re-estimated on {r['batches']} batches ({r['images']} images of "
+                      f"{r['data']})")
     if result.reconstruction:
         r = result.reconstruction
         console.print(f"reconstructed {r['layers_refit']} of {len(r['layers'])} changed layers on {r['images']} images "
@@ -343,7 +375,7 @@ def prune_report(result: PruneResult) -> dict[str, Any]:
     ]
     kind = result.budget["kind"]
     measured = result.latency_target or {}
-    base, achieved = {"flops": (before.macs, after.macs), "params": (before.params, after.params),
+    base, achieved = {"macs": (before.macs, after.macs), "params": (before.params, after.params),
                       "latency": (measured.get("original_ms"), measured.get("slim_ms"))}.get(kind, (0, None))
     report = {
         "prunecli_version": __version__,
@@ -389,7 +421,7 @@ def _arrow(before: float, after: float, fmt=human) -> str:
 def _budget_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(what, requested, achieved) lines shared by the Markdown and HTML pages."""
     b = report["budget"]
-    label = {"flops": "MACs kept", "params": "params kept", "latency": "latency kept (measured)",
+    label = {"macs": "MACs kept", "params": "params kept", "latency": "latency kept (measured)",
              "ratio": "channels removed per group"}[b["kind"]]
     if b["kind"] == "ratio":
         return [(label, b["requested"], f"{report['totals']['channels_removed']} channels")]

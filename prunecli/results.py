@@ -138,6 +138,7 @@ class PruneResult:
     reconstruction: dict[str, Any] | None = None  # a ReconstructReport (``--reconstruct``)
     latency_target: dict[str, Any] | None = None  # ``--latency-target``: measured before/after, iterations, table
     sensitivity: dict[str, Any] | None = None  # ``--allocation sensitivity``: per group, widths, damage at each, kept
+    recalibration: dict[str, Any] | None = None  # ``--recalibrate-bn``: batches and images the statistics came from
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,10 +29,10 @@ from torch import Tensor, nn
 
 from prunecli.allocate import GroupLimits, lowest_positions
 from prunecli.graph import DependencyGraph
+from prunecli.layers import CONV_LINEAR
 from prunecli.outputs import output_tensors
 
 LEVELS = 8  # widths measured per group, from its floor to full (the damage between them is interpolated)
-MASKED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)  # layers whose inputs are zeroed; their channel dim is known
 
 
 def sensitivity_widths(limits: GroupLimits, levels: int = LEVELS) -> np.ndarray:
@@ -106,7 +106,7 @@ def _input_masks(graph: DependencyGraph, group, removed: Sequence[int], device) 
     masks: dict[str, list[tuple[int, Tensor]]] = {}
     for member in group.members:
         module = graph.module(member.layer)
-        if member.dim != "in" or not isinstance(module, MASKED_TYPES):
+        if member.dim != "in" or not isinstance(module, CONV_LINEAR):
             continue
         indices = [i for i, root in zip(member.indices, member.root_indices, strict=True) if root in gone]
         if indices:
@@ -124,7 +124,7 @@ class _Replay:
 
     def __init__(self, model: nn.Module, replay: bool = True):
         self.model, self.replay = model, replay
-        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MASKED_TYPES)]
+        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, CONV_LINEAR)]
         self.recording = False
         self.outputs: list[Tensor] = []
         self.callers: list[str] = []  # the layer of each recorded call

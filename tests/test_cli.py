@@ -201,7 +201,7 @@ def test_prune_json(tmp_path, r20):
     assert abs(data["macs_kept"] - 0.5) <= 0.005
     assert data["before"] == {"params": R20_PARAMS, "macs": R20_MACS}
     assert data["after"]["macs"] == pytest.approx(R20_MACS * data["macs_kept"], rel=1e-12)
-    assert data["method"] == "l1" and data["budget"]["kind"] == "flops" and data["budget"]["value"] == 0.5
+    assert data["method"] == "l1" and data["budget"]["kind"] == "macs" and data["budget"]["value"] == 0.5
     assert data["output"] == str(output)
     assert data["channels_removed"] > 0
     model = prunecli.load(output)
@@ -210,9 +210,19 @@ def test_prune_json(tmp_path, r20):
     assert files_in(tmp_path) == ["r20.pt", "slim.safetensors"]
 
 
-def test_prune_text_then_analyze_the_slim_file(tmp_path, r20):
+def test_quiet_prints_only_the_final_summary_line(tmp_path, r20):
     output = tmp_path / "slim.safetensors"
     result = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "-o", output, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1 and result.stderr == ""
+    assert result.stdout.startswith(f"{r20} -> {output}: MACs 31.02M -> ") and "% kept), params 272.19K -> " in result.stdout
+    analyzed = invoke("analyze", output, "-q")
+    assert analyzed.stdout == f"{output}: 153.55K params, 17.47M MACs, 13 channel groups (12 prunable)\n"
+
+
+def test_prune_text_then_analyze_the_slim_file(tmp_path, r20):
+    output = tmp_path / "slim.safetensors"
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "-o", output)
     assert result.exit_code == 0, result.output
     assert "summary" in result.stdout and "method l1" in " ".join(result.stdout.split())
     again = invoke("analyze", output, "--json")
@@ -326,6 +336,9 @@ BAD = {
 }
 
 
+MALFORMED_OPTIONS = {"bad arch kwargs", "bad input shape"}  # usage errors (exit 2); the rest are the file's (exit 1)
+
+
 @pytest.mark.parametrize("case", list(BAD))
 @pytest.mark.parametrize("command", ["analyze", "prune"])
 def test_bad_model_inputs(tmp_path, r20, command, case):
@@ -334,34 +347,35 @@ def test_bad_model_inputs(tmp_path, r20, command, case):
     before = files_in(tmp_path)
     budget = ("--flops-target", "0.5") if command == "prune" else ()
     result = invoke(command, path, *extra, *budget)
-    message = assert_one_line_error(result)
+    message = assert_one_line_error(result, 2 if case in MALFORMED_OPTIONS else 1)
     assert words in message
     assert files_in(tmp_path) == before
 
 
 BAD_PRUNE = {
-    # name: (args after the model, exit code, words in the message)
-    "flops target 0": (("--flops-target", "0"), 1, "strictly between 0 and 1"),
-    "flops target 1": (("--flops-target", "1"), 1, "strictly between 0 and 1"),
-    "ratio 1.5": (("--ratio", "1.5"), 1, "between 0 and 1"),
-    "flops target 1.5 (no fraction, no count)": (("--flops-target", "1.5"), 1, "neither a fraction nor a plausible count"),
-    "flops target abc": (("--flops-target", "abc"), 1, "not a number"),
-    "params target -0.2": (("--params-target", "-0.2"), 1, "not a number"),
+    # name: (args after the model, exit code: 2 for a malformed or out-of-range value or a clash of options, 1 for
+    # what only the model decides, words in the message)
+    "flops target 0": (("--flops-target", "0"), 2, "strictly between 0 and 1"),
+    "flops target 1": (("--flops-target", "1"), 2, "strictly between 0 and 1"),
+    "ratio 1.5": (("--ratio", "1.5"), 2, "between 0 and 1"),
+    "flops target 1.5 (no fraction, no count)": (("--flops-target", "1.5"), 2, "neither a fraction nor a plausible count"),
+    "flops target abc": (("--flops-target", "abc"), 2, "not a number"),
+    "params target -0.2": (("--params-target", "-0.2"), 2, "not a number"),
     "budget above the model's MACs": (("--flops-target", "100G"), 1, "not below the model's own"),
     "params above the model's": (("--params-target", "2M"), 1, "not below the model's own"),
     "unreachable budget": (
         ("--flops-target", "0.2", "--max-layer-ratio", "0.1"), 1, "cannot be reached"
     ),
-    "max layer ratio 1": (("--flops-target", "0.5", "--max-layer-ratio", "1"), 1, "--max-layer-ratio"),
+    "max layer ratio 1": (("--flops-target", "0.5", "--max-layer-ratio", "1"), 2, "--max-layer-ratio"),
     "everything ignored": (("--flops-target", "0.5", "--ignore", "*"), 1, "no prunable channel group"),
     "cuda that is not there": (("--flops-target", "0.5", "--device", "cuda:7"), 1, "--device"),
     "unknown device": (("--flops-target", "0.5", "--device", "tpu"), 1, "--device"),
-    "latency target 0": (("--latency-target", "0"), 1, "strictly between 0 and 1"),
-    "latency target 1.5": (("--latency-target", "1.5"), 1, "strictly between 0 and 1"),
-    "latency target abc": (("--latency-target", "abc"), 1, "is not a latency"),
-    "latency target -3ms": (("--latency-target", "-3ms"), 1, "is not a latency"),
-    "latency target 0ms": (("--latency-target", "0ms"), 1, "positive number of milliseconds"),
-    "latency target with soft pruning": (("--latency-target", "0.5", "--soft-epochs", "1", "--data", "fashion-mnist"), 1,
+    "latency target 0": (("--latency-target", "0"), 2, "strictly between 0 and 1"),
+    "latency target 1.5": (("--latency-target", "1.5"), 2, "strictly between 0 and 1"),
+    "latency target abc": (("--latency-target", "abc"), 2, "is not a latency"),
+    "latency target -3ms": (("--latency-target", "-3ms"), 2, "is not a latency"),
+    "latency target 0ms": (("--latency-target", "0ms"), 2, "positive number of milliseconds"),
+    "latency target with soft pruning": (("--latency-target", "0.5", "--soft-epochs", "1", "--data", "fashion-mnist"), 2,
                                          "does not combine with"),
 }
 
@@ -617,7 +631,7 @@ def test_report_with_measured_accuracy_and_latency(tmp_path):
 
 def test_tracing_and_scoring_stop_at_their_time_limits_and_name_the_stage():
     from prunecli.api import score_model
-    from prunecli.config import DataOptions, ModelSource, ScoreConfig, ScoringOptions
+    from prunecli.config import DataOptions, ModelSource, RunOptions, ScoreConfig, ScoringOptions
     from prunecli.errors import ArchitectureError
     from prunecli.graph import DependencyGraph
 
@@ -625,8 +639,8 @@ def test_tracing_and_scoring_stop_at_their_time_limits_and_name_the_stage():
                                                 r"raise --timeout"):
         DependencyGraph(torchvision.models.resnet18(weights=None), torch.randn(1, 3, 64, 64), timeout=0.001)
     data = DataOptions(str(SAMPLE / "fmnist_calib.safetensors"), calib_images=512, batch_size=64)
-    config = ScoreConfig(ModelSource(SAMPLE / "resnet20_fmnist.safetensors"), ScoringOptions("hrank", data=data),
-                         score_timeout=0.05)
+    config = ScoreConfig(ModelSource(SAMPLE / "resnet20_fmnist.safetensors"), ScoringOptions("hrank"), data,
+                         RunOptions(score_timeout=0.05))
     with pytest.raises(ArchitectureError, match=r"^scoring channels with hrank took longer than 0\.05 s; "
                                                 r"raise --score-timeout, or give fewer --calib-images$"):
         score_model(config)
@@ -729,7 +743,7 @@ def test_old_option_spellings_still_work_hidden_and_clash_with_the_new_ones(tmp_
     assert new.exit_code == old.exit_code == 0, new.output + old.output
     assert json.loads(new.output)["metrics"]["images"] == json.loads(old.output)["metrics"]["images"] == 8
     clash = invoke("evaluate", r20, "--data", calib, "--eval-limit", "8", "--limit", "9")
-    assert clash.exit_code == 1 and "--limit is the old name of --eval-limit" in clash.output
+    assert clash.exit_code == 2 and "--limit is the old name of --eval-limit" in clash.output
     exported = invoke("export", r20, "--data", calib, "--calib-images", "4", "-o", tmp_path / "m.onnx", "--json")
     assert exported.exit_code == 0, exported.output
     for command, old_flag in (("evaluate", "--limit"), ("finetune", "--limit"), ("export", "--calib-images")):
@@ -774,5 +788,5 @@ def test_group_scope_reaches_the_scores_and_the_artifact(tmp_path, r20):
     result = invoke("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "--group-scope", "all",
                     "-o", output, "--json")
     assert result.exit_code == 0, result.output
-    assert read_slim_metadata(output)["config"]["group_scope"] == "all"
+    assert read_slim_metadata(output)["config"]["scoring"]["group_scope"] == "all"
     assert "(takes --group-scope)" in invoke("score", "--help", columns=300).stdout

@@ -89,7 +89,8 @@ def worker(name: str, shape: tuple[int, ...], folder: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from prunecli.config import ModelSource, PruneConfig, parse_budget
+    from prunecli.budget import parse_budget
+    from prunecli.config import ModelSource, OutputOptions, PruneConfig, RunOptions
     from prunecli.io.arch import ArchSpec, build_model
     from prunecli.outputs import output_shapes
     from prunecli.tasks import prunable_part
@@ -109,9 +110,9 @@ def worker(name: str, shape: tuple[int, ...], folder: Path) -> dict:
         del model
         config = PruneConfig(
             ModelSource(source, arch=f"torchvision:{name}", input_shape=shape),
-            parse_budget("flops", "0.5"),
-            output=folder / f"{name}.slim.safetensors",
-            timeout=TRACE_TIMEOUT,
+            parse_budget("macs", "0.5"),
+            output=OutputOptions(folder / f"{name}.slim.safetensors"),
+            run=RunOptions(timeout=TRACE_TIMEOUT),
         )
         prune_and_reload(config, shape, reference, record)
     except Exception as exc:

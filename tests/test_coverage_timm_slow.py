@@ -135,7 +135,8 @@ def worker(family: str, folder: Path) -> dict:
     """Pick the family's model, prune it, reload the artifact and compare; then Torch-Pruning alone."""
     import torch
 
-    from prunecli.config import ModelSource, PruneConfig, parse_budget
+    from prunecli.budget import parse_budget
+    from prunecli.config import ModelSource, OutputOptions, PruneConfig, RunOptions
     from prunecli.outputs import output_shapes
 
     torch.set_num_threads(1)
@@ -152,9 +153,9 @@ def worker(family: str, folder: Path) -> dict:
         del model
         config = PruneConfig(
             ModelSource(source, arch=f"timm:{name}", arch_kwargs=kwargs, input_shape=shape),
-            parse_budget("flops", "0.5"),
-            output=folder / f"{name}.slim.safetensors",
-            timeout=TRACE_TIMEOUT,
+            parse_budget("macs", "0.5"),
+            output=OutputOptions(folder / f"{name}.slim.safetensors"),
+            run=RunOptions(timeout=TRACE_TIMEOUT),
         )
         prune_and_reload(config, shape, reference, record)
     except Exception as exc:

@@ -18,8 +18,9 @@ from torch.testing import assert_close
 from typer.testing import CliRunner
 
 from prunecli.allocate import Plan
+from prunecli.budget import parse_budget
 from prunecli.cli import app
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.config import EdpOptions, PlanOptions, ScoringOptions
 from prunecli.finetune import FinetuneConfig
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet
@@ -37,7 +38,11 @@ from prunecli.methods.edp import (
     proximal_group_lasso,
     prune_and_merge,
 )
+from prunecli.planning import Selection
 from prunecli.samples import resnet20
+
+# what prune --method edp --flops-target 0.5 plans with
+HALF_MACS = Selection(parse_budget("macs", "0.5"), PlanOptions("global"), ScoringOptions("edp"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "resnet20_fmnist.safetensors"
@@ -207,11 +212,10 @@ def test_short_training_reaches_the_budget_with_exact_zeros():
     model = load_slim(SAMPLE)
     original = copy.deepcopy(model)
     x = torch.randn(1, 1, 28, 28)
-    prune = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", "0.5"), method="edp", allocation="global")
     train = labelled()
     events = []
-    result = edp_prune(model, x, train, None, FinetuneConfig(epochs=2, lr=0.01, batch_size=64, device="cpu"), prune,
-                       progress=events.append)
+    result = edp_prune(model, x, train, None, EdpOptions(FinetuneConfig(epochs=2, lr=0.01, batch_size=64, device="cpu")),
+                       HALF_MACS, progress=events.append)
     assert [e["epoch"] for e in events if e["event"] == "select"] == [0, 1]
     assert [s["epoch"] for s in result.selections] == [0, 1]
     base_macs = totals(original, x).macs
@@ -230,10 +234,10 @@ def test_resuming_a_finished_run_gives_the_same_slim_model(tmp_path):
     from prunecli.io.slim import load as load_slim
 
     x = torch.randn(1, 1, 28, 28)
-    prune = PruneConfig(ModelSource(SAMPLE), parse_budget("flops", "0.5"), method="edp", allocation="global")
     config = FinetuneConfig(epochs=2, lr=0.01, batch_size=64, device="cpu", checkpoint=tmp_path / "edp.pt")
-    first = edp_prune(load_slim(SAMPLE), x, labelled(128), None, config, prune)
-    again = edp_prune(load_slim(SAMPLE), x, labelled(128), None, FinetuneConfig(**{**vars(config), "resume": True}), prune)
+    first = edp_prune(load_slim(SAMPLE), x, labelled(128), None, EdpOptions(config), HALF_MACS)
+    again = edp_prune(load_slim(SAMPLE), x, labelled(128), None,
+                      EdpOptions(FinetuneConfig(**{**vars(config), "resume": True})), HALF_MACS)
     assert again.plan == first.plan and again.selections == first.selections
     assert_close(again.model.state_dict(), first.model.state_dict(), rtol=0, atol=0)
 
@@ -252,26 +256,26 @@ def test_cli_edp_writes_a_slim_model_that_reloads(tmp_path):
     assert abs(result["macs_kept"] - 0.6) < 0.01
     slim = load(out)
     document = json.loads(safe_open(str(out), "pt").metadata()["prunecli"])
-    assert document["edp"]["training"]["epochs"] == 1 and document["config"]["edp"]["lam"] == 1e-4
+    assert document["edp"]["training"]["epochs"] == 1 and document["config"]["recovery"]["edp"]["lam"] == 1e-4
     assert document["edp"]["decomposed"] == {k: v[2] for k, v in document.get("decomposed", {}).items()}
     assert totals(slim, torch.randn(1, 1, 28, 28)).macs == result["after"]["macs"]
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "code", "message"),
     [
-        (["--flops-target", "0.5"],
+        (["--flops-target", "0.5"], 2,
          "--method edp, --recalibrate-bn, --reconstruct, --soft-epochs and --allocation sensitivity need images: "
          "pass --data"),
-        (["--ratio", "0.3", "--data", CALIB], "--method edp needs --flops-target or --params-target"),
-        (["--flops-target", "0.001", "--data", CALIB], "the budget cannot be reached"),
+        (["--ratio", "0.3", "--data", CALIB], 2, "--method edp needs --flops-target or --params-target"),
+        (["--flops-target", "0.001", "--data", CALIB], 1, "the budget cannot be reached"),
     ],
 )
-def test_cli_edp_refusals(tmp_path, args, message):
+def test_cli_edp_refusals(tmp_path, args, code, message):
     out = tmp_path / "out.safetensors"
     run = CliRunner().invoke(app, ["prune", str(SAMPLE), "--method", "edp", "--device", "cpu", "-o", str(out),
                                    *map(str, args)])
-    assert run.exit_code == 1 and message in run.stderr.replace("\n", " ")
+    assert run.exit_code == code and message in run.stderr.replace("\n", " ")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -336,8 +340,8 @@ def test_edp_on_torchvision_mobilenet_v2_is_exact_and_round_trips(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     generator = torch.Generator().manual_seed(0)
     data = ImageSet(torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator), "r")
-    prune = PruneConfig(ModelSource(Path("unused.pt")), parse_budget("flops", "0.5"), method="edp", allocation="global")
-    result = edp_prune(model, x[:1], data, None, FinetuneConfig(epochs=1, lr=0.01, batch_size=16, device="cpu"), prune)
+    result = edp_prune(model, x[:1], data, None, EdpOptions(FinetuneConfig(epochs=1, lr=0.01, batch_size=16, device="cpu")),
+                       HALF_MACS)
     # depthwise convs ride along in their expand conv's channel group, and are never decomposed themselves
     assert result.prune_merge.max_output_change < 1e-5 and result.prune_merge.channels_removed > 0
     assert all(block.basis.groups == 1 for block in decomposed_layers(result.model).values())

@@ -20,8 +20,9 @@ import prunecli
 import prunecli.export.onnx as onnx_module
 import prunecli.latency as latency_module
 from prunecli.api import prune_model
-from prunecli.config import ModelSource, PruneConfig, parse_budget
-from prunecli.errors import DataError, ExportError
+from prunecli.budget import parse_budget
+from prunecli.config import ModelSource, OutputOptions, PruneConfig
+from prunecli.errors import DataError, ExportError, OptionError
 from prunecli.export import ExportConfig, export_model
 from prunecli.io.files import sha256_file
 from prunecli.io.slim import read_slim_metadata
@@ -101,8 +102,8 @@ def prune(tmp_path, model: nn.Module, arch: str, shape: tuple[int, ...], arch_kw
     prune_model(
         PruneConfig(
             ModelSource(source, arch=arch, arch_kwargs=arch_kwargs or {}, input_shape=shape),
-            parse_budget("flops", "0.5"),
-            output=output,
+            parse_budget("macs", "0.5"),
+            output=OutputOptions(output),
         )
     )
     return output, prunecli.load(output), read_slim_metadata(output)
@@ -169,7 +170,7 @@ def test_onnx_metadata_props_carry_the_provenance(r20_slim, r20_onnx):
     assert int(meta["prunecli.original_macs"]) == document["original"]["macs"] == 31_021_952
     assert 0.45 < document["achieved"]["macs"] / document["original"]["macs"] < 0.52
     budget = json.loads(meta["prunecli.budget"])
-    assert (budget["kind"], budget["value"], budget["absolute"]) == ("flops", 0.5, False)
+    assert (budget["kind"], budget["value"], budget["absolute"]) == ("macs", 0.5, False)
 
 
 def test_onnx_static_batch_of_a_plain_model_is_reproducible(tmp_path):
@@ -310,7 +311,7 @@ def test_a_nan_output_fails_verification(tmp_path, monkeypatch):
     ],
 )
 def test_bad_configs_are_refused(kwargs, words):
-    with pytest.raises(ExportError) as exc:
+    with pytest.raises(OptionError) as exc:  # usage errors: exit 2
         ExportConfig(**kwargs)
     assert words in one_line(exc)
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import PlanOptions, ScoringOptions, SoftOptions
 from prunecli.errors import CheckpointError, DataError, ExportError, PrunecliError
 from prunecli.finetune import (
     FinetuneConfig,
@@ -29,6 +30,7 @@ from prunecli.finetune import (
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import FASHION_MNIST_ROOT, ImageSet, load_fashion_mnist, normalize
 from prunecli.methods.soft import soft_prune
+from prunecli.planning import Selection
 from prunecli.samples import resnet20
 
 FMNIST_FILES = FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz"
@@ -346,10 +348,10 @@ def test_soft_pruning_masks_then_removes_exactly(tmp_path):
     torch.manual_seed(0)
     model = ResidualAdd()
     train, val = residual_task()
-    prune = PruneConfig(ModelSource(Path("unused.pt")), parse_budget("ratio", "0.5"), method="l1")
+    prune = Selection(parse_budget("ratio", "0.5"), PlanOptions("uniform"), ScoringOptions("l1"))
     events = []
     config = quiet(epochs=3, checkpoint=tmp_path / "soft.pt")
-    result = soft_prune(model, torch.randn(1, 3, 16, 16), train, val, config, prune, reselect_every=1,
+    result = soft_prune(model, torch.randn(1, 3, 16, 16), train, val, SoftOptions(config, 1), prune,
                         progress=events.append)
     assert [s["epoch"] for s in result.selections] == [0, 1, 2]
     assert sum(e["event"] == "select" for e in events) == 3
@@ -373,7 +375,7 @@ def test_soft_pruning_masks_then_removes_exactly(tmp_path):
     # the finished run's checkpoint (weights_only) resumes to the same plan and masked weights
     torch.manual_seed(1)
     again = soft_prune(ResidualAdd(), torch.randn(1, 3, 16, 16), train, val,
-                       quiet(epochs=3, checkpoint=tmp_path / "soft.pt", resume=True), prune, reselect_every=1)
+                       SoftOptions(quiet(epochs=3, checkpoint=tmp_path / "soft.pt", resume=True), 1), prune)
     assert again.plan == result.plan and again.selections == result.selections
     assert_close(again.finetune.model.stem.weight, masked_stem, rtol=0, atol=0)
 

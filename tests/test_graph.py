@@ -228,7 +228,8 @@ def test_prune_holds_the_channels_of_a_module_that_keeps_widths_in_attributes(tm
     """The plan that ignores Heads' attributes breaks its reshape; prune finds the module, holds every group with a
     layer inside it, and meets the budget with fc1's hidden channels."""
     from prunecli.api import prune_model
-    from prunecli.config import ModelSource, PruneConfig, parse_budget
+    from prunecli.budget import parse_budget
+    from prunecli.config import ModelSource, OutputOptions, PruneConfig
     from prunecli.graph import failing_module
     from prunecli.io.slim import load
 
@@ -245,7 +246,7 @@ def test_prune_holds_the_channels_of_a_module_that_keeps_widths_in_attributes(tm
     source = tmp_path / "heads.pt"
     torch.save(model.state_dict(), source)
     config = PruneConfig(ModelSource(source, arch="models:HeadsInAttribute", input_shape=M.HeadsInAttribute.INPUT_SHAPE),
-                         parse_budget("flops", "0.5"), output=tmp_path / "slim.safetensors")
+                         parse_budget("macs", "0.5"), output=OutputOptions(tmp_path / "slim.safetensors"))
     result = prune_model(config)
     assert abs(result.macs_kept - 0.5) <= 0.005, result.macs_kept
     (pruned,) = saved_models

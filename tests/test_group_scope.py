@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from prunecli.config import GROUP_SCOPES, PruneConfig, ScoringOptions, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import GROUP_SCOPES, PruneConfig, ScoringOptions
 from prunecli.criteria import get_criterion, list_criteria
-from prunecli.criteria.base import CONV_LINEAR, in_weight, out_weight, reduce_members, score_weights, to_root
+from prunecli.criteria.base import in_weight, out_weight, reduce_members, score_weights, to_root
 from prunecli.errors import PrunecliError
 from prunecli.graph import DependencyGraph
+from prunecli.layers import CONV_LINEAR
 
 F64 = torch.float64
 
@@ -293,10 +295,9 @@ def test_the_scope_is_a_validated_config_field_recorded_in_the_provenance(tmp_pa
         ScoringOptions(group_scope="consumers")
     from prunecli.config import ModelSource
 
-    config = PruneConfig(ModelSource(tmp_path / "m.safetensors"), parse_budget("flops", "0.5"), group_scope="all")
-    assert config.scoring.group_scope == "all"
-    assert config.provenance()["group_scope"] == "all"
-    with pytest.raises(PrunecliError, match="--group-scope"):
-        PruneConfig(ModelSource(tmp_path / "m.safetensors"), parse_budget("flops", "0.5"), group_scope="x")
+    config = PruneConfig(ModelSource(tmp_path / "m.safetensors"), parse_budget("macs", "0.5"),
+                         scoring=ScoringOptions(group_scope="all"))
+    assert config.provenance()["scoring"]["group_scope"] == "all"
+    assert PruneConfig.from_dict(config.provenance()).scoring.group_scope == "all"
     with pytest.raises(ValueError, match="group scope"):
         score_weights(get_criterion("l1")(), None, [], "mean", "everything")

@@ -20,8 +20,9 @@ from torch.testing import assert_close
 
 import prunecli
 from prunecli.api import prune_model
-from prunecli.config import Budget, ModelSource, PruneConfig, parse_budget
-from prunecli.errors import BudgetError, CheckpointError, ExportError
+from prunecli.budget import Budget, parse_budget
+from prunecli.config import ModelSource, OutputOptions, PruneConfig, RunOptions, ScoringOptions
+from prunecli.errors import BudgetError, CheckpointError, ExportError, OptionError
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import load_model
 from prunecli.io.files import atomic_output, recording_outputs
@@ -82,10 +83,9 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     return message
 
 
-def prune_config(path, output, budget="0.5", **kwargs) -> PruneConfig:
-    return PruneConfig(
-        ModelSource(path, arch="sample:resnet20"), parse_budget("flops", budget), output=output, **kwargs
-    )
+def prune_config(path, output, budget="0.5", method="l1", seed=0, force=False) -> PruneConfig:
+    return PruneConfig(ModelSource(path, arch="sample:resnet20"), parse_budget("macs", budget),
+                       scoring=ScoringOptions(method), output=OutputOptions(output, force), run=RunOptions(seed=seed))
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -541,13 +541,13 @@ def test_random_method_is_reproducible_with_its_seed(tmp_path, r20_file):
 @pytest.mark.parametrize(
     ("kind", "text", "expected"),
     [
-        ("flops", "0.5", Budget("flops", 0.5, False, "0.5")),
-        ("flops", "50%", Budget("flops", 0.5, False, "50%")),
-        ("flops", "12.5%", Budget("flops", 0.125, False, "12.5%")),
-        ("flops", "2.1G", Budget("flops", 2.1e9, True, "2.1G")),
-        ("flops", "2.1g", Budget("flops", 2.1e9, True, "2.1g")),
-        ("flops", "300M", Budget("flops", 3e8, True, "300M")),
-        ("flops", "1.5e9", Budget("flops", 1.5e9, True, "1.5e9")),
+        ("macs", "0.5", Budget("macs", 0.5, False, "0.5")),
+        ("macs", "50%", Budget("macs", 0.5, False, "50%")),
+        ("macs", "12.5%", Budget("macs", 0.125, False, "12.5%")),
+        ("macs", "2.1G", Budget("macs", 2.1e9, True, "2.1G")),
+        ("macs", "2.1g", Budget("macs", 2.1e9, True, "2.1g")),
+        ("macs", "300M", Budget("macs", 3e8, True, "300M")),
+        ("macs", "1.5e9", Budget("macs", 1.5e9, True, "1.5e9")),
         ("params", "11M", Budget("params", 11e6, True, "11M")),
         ("params", "250K", Budget("params", 2.5e5, True, "250K")),
         ("params", "0.25", Budget("params", 0.25, False, "0.25")),
@@ -564,36 +564,36 @@ def test_parse_budget(kind, text, expected):
 @pytest.mark.parametrize(
     ("kind", "text", "words"),
     [
-        ("flops", "0", "strictly between 0 and 1"),
-        ("flops", "1", "strictly between 0 and 1"),
-        ("flops", "100%", "strictly between 0 and 1"),
-        ("flops", "0%", "strictly between 0 and 1"),
+        ("macs", "0", "strictly between 0 and 1"),
+        ("macs", "1", "strictly between 0 and 1"),
+        ("macs", "100%", "strictly between 0 and 1"),
+        ("macs", "0%", "strictly between 0 and 1"),
         ("ratio", "1.5", "between 0 and 1"),
         ("ratio", "1", "strictly between 0 and 1"),
         ("ratio", "2M", "between 0 and 1"),
-        ("flops", "abc", "not a number"),
-        ("flops", "-0.2", "not a number"),
+        ("macs", "abc", "not a number"),
+        ("macs", "-0.2", "not a number"),
         ("params", "", "not a number"),
-        ("flops", "1.2.3", "not a number"),
-        ("flops", "5X", "not a number"),
+        ("macs", "1.2.3", "not a number"),
+        ("macs", "5X", "not a number"),
     ],
 )
 def test_parse_budget_errors(kind, text, words):
-    with pytest.raises(BudgetError) as exc:
+    with pytest.raises(OptionError) as exc:  # a usage error: exit 2
         parse_budget(kind, text)
     message = one_line(exc)
     assert words in message
-    assert ("--ratio" if kind == "ratio" else f"--{kind}-target") in message
+    assert {"macs": "--flops-target", "params": "--params-target", "ratio": "--ratio"}[kind] in message
 
 
 def test_budget_targets():
-    assert parse_budget("flops", "0.5").target(1000.0) == 500.0
+    assert parse_budget("macs", "0.5").target(1000.0) == 500.0
     assert parse_budget("params", "25%").target(400.0) == 100.0
     assert parse_budget("ratio", "0.3").target(100.0) == pytest.approx(70.0)
-    assert parse_budget("flops", "300M").target(1e9) == 3e8
+    assert parse_budget("macs", "300M").target(1e9) == 3e8
     with pytest.raises(BudgetError) as exc:
-        parse_budget("flops", "2.1G").target(1.8e9)
-    assert "not below the model's own 1.8e+09" in one_line(exc)
+        parse_budget("macs", "2.1G").target(1.8e9)
+    assert "--flops-target 2.1G is not below the model's own 1.80G" in one_line(exc)
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from prunecli.allocate import GroupLimits, allocate
 from prunecli.api import prune_model
+from prunecli.budget import Budget, parse_budget
 from prunecli.cli import app
-from prunecli.config import Budget, LatencyTarget, ModelSource, PruneConfig, parse_budget
-from prunecli.errors import BudgetError
+from prunecli.config import LatencyOptions, LatencyTarget, ModelSource, OutputOptions, PlanOptions, PruneConfig, RunOptions
+from prunecli.errors import BudgetError, OptionError
 from prunecli.graph import DependencyGraph
 from prunecli.latency import layer_module, layer_timer
 from prunecli.latency_model import (
@@ -80,7 +81,7 @@ def test_latency_budgets(text, value, absolute):
                                              ("100%", "strictly between"), ("abc", "not a latency"),
                                              ("-3ms", "not a latency"), ("0ms", "positive"), ("12s", "not a latency")])
 def test_bad_latency_budgets(text, words):
-    with pytest.raises(BudgetError, match=words):
+    with pytest.raises(OptionError, match=words):
         parse_budget("latency", text)
 
 
@@ -92,12 +93,12 @@ def test_a_latency_budget_in_ms_must_be_below_the_original():
 
 
 def test_latency_target_options_round_trip_and_check():
-    options = LatencyTarget("torch", batch=4)
-    assert LatencyTarget.from_dict(json.loads(json.dumps(options.to_dict()))) == options
-    with pytest.raises(BudgetError, match="--latency-runtime"):
+    options = LatencyOptions(batch=4, target=LatencyTarget("torch"))
+    assert LatencyOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+    with pytest.raises(OptionError, match="--latency-runtime 'tensorrt' is not one of onnxruntime, torch"):
         LatencyTarget("tensorrt")
-    with pytest.raises(BudgetError, match="--latency-batch"):
-        LatencyTarget(batch=0)
+    with pytest.raises(OptionError, match="--latency-batch 0 must be at least 1"):
+        LatencyOptions(batch=0)
 
 
 # ----------------------------------------------------------------------------- specs and tables
@@ -247,15 +248,14 @@ def test_efficiency_removes_where_it_saves_the_most_per_score(monkeypatch):
 def test_planning_on_the_latency_model(traced):
 
     model, x, graph, cost_model = traced
-    config = PruneConfig(ModelSource(Path("m.pt")), Budget("latency", 0.5), allocation="efficiency",
-                         latency_target=LatencyTarget())
-    limits = group_limits(config, graph)
+    budget, options = Budget("latency", 0.5), PlanOptions("efficiency")
+    limits = group_limits(options, graph)
     tables = layer_tables(trace_specs(model, x), cost_model, grid_keeps(limits, graph.groups, 5))
     tables = timed(tables, {p.key(): fake_ms(p) for t in tables for p in t.points()})
     latency = LatencyModel(tables, cost_model.costs, measured_ms=1.5)  # no residual: the layers are all
     index = {g.root: g.index for g in graph.groups}
     scores = {index["0"]: torch.rand(8), index["3"]: torch.rand(8)}
-    plan, target = plan_pruning(config, graph, cost_model, scores, latency=latency)
+    plan, target = plan_pruning(budget, options, graph, cost_model, scores, latency=latency)
     assert target == pytest.approx(0.75)
     a, b = plan.keep[index["0"]], plan.keep[index["3"]]
     predicted = A * (3 * a + a * b + b * 4) + 3 * B
@@ -296,9 +296,9 @@ def test_prune_to_a_latency_target_end_to_end(tmp_path, monkeypatch):
     assert report["totals"]["macs"]["after"] == out["after"]["macs"] and report["latency_target"] == record
 
     # a second run reads the table back (one slim model, fewer repeats: only the cache is checked)
-    config = PruneConfig(ModelSource(model), parse_budget("latency", "0.8"), allocation="efficiency", threads=1,
-                         output=tmp_path / "again.safetensors",
-                         latency_target=LatencyTarget("torch", batch=4, iterations=1, warmup=0, repeats=1))
+    config = PruneConfig(ModelSource(model), parse_budget("latency", "0.8"), plan=PlanOptions("efficiency"),
+                         latency=LatencyOptions(batch=4, target=LatencyTarget("torch", iterations=1, warmup=0, repeats=1)),
+                         output=OutputOptions(tmp_path / "again.safetensors"), run=RunOptions(threads=1))
     again = prune_model(config).latency_target
     assert (again["cache"]["measured"], again["cache"]["reused"]) == (0, record["cache"]["measured"])
     assert again["cache"]["path"] == record["cache"]["path"] and len(again["iterations"]) == 1

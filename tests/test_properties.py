@@ -41,14 +41,17 @@ from typer.testing import CliRunner
 
 import prunecli
 from prunecli.allocate import GroupLimits, removal_order
-from prunecli.api import compute_scores, example_input, open_model, prune_model
+from prunecli.api import prune_model
+from prunecli.budget import parse_budget
 from prunecli.cli import app
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.config import ModelSource, OutputOptions, PlanOptions, PruneConfig, RunOptions, ScoringOptions
+from prunecli.criteria import score_channels
 from prunecli.errors import BudgetError
 from prunecli.graph import DependencyGraph
 from prunecli.io.arch import ArchSpec, build_model
 from prunecli.io.slim import save_slim
 from prunecli.measure import CostModel, layer_costs, totals
+from prunecli.pipeline.opening import example_input, open_model
 
 INPUT_SHAPE = (3, 16, 16)
 CLASSES = 5
@@ -303,14 +306,15 @@ def test_prune_random_cnn(factory, spec, budget, method, allocation, seed):
         source = Path(folder) / "model.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
         output = Path(folder) / "slim.safetensors"
-        config = PruneConfig(ModelSource(source, factory, {"spec": spec}, INPUT_SHAPE), parse_budget("flops", str(budget)),
-                             method=method, allocation=allocation, output=output, seed=seed)
+        config = PruneConfig(ModelSource(source, factory, {"spec": spec}, INPUT_SHAPE), parse_budget("macs", str(budget)),
+                             scoring=ScoringOptions(method), plan=PlanOptions(allocation), output=OutputOptions(output),
+                             run=RunOptions(seed=seed))
 
         # what the allocator works from, built independently of prune_model
         loaded = open_model(config.source)
         x = example_input(loaded)
         graph = DependencyGraph(copy.deepcopy(loaded.model), x)
-        scores = compute_scores(config.scoring, loaded, graph, lambda message: None)
+        scores = score_channels(config.scoring, seed, graph, None, 1)
         orders = {g.index: removal_order(scores[g.index], g.blocks, g.parts) for g in graph.groups if g.index in scores}
         cost_model = CostModel(loaded.model, layer_costs(loaded.model, x), graph.groups).removing_in_order(orders)
         order = [g.index for g in graph.groups]
@@ -496,7 +500,7 @@ def test_prune_keeps_a_channel_in_every_concat_branch(factory, tmp_path):
     model = make_model(factory, spec, 0)
     source, output = tmp_path / "model.safetensors", tmp_path / "slim.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
-    prune_model(PruneConfig(ModelSource(source, factory, {"spec": spec}, INPUT_SHAPE), parse_budget("flops", "0.375"),
-                            output=output))
+    prune_model(PruneConfig(ModelSource(source, factory, {"spec": spec}, INPUT_SHAPE), parse_budget("macs", "0.375"),
+                            output=OutputOptions(output)))
     with torch.no_grad():
         assert prunecli.load(output, trust_code=True)(batch()).shape == (2, CLASSES)

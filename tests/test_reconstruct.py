@@ -19,7 +19,7 @@ from prunecli.cli import app
 from prunecli.config import ReconstructOptions
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import score_with_data
-from prunecli.errors import BudgetError
+from prunecli.errors import OptionError
 from prunecli.graph import DependencyGraph
 from prunecli.io.slim import load, read_slim_metadata, save_slim
 from prunecli.outputs import output_tensors
@@ -230,9 +230,9 @@ def test_reconstruction_with_fewer_images_than_inputs_falls_back_on_the_ridge():
 
 
 def test_options_refuse_bad_values():
-    with pytest.raises(BudgetError, match="--recon-ridge"):
+    with pytest.raises(OptionError, match="--recon-ridge"):
         ReconstructOptions(ridge=0)
-    with pytest.raises(BudgetError, match="hold-out"):
+    with pytest.raises(OptionError, match="hold-out"):
         ReconstructOptions(holdout_every=1)
     assert ReconstructOptions.from_dict(ReconstructOptions(ridge=0.5).to_dict()) == ReconstructOptions(ridge=0.5)
 
@@ -294,7 +294,7 @@ def test_cli_prune_reconstruct_writes_a_reloadable_model_and_reports_the_fit(tmp
     model = load(out)
     document = read_slim_metadata(out)
     assert document["reconstruct"]["layers_refit"] == recon["layers_refit"]
-    assert document["config"]["reconstruct"] == ReconstructOptions().to_dict()
+    assert document["config"]["recovery"]["reconstruct"] == ReconstructOptions().to_dict()
     with torch.no_grad():
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
@@ -310,7 +310,7 @@ def test_cli_prune_reconstruct_writes_a_reloadable_model_and_reports_the_fit(tmp
 def test_cli_reconstruct_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
     out = tmp_path / "slim.safetensors"
     result = runner.invoke(app, ["prune", SAMPLE, "--flops-target", "0.5", "--reconstruct", "-o", str(out), *extra])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # usage errors
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
 

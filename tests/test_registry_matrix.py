@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from prunecli import load
 from prunecli.api import prune_model, score_model
-from prunecli.config import DataOptions, ModelSource, PruneConfig, ScoreConfig, ScoringOptions, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import DataOptions, ModelSource, OutputOptions, PruneConfig, ScoreConfig, ScoringOptions
 from prunecli.criteria import get_criterion, list_criteria
 from prunecli.errors import DataError
 from prunecli.samples import resnet20
@@ -44,9 +45,9 @@ def _config(key: str, files, method: str, tmp_path: Path, **extra) -> PruneConfi
     kwargs = {} if key == "sample" else {"num_classes": 10}
     return PruneConfig(
         source=ModelSource(checkpoint, arch, kwargs, shape),
-        budget=parse_budget("flops", "0.5"),
-        method=method,
-        output=tmp_path / f"{key}-{method}.safetensors",
+        budget=parse_budget("macs", "0.5"),
+        scoring=ScoringOptions(method),
+        output=OutputOptions(tmp_path / f"{key}-{method}.safetensors"),
         data=DataOptions(str(data), calib_images=16, batch_size=8) if get_criterion(method).needs_data else None,
         **extra,
     )
@@ -59,7 +60,7 @@ def test_every_criterion_prunes_to_budget(key, method, files, tmp_path):
     result = prune_model(config)
     assert abs(result.macs_kept - 0.5) <= 0.005
     assert result.channels_removed > 0
-    slim = load(config.output)
+    slim = load(config.output.path)
     shape = MODELS[key][1]
     assert slim(torch.randn(2, *shape)).shape == (2, 10)
     assert sum(p.numel() for p in slim.parameters()) == result.after.params
@@ -67,25 +68,26 @@ def test_every_criterion_prunes_to_budget(key, method, files, tmp_path):
 
 def test_data_criterion_without_data_names_the_method(files, tmp_path):
     config = _config("sample", files, "l1", tmp_path)
-    config = PruneConfig(config.source, config.budget, method="hrank", output=config.output)
+    config = PruneConfig(config.source, config.budget, scoring=ScoringOptions("hrank"), output=config.output)
     with pytest.raises(DataError, match=r"hrank.*--data"):
         prune_model(config)
-    assert not config.output.exists()
+    assert not config.output.path.exists()
 
 
 def test_scores_file_round_trip_gives_the_same_model(files, tmp_path):
     """`score -o` then `prune --scores` removes exactly what a direct `prune` removes."""
     direct = _config("sample", files, "dct", tmp_path)
     scores = tmp_path / "scores.json"
-    score_model(ScoreConfig(direct.source, ScoringOptions("dct", data=direct.data), output=scores))
+    score_model(ScoreConfig(direct.source, ScoringOptions("dct"), direct.data, output=scores))
     payload = json.loads(scores.read_text())
     assert payload["method"] == "dct" and len(payload["groups"]) == 12
     assert all(len(g["scores"]) == g["channels"] == len(g["ranking"]) for g in payload["groups"])
-    reused = PruneConfig(direct.source, direct.budget, method="", scores=scores, output=tmp_path / "reused.safetensors")
+    reused = PruneConfig(direct.source, direct.budget, scoring=ScoringOptions("", scores=scores),
+                         output=OutputOptions(tmp_path / "reused.safetensors"))
     first, second = prune_model(direct), prune_model(reused)
     assert [c.out_after for c in first.layers] == [c.out_after for c in second.layers]
     x = torch.randn(3, 1, 28, 28)
-    torch.testing.assert_close(load(direct.output)(x), load(reused.output)(x))
+    torch.testing.assert_close(load(direct.output.path)(x), load(reused.output.path)(x))
 
 
 def test_scores_file_of_another_model_is_refused(files, tmp_path):
@@ -97,5 +99,6 @@ def test_scores_file_of_another_model_is_refused(files, tmp_path):
     torch.save(resnet20().state_dict(), other_checkpoint)
     other = ModelSource(other_checkpoint, "sample:resnet20", {}, (1, 28, 28))
     with pytest.raises(DataError, match="another model"):
-        prune_model(PruneConfig(other, config.budget, method="", scores=scores, output=tmp_path / "o.safetensors"))
+        prune_model(PruneConfig(other, config.budget, scoring=ScoringOptions("", scores=scores),
+                                output=OutputOptions(tmp_path / "o.safetensors")))
     assert not (tmp_path / "o.safetensors").exists()

@@ -221,7 +221,7 @@ MODEL_CASES = [
     *_model_case("mismatched --arch", lambda w: w.model, ("do not match the architecture", "check --arch"),
                  arch="torchvision:resnet18"),
     *_model_case("unknown --arch", lambda w: w.model, ("torchvision model 'resnet19'",), arch="torchvision:resnet19"),
-    *for_commands("bad --input-shape", COMMANDS, lambda c, w: args_for(c, w, extra=("--input-shape", "28x28")),
+    *for_commands("bad --input-shape", COMMANDS, lambda c, w: args_for(c, w, extra=("--input-shape", "28x28")), code=2,
                   words=("--input-shape '28x28' is not CxHxW", "e.g. 3x224x224")),
     *for_commands("--input-shape the model cannot take", COMMANDS,
                   lambda c, w: args_for(c, w, extra=("--input-shape", "3x28x28")),
@@ -234,38 +234,38 @@ def _extra(command, *extra, **kwargs):
 
 
 RANGE_CASES = [
-    Case("prune", "out-of-range budget: --flops-target 0", _extra("prune", "--flops-target", "0"), 1,
+    Case("prune", "out-of-range budget: --flops-target 0", _extra("prune", "--flops-target", "0"), 2,
          ("strictly between 0 and 1",)),
     Case("prune", "two budgets", _extra("prune", "--ratio", "0.3", "--flops-target", "0.5"), 2,
          ("give exactly one budget",)),
     Case("prune", "out-of-range budget: --ratio 1.5", lambda w: [
-        "prune", str(w.model), "--arch", R20, "--ratio", "1.5", "-q", "-o", str(w.out("prune"))], 1, ("--ratio '1.5'",)),
+        "prune", str(w.model), "--arch", R20, "--ratio", "1.5", "-q", "-o", str(w.out("prune"))], 2, ("--ratio '1.5'",)),
     Case("prune", "out-of-range budget: --params-target abc", lambda w: [
-        "prune", str(w.model), "--arch", R20, "--params-target", "abc", "-q", "-o", str(w.out("prune"))], 1,
+        "prune", str(w.model), "--arch", R20, "--params-target", "abc", "-q", "-o", str(w.out("prune"))], 2,
         ("is not a number", "use a fraction (0.5)")),
     Case("prune", "out-of-range budget: --flops-target 100G", _extra("prune", "--flops-target", "100G"), 1,
          ("is not below the model's own", "ask for less")),
     Case("prune", "out-of-range budget: --flops-target 0.001", _extra("prune", "--flops-target", "0.001"), 1,
          ("cannot be reached", "raise --max-layer-ratio")),
-    Case("prune", "out-of-range budget: --max-layer-ratio 1", _extra("prune", "--max-layer-ratio", "1"), 1,
+    Case("prune", "out-of-range budget: --max-layer-ratio 1", _extra("prune", "--max-layer-ratio", "1"), 2,
          ("--max-layer-ratio 1.0 must lie strictly between 0 and 1",)),
     Case("prune", "out-of-range budget: --round-to 0", _extra("prune", "--round-to", "0"), 2, ("--round-to",)),
-    Case("score", "out-of-range budget: --preview-flops-target 0", _extra("score", "--preview-flops-target", "0"), 1,
+    Case("score", "out-of-range budget: --preview-flops-target 0", _extra("score", "--preview-flops-target", "0"), 2,
          ("strictly between 0 and 1",)),
     Case("score", "out-of-range number: --calib-images 0", _extra("score", "--calib-images", "0"), 2,
          ("--calib-images",)),
     Case("evaluate", "out-of-range number: --eval-limit 0", _extra("evaluate", "--eval-limit", "0"), 2, ("--eval-limit",)),
-    Case("finetune", "out-of-range number: --lr -1", _extra("finetune", "--lr", "-1"), 1, ("--lr -1.0 must be positive",)),
+    Case("finetune", "out-of-range number: --lr -1", _extra("finetune", "--lr", "-1"), 2, ("--lr -1.0 must be positive",)),
     Case("finetune", "out-of-range number: --epochs 0", _extra("finetune", "--epochs", "0"), 2, ("--epochs",)),
-    Case("finetune", "out-of-range number: --label-smoothing 1.5", _extra("finetune", "--label-smoothing", "1.5"), 1,
+    Case("finetune", "out-of-range number: --label-smoothing 1.5", _extra("finetune", "--label-smoothing", "1.5"), 2,
          ("--label-smoothing 1.5 must lie in [0, 1)",)),
     Case("finetune", "out-of-range number: --batch-size 64 > 16 images", _extra("finetune", "--batch-size", "64"), 1,
          ("fewer than one batch of 64", "smaller --batch-size")),
-    Case("export", "out-of-range number: --atol -1", _extra("export", "--atol", "-1"), 1, ("--atol -1.0",)),
+    Case("export", "out-of-range number: --atol -1", _extra("export", "--atol", "-1"), 2, ("--atol -1.0",)),
     Case("export", "out-of-range number: --opset 99", lambda w: args_for(
         "export", w, out=w.root / "out.onnx", extra=("-f", "onnx", "--opset", "99")), 1,
         ("--opset 99 is not supported", "choose an opset")),
-    Case("analyze", "out-of-range number: --latency-batch 1", _extra("analyze", "--latency-batch", "1"), 2,
+    Case("analyze", "out-of-range number: --latency-batch 0", _extra("analyze", "--latency-batch", "0"), 2,
          ("--latency-batch",)),
 ]
 
@@ -368,13 +368,13 @@ OUTPUT_CASES = [
                   ("is the input file",), prepare=_symlink_to_input),
     *[Case(c, "existing output without --force", lambda w, c=c: args_for(c, w), 1, ("already exists", "--force"),
            _existing_output(c)) for c in WRITERS],
-    Case("prune", "wrong output extension", lambda w: args_for("prune", w, out=w.root / "out.onnx"), 1,
+    Case("prune", "wrong output extension", lambda w: args_for("prune", w, out=w.root / "out.onnx"), 2,
          ("does not end in .safetensors or .pt or .pth", "rename it (e.g. out.safetensors)")),
-    Case("finetune", "wrong output extension", lambda w: args_for("finetune", w, out=w.root / "out.onnx"), 1,
+    Case("finetune", "wrong output extension", lambda w: args_for("finetune", w, out=w.root / "out.onnx"), 2,
          ("does not end in .safetensors or .pt or .pth", "rename it (e.g. out.safetensors)")),
-    Case("score", "wrong output extension", lambda w: args_for("score", w, out=w.root / "scores.safetensors"), 1,
+    Case("score", "wrong output extension", lambda w: args_for("score", w, out=w.root / "scores.safetensors"), 2,
          ("does not end in .json", "rename it (e.g. scores.json)")),
-    Case("export", "wrong output extension", lambda w: args_for("export", w, out=w.root / "out.onnx"), 1,
+    Case("export", "wrong output extension", lambda w: args_for("export", w, out=w.root / "out.onnx"), 2,
          ("does not end in .safetensors", "rename it")),
     *for_commands("disk full (ENOSPC at fsync)", WRITERS, lambda c, w: args_for(c, w), 1,
                   ("could not write", "No space left on device", "check free space"), prepare=_enospc_on_fsync),
@@ -513,12 +513,12 @@ def test_matrix_covers_every_command_and_input():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["export", "m.safetensors", "-f", "bogus"], "error: Invalid value for '--format' / '-f': Value error, 'bogus' is not "
-     "one of 'onnx', 'safetensors', 'torchscript'; see 'prunecli export --help'"),
+    (["export", "m.safetensors", "-f", "bogus"], "error: Invalid value for '--format' / '-f': 'bogus' is not "
+     "one of 'onnx', 'safetensors', 'torchscript' (see 'prunecli export --help')"),
     (["finetune", "m.safetensors", "--epochs", "0"], "error: Invalid value for '--epochs': Input should be greater than "
-     "or equal to 1; see 'prunecli finetune --help'"),
-    (["export", "m.safetensors"], "error: Missing option '-o' / '--output'; see 'prunecli export --help'"),
-    (["nonsense"], "error: No such command 'nonsense'; see 'prunecli --help'"),
+     "or equal to 1 (see 'prunecli finetune --help')"),
+    (["export", "m.safetensors"], "error: Missing option '-o' / '--output' (see 'prunecli export --help')"),
+    (["nonsense"], "error: No such command 'nonsense' (see 'prunecli --help')"),
 ], ids=["unknown format", "--epochs 0", "missing option", "unknown command"])
 def test_usage_errors_are_one_line_with_the_help_to_read(args, message):
     """Typer's usage errors (a boxed panel with Usage and Try lines) become one line and exit 2, at any width."""

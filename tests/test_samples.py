@@ -12,7 +12,8 @@ from torch import nn
 
 import prunecli
 from prunecli.api import prune_model
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import ModelSource, OutputOptions, PruneConfig
 from prunecli.graph import DependencyGraph
 from prunecli.io.slim import read_slim_metadata
 from prunecli.measure import Totals, totals
@@ -65,7 +66,7 @@ def test_shipped_mobilenetv2_loads_with_its_recorded_accuracy():
 
 def test_shipped_mobilenetv2_prunes_to_half_the_macs(tmp_path):
     output = tmp_path / "slim.safetensors"
-    config = PruneConfig(ModelSource(MOBILENETV2), parse_budget("flops", "0.5"), method="l1", output=output)
+    config = PruneConfig(ModelSource(MOBILENETV2), parse_budget("macs", "0.5"), output=OutputOptions(output))
     result = prune_model(config)
     assert result.before.macs == MNV2_MACS
     assert abs(result.macs_kept - 0.5) <= 0.005 and result.after.macs == pytest.approx(MNV2_MACS / 2, rel=0.01)

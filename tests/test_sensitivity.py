@@ -164,7 +164,7 @@ def test_cli_sensitivity_keeps_more_of_the_sample_models_accuracy_than_efficienc
         assert result.exit_code == 0, result.output
         payload = json.loads(result.stdout)
         assert abs(payload["macs_kept"] - 0.5) < 0.005
-        assert read_slim_metadata(out)["config"]["allocation"] == allocation
+        assert read_slim_metadata(out)["config"]["plan"]["allocation"] == allocation
         top1[allocation] = payload["accuracy"]["pruned_top1"]
         if allocation == "sensitivity":
             groups = payload["sensitivity"]
@@ -194,6 +194,6 @@ def test_cli_sensitivity_without_images_is_one_line_and_writes_nothing(tmp_path)
     out = tmp_path / "slim.safetensors"
     result = runner.invoke(app, ["prune", SAMPLE, "--flops-target", "0.5", "--allocation", "sensitivity",
                                  "-o", str(out)])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # a usage error
     assert "--allocation sensitivity need images: pass --data" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()

@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 import prunecli
 from prunecli.api import prune_model
+from prunecli.budget import parse_budget
 from prunecli.cli import app
-from prunecli.config import ModelSource, PruneConfig, parse_budget
-from prunecli.errors import ArchitectureError
+from prunecli.config import ModelSource, OutputOptions, PruneConfig
+from prunecli.errors import ArchitectureError, OptionError
 from prunecli.export import ExportConfig, export_model
 from prunecli.graph import SHUFFLE, DependencyGraph
 from prunecli.io.arch import ArchSpec, build_model, default_input, detect_torchvision_arch, parse_input_shape
@@ -40,7 +41,8 @@ def prune_saved(tmp_path, model, arch, shape, budget):
     """Save ``model``'s weights, prune them with ``arch`` (None: recognised) to ``budget``: (result, slim path)."""
     source = save_state(model, tmp_path / "source.safetensors")
     output = tmp_path / "slim.safetensors"
-    config = PruneConfig(ModelSource(source, arch=arch, input_shape=shape, import_paths=(TESTS,)), budget, output=output)
+    config = PruneConfig(ModelSource(source, arch=arch, input_shape=shape, import_paths=(TESTS,)), budget,
+                         output=OutputOptions(output))
     return prune_model(config), output
 
 
@@ -150,7 +152,7 @@ def test_dead_channels_of_a_detector_prune_away_without_changing_its_detections(
 
 
 def test_prune_writes_the_whole_detector_and_it_reloads_to_the_same_detections(tmp_path, saved_models, detector):
-    result, output = prune_saved(tmp_path, detector, "models:tiny_detector", (3, 64, 64), parse_budget("flops", "0.6"))
+    result, output = prune_saved(tmp_path, detector, "models:tiny_detector", (3, 64, 64), parse_budget("macs", "0.6"))
     assert result.notes == ["a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and "
                             "counted; the heads keep the widths they read"]
     (written,) = saved_models
@@ -196,7 +198,7 @@ def test_default_inputs_follow_each_task(name, shape, mean):
 
 def test_video_shapes_parse_and_bad_ones_say_both_forms():
     assert parse_input_shape("3x16x112x112") == (3, 16, 112, 112)
-    with pytest.raises(ArchitectureError, match=r"not CxHxW \(or CxTxHxW for video\)"):
+    with pytest.raises(OptionError, match=r"not CxHxW \(or CxTxHxW for video\)"):
         parse_input_shape("3x1x2x3x4")
 
 
@@ -207,7 +209,7 @@ def test_a_bare_segmentation_state_dict_is_recognised():
 
 def test_a_video_model_prunes_to_budget(tmp_path, saved_models):
     model = M.randomise_norms(torchvision.models.video.r3d_18(weights=None), seed=3).eval()
-    result, output = prune_saved(tmp_path, model, None, (3, 4, 32, 32), parse_budget("flops", "0.5"))
+    result, output = prune_saved(tmp_path, model, None, (3, 4, 32, 32), parse_budget("macs", "0.5"))
     assert abs(result.macs_kept - 0.5) <= 0.005
     assert result.notes == ["recognised the weights as torchvision:r3d_18"]
     (pruned,) = saved_models

@@ -13,7 +13,8 @@ from torch.testing import assert_close
 
 import prunecli
 from prunecli.api import prune_model
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import ModelSource, OutputOptions, PruneConfig
 from prunecli.errors import ArchitectureError
 from prunecli.io.arch import ArchSpec, build_model, default_input, detect_timm_arch
 from prunecli.io.checkpoint import load_model
@@ -109,7 +110,7 @@ def test_half_the_macs_and_an_exact_reload(tmp_path, saved_models, one_thread, n
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
     output = tmp_path / "slim.safetensors"
     source_spec = ModelSource(source, arch=f"timm:{name}", arch_kwargs=kwargs, input_shape=(3, 64, 64))
-    result = prune_model(PruneConfig(source_spec, parse_budget("flops", "0.5"), output=output))
+    result = prune_model(PruneConfig(source_spec, parse_budget("macs", "0.5"), output=OutputOptions(output)))
     assert abs(result.macs_kept - 0.5) <= 0.005, result.macs_kept
     assert result.after.params < result.before.params
 

@@ -14,7 +14,8 @@ from torch.testing import assert_close
 
 import prunecli
 from prunecli.api import prune_model
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.budget import parse_budget
+from prunecli.config import ModelSource, OutputOptions, PruneConfig
 from prunecli.io.slim import read_slim_metadata
 from prunecli.measure import totals
 
@@ -41,7 +42,8 @@ def test_half_the_macs_and_an_exact_rebuild(tmp_path, saved_models, name):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
     output = tmp_path / "slim.safetensors"
     config = PruneConfig(
-        ModelSource(source, arch=f"torchvision:{name}", input_shape=SHAPE), parse_budget("flops", "0.5"), output=output
+        ModelSource(source, arch=f"torchvision:{name}", input_shape=SHAPE), parse_budget("macs", "0.5"),
+        output=OutputOptions(output),
     )
     result = prune_model(config)
 

@@ -4,6 +4,8 @@ command cleanly, progress goes to stderr. Commands run their work through :func:
 from __future__ import annotations
 
 import contextlib
+import difflib
+import re
 import signal
 import sys
 import threading
@@ -15,7 +17,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from prunecli.errors import PrunecliError, first_line
+from prunecli.errors import OptionError, PrunecliError, first_line
 from prunecli.io.files import recording_outputs
 
 T = TypeVar("T")
@@ -35,10 +37,22 @@ class OneLineUsageErrors(TyperGroup):
         except typer.TyperException as exc:  # click's UsageError and its kin, re-raised outside standalone mode
             if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
                 context = getattr(exc, "ctx", None)
-                hint = f"; see '{context.command_path} --help'" if context is not None else ""
-                say_error(exc.format_message().rstrip(".") + hint)
+                hint = f" (see '{context.command_path} --help')" if context is not None else ""
+                say_error(usage_message(exc.format_message()) + hint)
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_message(message: str) -> str:
+    """Click's message for a bad option value, without the validator's "Value error," and with the nearest
+    choice where the value misspells one: "'fgpm' is not one of 'l1', 'fpgm', ...; did you mean 'fpgm'?"."""
+    message = message.replace("Value error, ", "").rstrip(".")
+    misspelt = re.search(r"'([^']*)' is not one of (.*)$", message)
+    if misspelt:
+        close = difflib.get_close_matches(misspelt.group(1), re.findall(r"'([^']*)'", misspelt.group(2)), n=1)
+        if close:
+            message += f"; did you mean '{close[0]}'?"
+    return message
 
 
 def say_error(message: str) -> None:
@@ -81,13 +95,15 @@ def _stopped(how: str, written: list[Path]) -> str:
 
 
 def run(call: Callable[[], T]) -> T | None:
-    """Domain errors become one line and exit 1; Ctrl-C exits 130 and SIGTERM 143; anything else is an internal
-    error."""
+    """Domain errors become one line and exit 1 (an option value out of range or malformed: 2); Ctrl-C exits 130
+    and SIGTERM 143; anything else is an internal error."""
     with _sigterm_raises(), recording_outputs() as written:
         if state["debug"]:
             return call()
         try:
             return call()
+        except OptionError as exc:
+            fail(str(exc), 2)
         except PrunecliError as exc:
             fail(str(exc))
         except KeyboardInterrupt:

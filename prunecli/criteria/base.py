@@ -17,14 +17,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from prunecli.config import GROUP_SCOPE, GROUP_SCOPES
+from prunecli.config import GROUP_SCOPE, GROUP_SCOPES, REDUCTIONS
 from prunecli.errors import DataError
 from prunecli.graph import ChannelGroup, DependencyGraph, Member
+from prunecli.layers import CONV_LINEAR, NORMS
 from prunecli.outputs import single_tensor
-
-CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-REDUCTIONS = ("mean", "max", "sum")
 
 
 class Criterion:
@@ -141,6 +138,9 @@ def normalise(scores: Tensor) -> Tensor:
 
 
 def reduce_members(per_member: list[Tensor], reduction: str) -> Tensor:
+    """The normalised scores of a group's members combined into one per channel (one of ``REDUCTIONS``)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown group reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
     stacked = torch.stack([normalise(s) for s in per_member])
     if reduction == "max":
         return stacked.max(0).values

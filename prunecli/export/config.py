@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from prunecli.errors import ExportError
+from prunecli.errors import OptionError
 from prunecli.io.files import check_suffix
 
 FORMATS = ("onnx", "safetensors", "torchscript")
@@ -18,6 +18,20 @@ EXPORTERS = ("auto", "dynamo", "legacy")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SUFFIXES = {"onnx": (".onnx",), "safetensors": (".safetensors",), "torchscript": (".pt", ".ts")}
 METADATA_PREFIX = "prunecli."
+
+
+def format_of(output: Path) -> str:
+    """The format an output's suffix names (``.onnx``, ``.safetensors``, ``.pt``/``.ts``)."""
+    for name, suffixes in SUFFIXES.items():
+        if output.suffix.lower() in suffixes:
+            return name
+    raise OptionError(f"-o {output}: give --format, or an output ending in .onnx, .safetensors, .pt or .ts")
+
+
+def _check(checks) -> None:
+    for failed, message in checks:
+        if failed:
+            raise OptionError(message)
 
 
 DEFAULT_OUTPUT_NAMES = ("logits",)  # a classifier's one output; models with several name theirs (export.onnx)
@@ -28,7 +42,7 @@ class ExportConfig:
     """What to write and how. Validated on construction (``ExportError`` with the option to fix).
 
     Args:
-        format: "onnx", "safetensors" or "torchscript".
+        format: "onnx", "safetensors" or "torchscript"; None takes the one the output's extension names.
         output: the file to write; its extension must match the format (.onnx, .safetensors, .pt/.ts).
         opset: ONNX opset; None takes the exporter's default (20 in torch 2.14).
         dynamic_batch: ONNX/TorchScript: make (and verify) the batch axis dynamic (checked at batch 1 and 3).
@@ -40,7 +54,7 @@ class ExportConfig:
         input_names, output_names: ONNX graph input/output names.
     """
 
-    format: str
+    format: str | None  # None: the one the output's suffix names
     output: Path
     opset: int | None = None
     dynamic_batch: bool = False
@@ -56,25 +70,26 @@ class ExportConfig:
         object.__setattr__(self, "output", Path(self.output))
         object.__setattr__(self, "input_names", tuple(self.input_names))
         object.__setattr__(self, "output_names", tuple(self.output_names))
-        if self.format not in FORMATS:
-            raise ExportError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.format is None:
+            object.__setattr__(self, "format", format_of(self.output))
+        _check([
+            (self.format not in FORMATS, f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}"),
+            (self.exporter not in EXPORTERS, f"unknown --exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}"),
+            (self.dtype not in DTYPES, f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"),
+        ])
         check_suffix(self.output, SUFFIXES[self.format], f"--format {self.format}", " or pick the matching --format")
-        if self.exporter not in EXPORTERS:
-            raise ExportError(f"unknown --exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
-        if self.dtype not in DTYPES:
-            raise ExportError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.format != "onnx" and (self.opset is not None or self.exporter != "auto"):
-            raise ExportError(f"--opset and --exporter apply to --format onnx only, not {self.format}")
-        if self.format != "safetensors" and self.dtype != "fp32":
-            raise ExportError(f"--dtype {self.dtype} applies to --format safetensors only; {self.format} is written in fp32")
-        if self.format == "safetensors" and self.dynamic_batch:
-            raise ExportError("--dynamic-batch applies to --format onnx and torchscript; safetensors has no batch axis")
-        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 1):
-            raise ExportError(f"--opset {self.opset!r} must be a positive integer such as 17 or 18")
-        if not self.atol >= 0:  # also rejects NaN
-            raise ExportError(f"--atol {self.atol} must be zero or positive")
-        if not self.input_names or not self.output_names:
-            raise ExportError("input and output names must not be empty")
+        _check([
+            (self.format != "onnx" and (self.opset is not None or self.exporter != "auto"),
+             f"--opset and --exporter apply to --format onnx only, not {self.format}"),
+            (self.format != "safetensors" and self.dtype != "fp32",
+             f"--dtype {self.dtype} applies to --format safetensors only; {self.format} is written in fp32"),
+            (self.format == "safetensors" and self.dynamic_batch,
+             "--dynamic-batch applies to --format onnx and torchscript; safetensors has no batch axis"),
+            (self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 1),
+             f"--opset {self.opset!r} must be a positive integer such as 17 or 18"),
+            (not self.atol >= 0, f"--atol {self.atol} must be zero or positive"),  # also rejects NaN
+            (not self.input_names or not self.output_names, "input and output names must not be empty"),
+        ])
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

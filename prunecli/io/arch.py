@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli.errors import ArchitectureError
+from prunecli.errors import ArchitectureError, OptionError
 from prunecli.io.timm_arch import timm_factory, timm_input, timm_matches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,9 +50,9 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ArchitectureError(f"--arch-kwargs is not valid JSON ({exc.msg}); example: '{{\"num_classes\": 10}}'") from exc
+        raise OptionError(f"--arch-kwargs is not valid JSON ({exc.msg}); example: '{{\"num_classes\": 10}}'") from exc
     if not isinstance(value, dict):
-        raise ArchitectureError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+        raise OptionError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
     return value
 
 
@@ -233,7 +233,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if len(shape) not in (3, 4) or min(shape) < 1:
-        raise ArchitectureError(
+        raise OptionError(
             f"--input-shape {text!r} is not CxHxW (or CxTxHxW for video) with positive integers, e.g. 3x224x224"
         )
     return shape

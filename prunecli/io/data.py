@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from prunecli.config import FASHION_MNIST_ROOT
 from prunecli.errors import DataError
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 # Per-channel statistics of the 60k training images scaled to [0, 1] (measured, rounded to 4 decimals).
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)

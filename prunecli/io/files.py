@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from prunecli.errors import ExportError
+from prunecli.errors import ExportError, OptionError
 
 
 def check_output_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o") -> None:
@@ -44,7 +44,7 @@ def check_suffix(path: Path, suffixes: Sequence[str], needs: str, alternative: s
         alternative: another way out, appended to the advice to rename.
     """
     if path.suffix.lower() not in suffixes:
-        raise ExportError(
+        raise OptionError(
             f"output {path} does not end in {' or '.join(suffixes)} as {needs} needs; "
             f"rename it (e.g. {path.with_suffix(suffixes[0]).name}){alternative}"
         )

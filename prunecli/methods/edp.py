@@ -43,13 +43,14 @@ from torch import Tensor, nn
 
 from prunecli.allocate import Plan
 from prunecli.criteria.base import normalise
-from prunecli.errors import ArchitectureError, BudgetError
+from prunecli.errors import ArchitectureError
 from prunecli.finetune import finetune
 from prunecli.layers import DecomposedConv, channel_params, decomposed_layers, is_depthwise
-from prunecli.planning import plan_pruning, trace_for_training
+from prunecli.planning import Selection
 from prunecli.runtime import model_device
 
 if TYPE_CHECKING:
+    from prunecli.config import EdpOptions
     from prunecli.graph import ChannelGroup, DependencyGraph
     from prunecli.measure import CostModel
 
@@ -388,12 +389,6 @@ def _outputs(model: nn.Module, example: Tensor) -> Tensor:
     return out
 
 
-def check_budget_kind(kind: str) -> None:
-    if kind not in ("flops", "params"):
-        raise BudgetError("--method edp needs --flops-target or --params-target (a channel --ratio has no meaning "
-                          "once layers are decomposed)")
-
-
 def check_decomposable(names: Sequence[str]) -> None:
     if not names:
         raise ArchitectureError("--method edp decomposes 2-d convolutions, and this model has none it can decompose "
@@ -424,42 +419,36 @@ def edp_prune(
     example_input: Tensor,
     train,
     val,
-    training,
-    prune,
+    edp: EdpOptions,
+    selection: Selection,
     *,
-    lam: float = 1e-4,
-    threshold: float = 5e-3,
-    init: str = "svd",
     progress=None,
 ) -> EdpResult:
-    """Decompose, train with the group-sparse regulariser towards ``prune.budget``, then Pruning & Merging.
+    """Decompose, train with the group-sparse regulariser towards ``selection.budget``, then Pruning & Merging.
 
     Args:
         model: changed in place (decomposed, trained, pruned); pass a copy to keep the original.
         example_input: a batch the model accepts, to trace its channel groups.
         train, val: labelled ``ImageSet``s; ``val`` (optional) is evaluated after every epoch.
-        training: a ``prunecli.finetune.FinetuneConfig`` (epochs, lr, batch size, device, seed, DDP as ``finetune``).
-        prune: a ``PruneConfig``: budget (MACs or params), allocation, limits, ``ignore``.
-        lam: the group-lasso strength on every row and column of the coefficient matrices.
-        threshold: Pruning & Merging also drops rows and columns whose norm is below it.
-        init: ``svd`` or ``identity`` initialisation of the blocks.
+        edp: the training stage (epochs, lr, batch size, device, seed, DDP as ``finetune``), the group-lasso
+            strength ``lam`` on every row and column of the coefficient matrices, the ``threshold`` below which
+            Pruning & Merging also drops rows and columns, and the ``init`` (``svd`` or ``identity``) of the blocks.
+        selection: the budget (MACs or params), allocation, limits and ``ignore``; EDP scores its own way.
     """
-
-    check_budget_kind(prune.budget.kind)
-    names = decomposable(model, prune.ignore)
+    names = decomposable(model, selection.plan.ignore)
     check_decomposable(names)
-    decompose(model, names, init)
-    graph, cost_model = trace_for_training(model, example_input, prune)
+    decompose(model, names, edp.init)
+    graph, cost_model = selection.trace(model, example_input)
     blocks = decomposed_layers(model)
     after_merging = MergeAwareCost(cost_model, list(blocks))
     groups = eligible_groups(graph, blocks)
 
     def select() -> tuple[Plan, float]:
-        return plan_pruning(prune, graph, cost_model, edp_scores(graph, groups, decomposed_layers(model)),
-                            after_merging.evaluate)
+        return selection.plan_on(graph, cost_model, edp_scores(graph, groups, decomposed_layers(model)),
+                                 after_merging.evaluate)
 
-    hook = EdpTraining(graph, select, lam)
-    trained = finetune(model, train, val, training, progress=progress, hook=hook)
+    hook = EdpTraining(graph, select, edp.lam)
+    trained = finetune(model, train, val, edp.training, progress=progress, hook=hook)
     sample = (val if val is not None else train).images[:64].to(model_device(model))
-    record = prune_and_merge(graph, hook.plan, groups, sample, threshold)
+    record = prune_and_merge(graph, hook.plan, groups, sample, edp.threshold)
     return EdpResult(graph.model.eval(), hook.plan, hook.target, hook.selections, trained, record)

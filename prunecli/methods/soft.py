@@ -15,18 +15,17 @@ import torch
 from torch import Tensor, nn
 
 from prunecli.allocate import Plan
-from prunecli.criteria import get_criterion
-from prunecli.criteria.base import score_weights, score_with_data
+from prunecli.criteria import get_criterion, score_channels
 from prunecli.errors import PrunecliError
 from prunecli.finetune import FinetuneResult, Progress, finetune
 from prunecli.graph import DependencyGraph
-from prunecli.io.data import ImageSet, iterate_batches
+from prunecli.io.data import ImageSet
 from prunecli.layers import NORMS, channel_params
-from prunecli.planning import plan_pruning, trace_for_training
+from prunecli.planning import Selection
 from prunecli.runtime import model_device, world_size
 
 if TYPE_CHECKING:
-    from prunecli.config import FinetuneConfig, PruneConfig, ScoringOptions
+    from prunecli.config import SoftOptions
 
 
 class _SoftMask:
@@ -181,39 +180,24 @@ class SoftPruneResult:
         }
 
 
-def _soft_scores(scoring: ScoringOptions, graph: DependencyGraph, train: ImageSet) -> dict[int, Tensor]:
-    """Score every prunable group on the current weights; data criteria read a seeded subset of ``train``."""
-    criterion = get_criterion(scoring.method)(seed=scoring.seed, **scoring.options)
-    groups = [g for g in graph.groups if g.prunable]
-    if not criterion.needs_data:
-        return score_weights(criterion, graph, groups, scoring.group_reduction, scoring.group_scope)
-    limit = scoring.data.calib_images if scoring.data is not None else 256
-    batch_size = scoring.data.batch_size if scoring.data is not None else 64
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(scoring.seed))[:limit].sort().values
-    subset = ImageSet(train.images[chosen], train.labels[chosen] if train.labels is not None else None, train.description)
-    device = model_device(graph.model)
-    return score_with_data(criterion, graph, groups, iterate_batches(subset, batch_size), scoring.group_reduction, device)
-
-
 def soft_prune(
     model: nn.Module,
     example_input: Tensor,
     train: ImageSet,
     val: ImageSet | None,
-    config: FinetuneConfig,
-    prune: PruneConfig,
+    soft: SoftOptions,
+    selection: Selection,
     *,
-    reselect_every: int = 5,
     teacher: nn.Module | None = None,
     progress: Progress | None = None,
 ) -> SoftPruneResult:
     """Training-aware (soft) pruning, as in LRMF/FPGM, with any registered criterion.
 
-    Before the first epoch the channels are scored with ``prune.method`` and a plan for ``prune.budget`` is made
-    (``plan_pruning``: same allocation, limits and rounding as ``prune``); the planned channels are zeroed and
-    held at zero (gradients masked after backward, weights re-zeroed after each optimizer step). After every
-    ``reselect_every`` epochs, except the last, the model is scored and planned again and the mask replaced.
-    Data criteria score a seeded subset (``prune.data.calib_images``, default 256) of the training images.
+    Before the first epoch the channels are scored with ``selection.scoring`` and a plan for ``selection.budget``
+    is made (``plan_pruning``: same allocation, limits and rounding as ``prune``); the planned channels are zeroed
+    and held at zero (gradients masked after backward, weights re-zeroed after each optimizer step). After every
+    ``soft.reselect_every`` epochs, except the last, the model is scored and planned again and the mask replaced.
+    Data criteria score ``selection.calibration`` (prune's calibration images, a seeded subset of ``train``).
 
     Deviations from LRMF's code: BatchNorm weight and bias of masked channels are zeroed too (see
     :class:`_SoftMask`), no selection follows the last epoch (the returned weights are trained under their
@@ -222,22 +206,22 @@ def soft_prune(
     Args:
         model: trained in place at full size; call :meth:`SoftPruneResult.remove_channels` to shrink it.
         example_input: a batch the model accepts, to trace its channel groups.
-        config: the fine-tuning options; ``config.epochs`` (or ``steps``) is the soft-training length.
-        prune: budget, criterion, allocation and limits (its ``source`` and ``output`` are not used).
-        reselect_every: epochs between selections (LRMF: 5); 0 keeps the first selection.
+        soft: the training (``soft.training.epochs`` or ``steps`` is the soft-training length) and the epochs
+            between selections (LRMF: 5; 0 keeps the first selection).
     """
-    if reselect_every < 0:
-        raise PrunecliError(f"--reselect-every {reselect_every} must not be negative")
-    if get_criterion(prune.method).needs_labels and world_size() > 1:
+    scoring = selection.scoring
+    if get_criterion(scoring.method).needs_labels and world_size() > 1:
         raise PrunecliError(
-            f"--method {prune.method} scores with gradients, which would clash with DDP's gradient hooks; "
+            f"--method {scoring.method} scores with gradients, which would clash with DDP's gradient hooks; "
             "soft-prune with it in a single process, or use a weight or activation criterion"
         )
-    graph, cost_model = trace_for_training(model, example_input, prune)
+    graph, cost_model = selection.trace(model, example_input)
 
     def select() -> tuple[Plan, float]:
-        return plan_pruning(prune, graph, cost_model, _soft_scores(prune.scoring, graph, train))
+        scores = score_channels(scoring, selection.seed, graph, selection.calibration, selection.batch_size,
+                                model_device(graph.model))
+        return selection.plan_on(graph, cost_model, scores)
 
-    soft = _SoftPruning(graph, select, reselect_every)
-    result = finetune(model, train, val, config, teacher=teacher, progress=progress, hook=soft)
-    return SoftPruneResult(soft.plan, soft.target, soft.selections, result, graph)
+    hook = _SoftPruning(graph, select, soft.reselect_every)
+    result = finetune(model, train, val, soft.training, teacher=teacher, progress=progress, hook=hook)
+    return SoftPruneResult(hook.plan, hook.target, hook.selections, result, graph)

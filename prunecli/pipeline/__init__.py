@@ -1,0 +1,6 @@
+"""The steps the verbs of ``prunecli.api`` are made of, each taking only its own part of the config.
+
+``opening`` reads a model and its images, ``scoring`` scores channels, ``removal`` plans and removes them,
+``latency_target`` is ``--latency-target``'s measure-and-correct loop, ``recovery`` holds BN recalibration,
+reconstruction, soft pruning and EDP, ``checks`` the checks of a pruned model and ``artifact`` what is written.
+"""

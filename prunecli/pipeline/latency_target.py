@@ -1,0 +1,115 @@
+"""``--latency-target``: time every layer alone on a grid of its channel counts (a cached table), plan on the latency
+it predicts, then measure slim models and correct the requested latency until the measurement is within the
+tolerance. The arithmetic is in ``prunecli.latency_model``, the timing in ``prunecli.latency``; this joins them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prunecli.allocate import Plan
+from prunecli.config import LatencyOptions, RunOptions
+from prunecli.errors import BudgetError
+from prunecli.graph import DependencyGraph
+from prunecli.latency import latency_meter, layer_timer, timing_key
+from prunecli.latency_model import (
+    LatencyModel,
+    cache_dir,
+    cached_timings,
+    correct_target,
+    grid_keeps,
+    layer_tables,
+    timed,
+    trace_specs,
+)
+from prunecli.measure import costs_and_output
+from prunecli.pipeline.removal import Planner
+from prunecli.planning import group_limits
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LatencyPlan:
+    """The plan whose slim model measured closest to the target, the target in ms, and what was measured."""
+
+    plan: Plan
+    target_ms: float
+    record: dict[str, Any]
+
+
+def _table(planner: Planner, graph: DependencyGraph, options: LatencyOptions, device: torch.device,
+           threads: int | None, say: Say):
+    """The per-layer latency tables on the allowed channel grid (timed, or read from the cache) and the grid."""
+    target = options.target
+    key = timing_key(target.runtime, device, options.batch, threads)
+    keeps = grid_keeps(group_limits(planner.options, graph), graph.groups, target.grid)
+    tables = layer_tables(trace_specs(planner.model, planner.example), planner.cost_model(graph), keeps)
+    specs = [p for t in tables for p in t.points()]
+    timer = layer_timer(target.runtime, device, options.batch, threads, target.warmup, target.repeats)
+    done = iter(range(1, len(specs) + 1))
+
+    def measure_layer(spec):
+        say(f"latency table ({target.runtime}, batch {options.batch}): timing layer shape {next(done)}")
+        return timer(spec)
+
+    cached = cached_timings(cache_dir(), key, specs, measure_layer)
+    return timed(tables, cached.ms), keeps, key, cached
+
+
+def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[int, ...], options: LatencyOptions,
+                 run: RunOptions, say: Say) -> LatencyPlan:
+    """Plan to a measured latency on ``graph`` (a trace of the unpruned model; see the module docstring);
+    BudgetError when pruning as far as allowed is still slower than the target."""
+    target = options.target
+    device = torch.device(run.device) if target.runtime == "torch" else torch.device("cpu")
+    tables, keeps, key, cached = _table(planner, graph, options, device, run.threads, say)
+    cost_model = planner.cost_model(graph)
+    meter = latency_meter(planner.model, input_shape, target.runtime, device, options.batch, run.threads,
+                          target.warmup, target.repeats)
+    say(f"timing the original ({target.runtime}, batch {options.batch})")
+    (original_ms,) = meter()
+    model = LatencyModel(tables, cost_model.costs, original_ms)
+    target_ms = planner.budget.target(original_ms)
+    floor = model.predict(*cost_model.dims(keeps[-1]))
+    tried: dict[tuple, dict] = {}  # the same plan twice is measured once
+    order: list[dict] = []  # the step of every attempt
+
+    def attempt(requested: float) -> tuple[float, float]:
+        plan, _ = planner.plan(graph, latency=model, target=requested)
+        kept = tuple(sorted(plan.keep.items()))
+        if kept not in tried:
+            slim = planner.trace()
+            slim.prune(plan.removed)
+            say(f"timing a slim model planned at {requested:.3g} ms (predicted {plan.cost:.3g} ms)")
+            now, ms = meter(slim.model)
+            measured = ms if planner.budget.absolute else ms / now * original_ms  # drift: the ratio counts
+            macs = sum(c.macs for c in costs_and_output(slim.model, planner.example)[0])
+            tried[kept] = {"plan": plan, "measured": measured, "macs": macs}
+        order.append(tried[kept])
+        return plan.cost, tried[kept]["measured"]
+
+    low = floor + 0.01 * (original_ms - floor)
+    best, steps = correct_target(target_ms, attempt, target_ms, low, original_ms, target.tolerance, target.iterations)
+    slim_ms = steps[best].measured
+    if slim_ms > target_ms * (1 + target.tolerance) and min(s.requested for s in steps) <= low * (1 + 1e-9):
+        raise BudgetError(
+            f"{planner.budget.option} {planner.budget.text} cannot be reached: pruning as far as allowed measures "
+            f"{slim_ms:.3g} ms (target {target_ms:.3g} ms of {original_ms:.3g} ms); raise --max-layer-ratio, "
+            "remove --ignore patterns or ask for less"
+        )
+    record = {
+        "runtime": target.runtime, "runtime_version": key.version, "device": key.device, "batch": options.batch,
+        "threads": key.threads, "target": planner.budget.text, "target_ms": target_ms, "original_ms": original_ms,
+        "slim_ms": slim_ms, "target_ratio": target_ms / original_ms, "measured_ratio": slim_ms / original_ms,
+        "tolerance": target.tolerance, "converged": abs(slim_ms / target_ms - 1) <= target.tolerance,
+        "chosen": best, "floor_ms": floor,
+        "iterations": [{"requested_ms": s.requested, "predicted_ms": s.predicted, "measured_ms": s.measured,
+                        "measured_ratio": s.measured / original_ms, "macs": o["macs"]}
+                       for s, o in zip(steps, order, strict=True)],
+        "table": {**model.to_dict(), "grid": target.grid}, "cache": cached.to_dict(),
+    }
+    return LatencyPlan(order[best]["plan"], target_ms, record)
