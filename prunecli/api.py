@@ -25,7 +25,6 @@ from prunecli.config import (
 from prunecli.criteria import get_criterion
 from prunecli.criteria.base import Criterion, score_weights, score_with_data
 from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError, first_line
-from prunecli.finetune import messages_to
 from prunecli.graph import ChannelGroup, DependencyGraph, failing_module, refuse_unsupported
 from prunecli.io.arch import ArchSpec
 from prunecli.io.checkpoint import LoadedModel, load_model
@@ -37,6 +36,7 @@ from prunecli.outputs import describe_shapes, output_shapes
 from prunecli.planning import plan_pruning
 from prunecli.provenance import finetune_metadata, prune_metadata
 from prunecli.reconstruct import ReconstructReport, reconstruct
+from prunecli.report import messages_to
 from prunecli.results import (
     AnalyzeResult,
     EvaluateResult,
