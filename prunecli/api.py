@@ -355,7 +355,7 @@ def prune_model(
         if config.reconstruct is not None:
             reconstruction = _reconstruct(config, loaded, unpruned, graph, kept, say, step_progress)
     if config.recalibrate_bn:
-        from prunecli.finetune import recalibrate_bn
+        from prunecli.training import recalibrate_bn
 
         say(f"re-estimating batch-norm statistics on {config.recalibrate_bn} batches")
         images = load_images(_require_data(config), loaded, config.recalibrate_bn * config.data.batch_size, config.seed)
@@ -558,7 +558,7 @@ def _prune_accuracy(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.M
             return None
         return {"data": document.get("test_data") or document.get("dataset"), "images": None, "measured": False,
                 "original_top1": float(document["test_accuracy"]), "pruned_top1": None}
-    from prunecli.finetune import evaluate
+    from prunecli.training import evaluate
 
     images = load_images(config.evaluate, loaded, config.eval_limit, config.seed)
     say(f"evaluating the original and the slim model on {len(images)} images")
@@ -699,7 +699,7 @@ def _with_base_arch(source: ModelSource, reference: LoadedModel) -> ModelSource:
 
 def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     """Top-1/top-5 accuracy, loss and throughput on labelled data; with ``compare``, the original beside it."""
-    from prunecli.finetune import evaluate
+    from prunecli.training import evaluate
 
     def run(source: ModelSource) -> tuple[ModelSummary, dict[str, Any], str, LoadedModel]:
         loaded = open_model(source)
@@ -746,8 +746,8 @@ def _check_checkpoint_path(checkpoint: Path | None, output: Path, inputs: tuple[
 
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
-    from prunecli.finetune import evaluate, finetune
     from prunecli.io.slim import SUFFIXES, save_slim
+    from prunecli.training import evaluate, finetune
 
     say = progress or (lambda message: None)
     output = job.output or default_finetune_output(job.source.path)

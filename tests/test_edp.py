@@ -19,8 +19,7 @@ from typer.testing import CliRunner
 
 from prunecli.allocate import Plan
 from prunecli.cli import app
-from prunecli.config import ModelSource, PruneConfig, parse_budget
-from prunecli.finetune import FinetuneConfig
+from prunecli.config import FinetuneConfig, ModelSource, PruneConfig, parse_budget
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet
 from prunecli.io.slim import load, save_slim

@@ -14,10 +14,13 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from prunecli.config import ModelSource, PruneConfig, parse_budget
+from prunecli.config import FinetuneConfig, ModelSource, PruneConfig, parse_budget
 from prunecli.errors import CheckpointError, DataError, ExportError, PrunecliError
-from prunecli.finetune import (
-    FinetuneConfig,
+from prunecli.graph import DependencyGraph
+from prunecli.io.data import FASHION_MNIST_ROOT, ImageSet, load_fashion_mnist, normalize
+from prunecli.methods.soft import soft_prune
+from prunecli.samples import resnet20
+from prunecli.training import (
     augment_batch,
     evaluate,
     finetune,
@@ -26,10 +29,6 @@ from prunecli.finetune import (
     recalibrate_bn,
     temperature,
 )
-from prunecli.graph import DependencyGraph
-from prunecli.io.data import FASHION_MNIST_ROOT, ImageSet, load_fashion_mnist, normalize
-from prunecli.methods.soft import soft_prune
-from prunecli.samples import resnet20
 
 FMNIST_FILES = FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz"
 
@@ -387,7 +386,8 @@ DDP_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     from torch import nn
-    from prunecli.finetune import FinetuneConfig, finetune
+    from prunecli.config import FinetuneConfig
+    from prunecli.training import finetune
     from prunecli.io.data import ImageSet
 
     torch.set_num_threads(1)

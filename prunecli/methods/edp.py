@@ -44,10 +44,10 @@ from torch import Tensor, nn
 from prunecli.allocate import Plan
 from prunecli.criteria.base import normalise
 from prunecli.errors import ArchitectureError, BudgetError
-from prunecli.finetune import finetune
 from prunecli.layers import DecomposedConv, channel_params, decomposed_layers, is_depthwise
 from prunecli.planning import plan_pruning, trace_for_training
 from prunecli.runtime import model_device
+from prunecli.training import finetune
 
 if TYPE_CHECKING:
     from prunecli.graph import ChannelGroup, DependencyGraph
@@ -200,7 +200,7 @@ def zero_coefficient_groups(blocks: Mapping[str, DecomposedConv]) -> int:
 
 
 class EdpTraining:
-    """The training side of EDP, as a hook of the fine-tuning loop (``prunecli.finetune.TrainingHook``).
+    """The training side of EDP, as a hook of the fine-tuning loop (``prunecli.training.TrainingHook``).
 
     ``select`` returns the plan that meets the budget from the current coefficient norms. A selected channel
     keeps its radius (its group norm when first selected) and the step it was selected at, so re-selecting it
@@ -412,7 +412,7 @@ class EdpResult:
     plan: Plan
     target: float
     selections: list[dict[str, Any]]
-    training: Any  # prunecli.finetune.FinetuneResult
+    training: Any  # prunecli.training.FinetuneResult
     prune_merge: PruneMergeRecord
 
     def record(self) -> dict[str, Any]:
@@ -438,7 +438,7 @@ def edp_prune(
         model: changed in place (decomposed, trained, pruned); pass a copy to keep the original.
         example_input: a batch the model accepts, to trace its channel groups.
         train, val: labelled ``ImageSet``s; ``val`` (optional) is evaluated after every epoch.
-        training: a ``prunecli.finetune.FinetuneConfig`` (epochs, lr, batch size, device, seed, DDP as ``finetune``).
+        training: a ``prunecli.config.FinetuneConfig`` (epochs, lr, batch size, device, seed, DDP as ``finetune``).
         prune: a ``PruneConfig``: budget (MACs or params), allocation, limits, ``ignore``.
         lam: the group-lasso strength on every row and column of the coefficient matrices.
         threshold: Pruning & Merging also drops rows and columns whose norm is below it.
