@@ -766,11 +766,12 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     if train.labels is None:
         raise DataError(f"--data {job.train.source} has no labels; fine-tuning needs labelled images")
     val = load_images(job.val, loaded, job.val_limit, job.training.seed) if job.val else None
-    before = evaluate(loaded.model, val, job.training.eval_batch_size or job.training.batch_size).to_dict() if val else None
+    baseline = evaluate(loaded.model, val, job.training.eval_batch_size or job.training.batch_size) if val else None
+    before = baseline.to_dict() if baseline else None
     say(f"fine-tuning on {len(train)} images for {job.training.steps or job.training.epochs} "
         f"{'steps' if job.training.steps else 'epochs'}")
     result = finetune(loaded.model, train, val, job.training, teacher=teacher.model if teacher else None,
-                      progress=messages_to(say))
+                      progress=messages_to(say), baseline=baseline)
     model = result.model.eval().cpu()
     after = evaluate(model, val, job.training.eval_batch_size or job.training.batch_size).to_dict() if val else None
     costs, _ = costs_and_output(model, x)

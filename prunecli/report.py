@@ -286,6 +286,9 @@ def render_finetune(result: FinetuneRunResult, console: Console) -> None:
     if result.before and result.after:
         console.print(f"validation top-1: {100 * result.before['top1']:.2f}% before → {100 * result.after['top1']:.2f}% "
                       f"after (best epoch {result.training.get('best_epoch')})")
+    if result.training.get("kept_input"):
+        console.print(f"kept the input's weights: no epoch improved on its validation top-1 of "
+                      f"{100 * result.training['best_top1']:.2f}%")
     if result.output:
         console.print(f"written to {result.output}")
 

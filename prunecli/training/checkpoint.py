@@ -62,8 +62,10 @@ def prepare_checkpoint(config: FinetuneConfig, expected: Mapping[str, Any]) -> d
     return None
 
 
-def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """``payload`` to ``path`` atomically: an interrupted write leaves the previous checkpoint intact."""
+def write_checkpoint(path: Path, **fields: Any) -> None:
+    """The run's state ``fields``, marked with the checkpoint format and version, to ``path`` atomically: an
+    interrupted write leaves the previous checkpoint intact."""
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **fields}
     with atomic_output(Path(path), force=True) as tmp:
         write_through_memory(tmp, lambda buffer: torch.save(payload, buffer))
 

@@ -37,6 +37,17 @@ class Distributed:
         return tensor
 
     @torch.no_grad()
+    def broadcast(self, model: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank, as DistributedDataParallel copies them when it wraps
+        the model (nothing to do for one process)."""
+        if self.world < 2:
+            return
+        import torch.distributed as dist
+
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.detach(), 0)
+
+    @torch.no_grad()
     def average_buffers(self, model: nn.Module) -> None:
         """Average the BatchNorm running statistics over the ranks (each rank saw its own shard), so every rank
         validates, keeps and saves the same model (timm's ``distribute_bn`` with reduce)."""

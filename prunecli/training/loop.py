@@ -1,5 +1,10 @@
 """The fine-tuning loop: ``finetune`` and the trainer behind it (epochs and steps, distillation, the best
-epoch, progress events and the calls into a :class:`~prunecli.training.hooks.TrainingHook`)."""
+epoch, progress events and the calls into a :class:`~prunecli.training.hooks.TrainingHook`).
+
+"Keeps the best epoch" counts the input as epoch 0: with validation data (and no hook), a trained epoch is kept
+only if its validation top-1 beats the input's; if none does, the result is the input's weights
+(``best_epoch`` 0, ``kept_input``), so fine-tuning never hands back a model worse than it was given.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +22,7 @@ from prunecli.errors import CheckpointError, PrunecliError
 from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.runtime import model_device
 from prunecli.training.batchnorm import recalibrate_bn
-from prunecli.training.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    cpu_state,
-    fingerprint,
-    prepare_checkpoint,
-    write_checkpoint,
-)
+from prunecli.training.checkpoint import cpu_state, fingerprint, prepare_checkpoint, write_checkpoint
 from prunecli.training.distributed import Distributed, amp_dtype, setup_distributed
 from prunecli.training.evaluate import EvalResult, check_training_inputs, eval_result, eval_sums, synchronize
 from prunecli.training.hooks import Progress, TrainingHook
@@ -41,8 +39,10 @@ def finetune(
     teacher: nn.Module | None = None,
     progress: Progress | None = None,
     hook: TrainingHook | None = None,
+    baseline: EvalResult | None = None,
 ) -> FinetuneResult:
-    """Train ``model`` in place on ``train``, validating on ``val`` after each epoch, and keep the best epoch.
+    """Train ``model`` in place on ``train``, validating on ``val`` after each epoch, and keep the best epoch,
+    the input itself (epoch 0) when no trained epoch beats its validation top-1.
 
     Args:
         model: a classifier returning ``[batch, classes]`` logits (for example a pruned slim model).
@@ -53,9 +53,13 @@ def finetune(
         progress: called (rank 0 only) with ``{"event": "step", ...}`` after every step, ``{"event": "epoch",
             ...}`` after every epoch, and ``{"event": "recalibrate"|"select", ...}`` for those phases.
         hook: what a training-aware pruning method adds to the loop (``prunecli.methods.soft``, ``.edp``).
+            With a hook the input is no candidate: the method changes the model from its first step.
+        baseline: the input model's result on ``val`` when the caller has measured it already (``evaluate``,
+            as ``finetune_model`` reports "before"), so epoch 0 is not validated twice; else measured here.
 
     Returns:
-        the result; ``result.model`` is ``model`` with the best epoch's weights, in eval mode.
+        the result; ``result.model`` is ``model`` with the best epoch's weights (the input's when
+        ``result.kept_input``), in eval mode.
 
     Raises:
         DataError: unlabelled data, labels outside the model's classes, a teacher with another number of
@@ -67,10 +71,15 @@ def finetune(
         raise PrunecliError(f"--kd {config.kd} needs a --teacher model to distil from")
     if config.kd == "none" and teacher is not None:
         raise PrunecliError("a teacher was given but --kd is none; pass --kd fixed or --kd variable")
+    if baseline is not None and (val is None or baseline.images != len(val)):
+        raise PrunecliError(
+            f"the baseline was measured on {baseline.images} images, but the validation data holds "
+            f"{len(val) if val is not None else 0}; measure it on the validation data"
+        )
     distributed = setup_distributed(config.device)
     try:
         with distributed.isolated_rng():
-            return _Trainer(model, train, val, config, teacher, progress, hook, distributed).run()
+            return _Trainer(model, train, val, config, teacher, progress, hook, distributed, baseline).run()
     finally:
         distributed.close()
 
@@ -95,9 +104,9 @@ class _Trainer:
     """One fine-tuning run, split into steps for readability; the run's settings live in its attributes, what
     changes as it goes in a :class:`_RunState`."""
 
-    def __init__(self, model, train, val, config, teacher, progress, hook, distributed: Distributed):
+    def __init__(self, model, train, val, config, teacher, progress, hook, distributed: Distributed, baseline=None):
         self.model: nn.Module = model
-        self.train, self.val, self.config = train, val, config
+        self.train, self.val, self.config, self.baseline = train, val, config, baseline
         self.teacher, self.hook, self.dist = teacher, hook, distributed
         self.say = progress if distributed.rank == 0 else None
         self.device = distributed.device
@@ -126,7 +135,9 @@ class _Trainer:
     # --- before the first step
 
     def _start(self) -> _RunState:
-        """A fresh run: the hook's first selection, then BatchNorm recalibration when asked for."""
+        """A fresh run: the input as epoch 0's candidate, the hook's first selection, then BatchNorm
+        recalibration when asked for."""
+        state = _RunState(lr=self.config.lr, best=self._input_candidate())
         if self.hook is not None:
             self._tell(self.hook.begin())
         if self.config.recalibrate_bn:
@@ -134,7 +145,22 @@ class _Trainer:
             batches = iterate_batches(self.train, config.batch_size, shuffle=True, seed=mix_seed(config.seed, 3))
             used = recalibrate_bn(self.model, batches, config.recalibrate_bn, self.device)
             self._tell({"event": "recalibrate", "batches": used})
-        return _RunState(lr=self.config.lr)
+        return state
+
+    def _input_candidate(self) -> dict[str, Any] | None:
+        """Epoch 0: the input model, which a trained epoch must beat on validation to be kept. None without
+        validation data, or with a hook (its method changes the model from the first step: the input is no
+        result of it)."""
+        if self.val is None or self.hook is not None:
+            return None
+        self.dist.broadcast(self.model)  # under torchrun the run starts from rank 0's model, as DDP would
+        if self.baseline is not None:
+            top1 = self.baseline.top1
+        else:
+            was_training = self.model.training
+            top1 = self._validate().top1
+            self.model.train(was_training)
+        return {"epoch": 0, "top1": top1, "state": cpu_state(self.model), "hook": None}
 
     def _resume(self, saved: dict[str, Any]) -> _RunState:
         """The model, optimizer, scaler and hook as the checkpoint left them, and the run's state."""
@@ -234,14 +260,13 @@ class _Trainer:
         """The resume state after ``epochs_done`` epochs (rank 0, when there is a checkpoint path)."""
         if self.config.checkpoint is None or self.dist.rank != 0:
             return
-        write_checkpoint(self.config.checkpoint, {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "options": self.expected,
-            "world_size": self.dist.world, "epoch": epochs_done, "step": state.step, "model": cpu_state(self.model),
-            **self.stepper.state(),
-            "history": [dataclasses.asdict(r) for r in state.history], "best": state.best,
-            "hook": self.hook.state() if self.hook is not None else None,
-            "seconds": state.seconds_before + time.perf_counter() - self.started,
-        })
+        write_checkpoint(
+            self.config.checkpoint, options=self.expected, world_size=self.dist.world, epoch=epochs_done,
+            step=state.step, model=cpu_state(self.model), **self.stepper.state(),
+            history=[dataclasses.asdict(r) for r in state.history], best=state.best,
+            hook=self.hook.state() if self.hook is not None else None,
+            seconds=state.seconds_before + time.perf_counter() - self.started,
+        )
 
     # --- after the last step
 
@@ -262,7 +287,7 @@ class _Trainer:
             self.schedule.epochs, state.step, state.seconds_before + time.perf_counter() - self.started,
             state.images_seen / state.train_seconds if state.train_seconds > 0 else 0.0, str(self.device),
             str(amp).removeprefix("torch.") if amp is not None else None, self.dist.world,
-            state.resumed_from, self.model,
+            state.resumed_from, best is not None and best["epoch"] == 0, self.model,
         )
 
     def _tell(self, event: dict[str, Any]) -> None:

@@ -31,7 +31,8 @@ class EpochRecord:
 @dataclass(frozen=True)
 class FinetuneResult:
     """What a fine-tuning run did. ``model`` is the trained model itself (the best epoch's weights when there
-    was validation data, else the last), in eval mode on the device it was given on."""
+    was validation data, else the last), in eval mode on the device it was given on. ``best_epoch`` 0 and
+    ``kept_input``: no trained epoch beat the input's validation top-1, and the model holds the input's weights."""
 
     config: dict[str, Any]
     history: list[EpochRecord]
@@ -45,6 +46,7 @@ class FinetuneResult:
     amp: str | None
     world_size: int
     resumed_from: int | None  # epochs already done in the checkpoint this run resumed
+    kept_input: bool  # the input's weights are the result: no trained epoch improved on them
     model: nn.Module = field(repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +64,7 @@ class FinetuneResult:
             "history": history,
             "best_epoch": self.best_epoch,
             "best_top1": self.best_top1,
+            "kept_input": self.kept_input,
             "epochs": self.epochs,
             "steps": self.steps,
             "amp": self.amp,
