@@ -19,7 +19,7 @@ from quality import prune_sample, recalibrate, setup
 
 from prunecli.config import GROUP_SCOPES
 from prunecli.criteria import get_criterion, list_criteria
-from prunecli.finetune import evaluate
+from prunecli.training import evaluate
 
 
 def main() -> None:

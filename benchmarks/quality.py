@@ -26,6 +26,7 @@ from prunecli.budget import parse_budget
 from prunecli.config import (
     DataOptions,
     EdpOptions,
+    FinetuneConfig,
     ModelSource,
     OutputOptions,
     PlanOptions,
@@ -33,12 +34,12 @@ from prunecli.config import (
     ScoringOptions,
 )
 from prunecli.criteria import get_criterion, list_criteria
-from prunecli.finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from prunecli.io.data import ImageSet, iterate_batches, load_fashion_mnist, normalize
 from prunecli.io.slim import load
 from prunecli.measure import totals
 from prunecli.methods.edp import edp_prune
 from prunecli.planning import Selection
+from prunecli.training import evaluate, finetune, recalibrate_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "resnet20_fmnist.safetensors"

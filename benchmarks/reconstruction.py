@@ -32,13 +32,13 @@ from prunecli.budget import parse_budget
 from prunecli.config import GROUP_SCOPE, DataOptions, ModelSource, PlanOptions, ReconstructOptions
 from prunecli.criteria import list_criteria
 from prunecli.criteria.base import score_weights, score_with_data
-from prunecli.finetune import evaluate, recalibrate_bn
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet, iterate_batches, load_fashion_mnist, normalize
 from prunecli.measure import CostModel, costs_and_output, totals
 from prunecli.planning import group_limits, plan_pruning
 from prunecli.reconstruct import reconstruct
 from prunecli.sensitivity import group_sensitivity
+from prunecli.training import evaluate, recalibrate_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"resnet20": "resnet20_fmnist.safetensors", "mobilenetv2": "mobilenetv2_fmnist.safetensors"}

@@ -258,7 +258,7 @@ def export_artifact(job: ExportJob) -> Any:
 
 def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     """Top-1/top-5 accuracy, loss and throughput on labelled data; with ``compare``, the original beside it."""
-    from prunecli.finetune import evaluate
+    from prunecli.training import evaluate
 
     def run(source: ModelSource) -> tuple[ModelSummary, dict[str, Any], str, LoadedModel]:
         loaded = open_model(source)
@@ -306,8 +306,9 @@ def _check_finetune_outputs(job: FinetuneJob, output: Path) -> None:
 
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
-    from prunecli.finetune import evaluate, finetune, messages_to
     from prunecli.io.slim import save_slim
+    from prunecli.report import messages_to
+    from prunecli.training import evaluate, finetune
 
     say = progress or _silent
     output = job.output or default_finetune_output(job.source.path)
@@ -320,11 +321,12 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     train = labelled_images(job.train, loaded, job.train_limit, job.training.seed, "fine-tuning")
     val = load_images(job.val, loaded, job.val_limit, job.training.seed) if job.val else None
     eval_batch = job.training.eval_batch_size or job.training.batch_size
-    before = evaluate(loaded.model, val, eval_batch).to_dict() if val else None
+    baseline = evaluate(loaded.model, val, eval_batch) if val else None  # epoch 0: the input, kept unless beaten
+    before = baseline.to_dict() if baseline else None
     say(f"fine-tuning on {len(train)} images for {job.training.steps or job.training.epochs} "
         f"{'steps' if job.training.steps else 'epochs'}")
     result = finetune(loaded.model, train, val, job.training, teacher=teacher.model if teacher else None,
-                      progress=messages_to(say))
+                      progress=messages_to(say), baseline=baseline)
     model = result.model.eval().cpu()
     after = evaluate(model, val, eval_batch).to_dict() if val else None
     costs, _ = costs_and_output(model, x)

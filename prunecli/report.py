@@ -1,5 +1,6 @@
-"""The only module that renders: rich tables for people, one JSON document for pipelines, and the
-before/after pruning report written by ``--report`` as JSON, Markdown or a self-contained HTML page."""
+"""The only module that renders: rich tables for people, one JSON document for pipelines, the before/after
+pruning report written by ``--report`` as JSON, Markdown or a self-contained HTML page, and training progress
+events as lines of text (``messages_to``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import html
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,35 @@ def stdout_console() -> Console:
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
         return Console()
     return Console(width=PIPE_WIDTH)
+
+
+def event_message(event: Mapping[str, Any]) -> str | None:
+    """A training event (``finetune``'s ``progress`` argument, also soft pruning's and EDP's "select") as one
+    line of text; None for events not worth a line."""
+    kind = event.get("event")
+    if kind == "epoch":
+        val = event.get("val_top1")
+        return (f"epoch {event.get('epoch')}: train loss {event.get('train_loss', 0):.3f}, "
+                f"val top-1 {val if val is not None else '-'}")
+    if kind == "select":
+        return (f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal"
+                + (f" ({event['zero_coefficient_groups']} coefficient rows/columns already zero, "
+                   f"{event['estimated_cost']:.4g} after removal)" if "estimated_cost" in event else ""))
+    if kind == "step":
+        return (f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
+                f"{event.get('images_per_second', 0):.0f} img/s")
+    return None
+
+
+def messages_to(say: Callable[[str], None]) -> Callable[[Mapping[str, Any]], None]:
+    """A training ``progress`` callback that passes each event worth a line to ``say`` as text."""
+
+    def tell(event: Mapping[str, Any]) -> None:
+        message = event_message(event)
+        if message is not None:
+            say(message)
+
+    return tell
 
 
 def print_json(result: Any) -> None:
@@ -287,6 +318,9 @@ def render_finetune(result: FinetuneRunResult, console: Console) -> None:
     if result.before and result.after:
         console.print(f"validation top-1: {100 * result.before['top1']:.2f}% before → {100 * result.after['top1']:.2f}% "
                       f"after (best epoch {result.training.get('best_epoch')})")
+    if result.training.get("kept_input"):
+        console.print(f"kept the input's weights: no epoch improved on its validation top-1 of "
+                      f"{100 * result.training['best_top1']:.2f}%")
     if result.output:
         console.print(f"written to {result.output}")
 

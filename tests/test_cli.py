@@ -661,6 +661,30 @@ def test_finetune_augment_option_reaches_the_training_loop(tmp_path):
     assert result.exit_code == 2 and "--augment" in result.output and not (tmp_path / "x.pt").exists()
 
 
+def test_finetune_writes_the_input_when_no_epoch_improves_on_it(tmp_path):
+    """Issue 28: validation images labelled with the model's own predictions (top-1 100% before training), so
+    no trained epoch can beat the input: the written model is the input's weights, and the output says so."""
+    from safetensors.torch import load_file, save_file
+
+    model = SAMPLE / "resnet20_fmnist.safetensors"
+    images = load_file(str(SAMPLE / "fmnist_calib.safetensors"))["images"][:16]
+    with torch.no_grad():
+        predicted = load(model).eval()(images.float() / (255.0 if images.dtype == torch.uint8 else 1.0)).argmax(1)
+    save_file({"images": images, "labels": predicted}, str(tmp_path / "own.safetensors"))
+    args = ("finetune", model, "--data", SAMPLE / "fmnist_calib.safetensors", "--limit", "16", "--batch-size", "8",
+            "--steps", "2", "--lr", "0.5", "--device", "cpu", "--val-data", tmp_path / "own.safetensors")
+    result = invoke(*args, "-o", tmp_path / "text.safetensors", columns=200)
+    assert result.exit_code == 0, result.output
+    assert "100.00% before → 100.00% after (best epoch 0)" in result.output
+    assert "kept the input's weights: no epoch improved on its validation top-1 of 100.00%" in result.output
+    written, original = load(tmp_path / "text.safetensors").state_dict(), load(model).state_dict()
+    for name, value in original.items():
+        torch.testing.assert_close(written[name], value, rtol=0, atol=0, msg=name)
+    result = invoke(*args, "--json", "-o", tmp_path / "json.safetensors")
+    training = json.loads(result.output)["training"]
+    assert training["kept_input"] is True and training["best_epoch"] == 0 and training["best_top1"] == 1.0
+
+
 @pytest.mark.slow
 def test_time_limits_hold_a_hundred_times_under_a_cpu_burning_thread():
     """The alarm can fire inside library code that catches ``Exception``; the limit must hold all the same."""

@@ -20,8 +20,7 @@ from typer.testing import CliRunner
 from prunecli.allocate import Plan
 from prunecli.budget import parse_budget
 from prunecli.cli import app
-from prunecli.config import EdpOptions, PlanOptions, ScoringOptions
-from prunecli.finetune import FinetuneConfig
+from prunecli.config import EdpOptions, FinetuneConfig, PlanOptions, ScoringOptions
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet
 from prunecli.io.slim import load, save_slim

@@ -5,6 +5,7 @@ physically pruned form, DDP under torchrun, and the refusal of bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 from pathlib import Path
@@ -15,10 +16,14 @@ from torch import nn
 from torch.testing import assert_close
 
 from prunecli.budget import parse_budget
-from prunecli.config import PlanOptions, ScoringOptions, SoftOptions
+from prunecli.config import FinetuneConfig, PlanOptions, ScoringOptions, SoftOptions
 from prunecli.errors import CheckpointError, DataError, ExportError, PrunecliError
-from prunecli.finetune import (
-    FinetuneConfig,
+from prunecli.graph import DependencyGraph
+from prunecli.io.data import FASHION_MNIST_ROOT, ImageSet, load_fashion_mnist, normalize
+from prunecli.methods.soft import soft_prune
+from prunecli.planning import Selection
+from prunecli.samples import resnet20
+from prunecli.training import (
     augment_batch,
     evaluate,
     finetune,
@@ -27,11 +32,6 @@ from prunecli.finetune import (
     recalibrate_bn,
     temperature,
 )
-from prunecli.graph import DependencyGraph
-from prunecli.io.data import FASHION_MNIST_ROOT, ImageSet, load_fashion_mnist, normalize
-from prunecli.methods.soft import soft_prune
-from prunecli.planning import Selection
-from prunecli.samples import resnet20
 
 FMNIST_FILES = FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz"
 
@@ -228,16 +228,67 @@ def test_finetune_keeps_the_best_epoch_and_distils():
     train, val = synthetic(160, 0), synthetic(64, 1)
     teacher = tiny_cnn(seed=5)
     finetune(teacher, train, None, quiet(epochs=3, lr=0.1))
-    student = tiny_cnn(seed=1)
+    student = tiny_cnn(seed=3)  # seed 1 never beat its own input here: the input was kept (issue 28)
+    tops = [evaluate(student, val).top1]  # epoch 0 is the input
     config = quiet(epochs=4, kd="variable", kd_t_max=3.0, kd_t_min=1.0, warmup_epochs=0.5)
     result = finetune(student, train, val, config, teacher=teacher)
-    tops = [r.val_top1 for r in result.history]
-    assert result.best_epoch == 1 + tops.index(max(tops)) and result.best_top1 == max(tops)
+    tops += [r.val_top1 for r in result.history]
+    assert result.best_epoch == tops.index(max(tops)) and result.best_top1 == max(tops)
+    assert result.best_epoch >= 1 and not result.kept_input  # measured: 0.30 -> 0.30, 0.42, 0.23, 0.23
     assert evaluate(student, val).top1 == result.best_top1  # the returned model is the best epoch's
     assert result.history[0].temperature < 3.0 and result.history[-1].temperature == pytest.approx(1.0)
     assert teacher.training is False and all(p.requires_grad for p in teacher.parameters())  # not frozen in place
     record = result.record()
     assert "seconds" not in record["history"][0] and record["config"]["kd"] == "variable"
+
+
+def shuffled(data: ImageSet, seed: int = 0) -> ImageSet:
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return ImageSet(data.images, data.labels[order], f"{data.description}, labels shuffled")
+
+
+def trained_input_and_its_own_labels() -> tuple[nn.Module, ImageSet, ImageSet]:
+    """A trained model, training images with shuffled labels, and validation images labelled with the model's
+    own predictions: the input scores top-1 1.0 there, and training on noise can only make it worse."""
+    train, val = synthetic(160, 0), synthetic(64, 1)
+    model = tiny_cnn(seed=3)
+    finetune(model, train, None, quiet(epochs=3, lr=0.1))
+    with torch.no_grad():
+        val = ImageSet(val.images, model.eval()(val.images).argmax(1), "the input's own predictions")
+    assert len(val.labels.unique()) > 1  # not a model that answers one class for everything
+    return model, shuffled(train), val
+
+
+def test_finetune_keeps_the_input_when_no_epoch_beats_it(tmp_path):
+    """Issue 28: "keeps the best epoch" counts the input as epoch 0; if no trained epoch beats its validation
+    top-1, the input's weights are the result, and the result says so (also when the run is resumed)."""
+    model, train, val = trained_input_and_its_own_labels()
+    x = val.images[:16]
+    with torch.no_grad():
+        expected = model.eval()(x)
+    result = finetune(model, train, val, quiet(epochs=2, lr=0.2, checkpoint=tmp_path / "run.pt"))
+    assert max(r.val_top1 for r in result.history) < 1.0  # training made the model worse (0.88, 0.73 measured)
+    assert result.best_epoch == 0 and result.best_top1 == 1.0 and result.kept_input
+    assert result.record()["kept_input"] is True and result.record()["best_epoch"] == 0
+    with torch.no_grad():
+        assert_close(model(x), expected, rtol=0, atol=0)  # the input's weights, not the best trained epoch's
+    again = tiny_cnn(seed=11)
+    resumed = finetune(again, train, val, quiet(epochs=2, lr=0.2, checkpoint=tmp_path / "run.pt", resume=True))
+    assert resumed.kept_input and resumed.record() == result.record()
+    with torch.no_grad():
+        assert_close(again(x), expected, rtol=0, atol=0)
+
+
+def test_finetune_compares_with_the_baseline_it_is_given():
+    """``finetune_model`` passes the "before" it measured as epoch 0's result instead of validating twice."""
+    model, train, val = trained_input_and_its_own_labels()
+    measured = evaluate(model, val)
+    assert measured.top1 == 1.0
+    with pytest.raises(PrunecliError, match="baseline was measured on 64 images, but the validation data holds 32"):
+        finetune(model, train, ImageSet(val.images[:32], val.labels[:32], "half"), quiet(), baseline=measured)
+    told_worse = dataclasses.replace(measured, top1=0.0)  # a trained epoch beats this one: it is what is compared
+    result = finetune(model, train, val, quiet(epochs=2, lr=0.2), baseline=told_worse)
+    assert result.best_epoch == 1 and not result.kept_input and result.best_top1 == result.history[0].val_top1
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -389,7 +440,8 @@ DDP_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     from torch import nn
-    from prunecli.finetune import FinetuneConfig, finetune
+    from prunecli.config import FinetuneConfig
+    from prunecli.training import finetune
     from prunecli.io.data import ImageSet
 
     torch.set_num_threads(1)
@@ -425,7 +477,7 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path):
 
 
 def test_training_events_read_as_one_line_each():
-    from prunecli.finetune import event_message, messages_to
+    from prunecli.report import event_message, messages_to
 
     assert event_message({"event": "epoch", "epoch": 2, "train_loss": 0.51234, "val_top1": None}) == (
         "epoch 2: train loss 0.512, val top-1 -")

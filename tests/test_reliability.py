@@ -622,7 +622,7 @@ def _paused_replace(src, dst):
     _replace(src, dst)
     _pause()
 import torch, torch_pruning, safetensors.torch
-import prunecli.api, prunecli.export, prunecli.finetune, prunecli.latency
+import prunecli.api, prunecli.export, prunecli.latency, prunecli.training
 from prunecli.cli import app
 jobs = json.loads(sys.argv[1])
 pids = []

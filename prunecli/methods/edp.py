@@ -44,10 +44,10 @@ from torch import Tensor, nn
 from prunecli.allocate import Plan
 from prunecli.criteria.base import normalise
 from prunecli.errors import ArchitectureError
-from prunecli.finetune import finetune
 from prunecli.layers import DecomposedConv, channel_params, decomposed_layers, is_depthwise
 from prunecli.planning import Selection
 from prunecli.runtime import model_device
+from prunecli.training import finetune
 
 if TYPE_CHECKING:
     from prunecli.config import EdpOptions
@@ -201,7 +201,7 @@ def zero_coefficient_groups(blocks: Mapping[str, DecomposedConv]) -> int:
 
 
 class EdpTraining:
-    """The training side of EDP, as a hook of the fine-tuning loop (``prunecli.finetune.TrainingHook``).
+    """The training side of EDP, as a hook of the fine-tuning loop (``prunecli.training.TrainingHook``).
 
     ``select`` returns the plan that meets the budget from the current coefficient norms. A selected channel
     keeps its radius (its group norm when first selected) and the step it was selected at, so re-selecting it
@@ -407,7 +407,7 @@ class EdpResult:
     plan: Plan
     target: float
     selections: list[dict[str, Any]]
-    training: Any  # prunecli.finetune.FinetuneResult
+    training: Any  # prunecli.training.FinetuneResult
     prune_merge: PruneMergeRecord
 
     def record(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Soft (training-aware) pruning, as in LRMF and FPGM, with any registered criterion.
 
 The selected channels are zeroed and held at zero while the model trains at full size, and re-selected every few
-epochs; the fine-tuning loop (``prunecli.finetune``) runs it through its :class:`~prunecli.finetune.TrainingHook`.
+epochs; the fine-tuning loop (``prunecli.training``) runs it through its :class:`~prunecli.training.TrainingHook`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from torch import Tensor, nn
 from prunecli.allocate import Plan
 from prunecli.criteria import get_criterion, score_channels
 from prunecli.errors import PrunecliError
-from prunecli.finetune import FinetuneResult, Progress, finetune
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet
 from prunecli.layers import NORMS, channel_params
 from prunecli.planning import Selection
 from prunecli.runtime import model_device, world_size
+from prunecli.training import FinetuneResult, Progress, finetune
 
 if TYPE_CHECKING:
     from prunecli.config import SoftOptions

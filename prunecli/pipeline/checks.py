@@ -64,7 +64,7 @@ def accuracy(options: AccuracyOptions | None, loaded: LoadedModel, pruned: nn.Mo
             return None
         return {"data": document.get("test_data") or document.get("dataset"), "images": None, "measured": False,
                 "original_top1": float(document["test_accuracy"]), "pruned_top1": None}
-    from prunecli.finetune import evaluate
+    from prunecli.training import evaluate
 
     images = labelled_images(options.data, loaded, options.limit, run.seed, "measuring top-1")
     say(f"evaluating the original and the slim model on {len(images)} images")

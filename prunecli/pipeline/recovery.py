@@ -14,12 +14,12 @@ from torch import nn
 
 from prunecli.config import EdpOptions, ReconstructOptions, RunOptions, SoftOptions
 from prunecli.errors import OptionError, PrunecliError
-from prunecli.finetune import messages_to
 from prunecli.io.checkpoint import LoadedModel
 from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.pipeline.removal import Removed, remove
 from prunecli.planning import Selection
 from prunecli.reconstruct import ReconstructReport, reconstruct
+from prunecli.report import messages_to
 from prunecli.runtime import time_limit
 
 Say = Callable[[str], None]
@@ -38,7 +38,7 @@ def check_recalibration(batches: int, images: ImageSet, batch_size: int) -> None
 
 def recalibrate(model: nn.Module, batches: int, images: ImageSet, batch_size: int, say: Say) -> dict[str, Any]:
     """Re-estimate the BatchNorm statistics of ``model`` on the first ``batches`` batches of ``images``."""
-    from prunecli.finetune import recalibrate_bn
+    from prunecli.training import recalibrate_bn
 
     say(f"re-estimating batch-norm statistics on {batches} batches of {batch_size} images")
     used = recalibrate_bn(model, iterate_batches(images, batch_size), batches)
