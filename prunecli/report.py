@@ -288,14 +288,24 @@ def render_export(result: Any, console: Console) -> None:
         console.print(f"note: {data['fallback_reason']}")
     check = data.get("verification")
     if check:
-        for kind in ("random", "real", "cast"):
+        verdict = "[green]ok[/]" if check["passed"] else "[red]failed[/]"
+        for kind in ("random", "real"):
             parity = check.get(kind)
             if parity:
                 console.print(f"verify ({check['runtime']}, {kind} inputs): max abs {parity['max_abs']:.3g}, "
-                              f"max rel {parity['max_rel']:.3g} (atol {check['atol']:g}) "
-                              + ("[green]ok[/]" if check["passed"] else "[red]failed[/]"))
+                              f"max rel {parity['max_rel']:.3g} (atol {check['atol']:g}) {verdict}")
+        if check.get("cast"):
+            console.print(_cast_line(check, "random and real" if check.get("real") else "random") + f" {verdict}")
     for note in data.get("notes") or []:
         console.print(f"note: {note}")
+
+
+def _cast_line(check: dict[str, Any], inputs: str) -> str:
+    """What the fp16/bf16 cast costs against the fp32 model, beside the tolerance it is held to."""
+    parity, dtype, tolerance = check["cast"], check.get("cast_dtype") or "the dtype", check.get("cast_tolerance")
+    bound = f"tolerance max rel {tolerance:.3g} for {dtype}" if tolerance is not None else "no tolerance recorded"
+    return (f"verify ({dtype} cast against fp32, {inputs} inputs): max abs {parity['max_abs']:.3g}, "
+            f"max rel {parity['max_rel']:.3g} ({bound})")
 
 
 # ----------------------------------------------------------------------------- the --report file

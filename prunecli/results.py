@@ -186,8 +186,10 @@ class Parity:
 class Verification:
     """How the written artifact compares with the PyTorch model (``passed``: every max_abs <= atol).
 
-    ``cast`` (safetensors fp16/bf16 only) is what the dtype cast itself costs against the fp32 model; it
-    is informational: the pass/fail check compares the reloaded file with the cast model.
+    ``cast`` (safetensors fp16/bf16 only) is what the cast to ``cast_dtype`` costs against the fp32 model, on
+    the random (and real) inputs; its ``max_rel`` must stay within ``cast_tolerance`` (a share of the largest
+    fp32 output, ``prunecli.export.verify.cast_tolerance`` says why), as the reloaded file must stay within
+    ``atol`` of the cast model.
     """
 
     runtime: str
@@ -196,6 +198,8 @@ class Verification:
     real: Parity | None
     passed: bool
     cast: Parity | None = None
+    cast_dtype: str | None = None
+    cast_tolerance: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
