@@ -15,18 +15,11 @@ from rich.table import Table
 
 from prunecli._version import __version__
 from prunecli.errors import ExportError
+from prunecli.humanize import human, plural
 from prunecli.io.files import atomic_output, check_output_path
 from prunecli.results import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
 
 PIPE_WIDTH = 200  # columns of a table printed to a pipe; longer cells fold
-
-
-def human(number: float, digits: int = 2) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(number) >= scale:
-            return f"{number / scale:.{digits}f}{unit}"
-    return f"{number:.0f}" if float(number).is_integer() else f"{number:.{digits}f}"
 
 
 def stdout_console() -> Console:
@@ -115,8 +108,8 @@ def render_prune(result: PruneResult, console: Console) -> None:
         f"method {result.method}, allocation {result.allocation}, budget --{budget['kind']}"
         f"{'-target' if budget['kind'] != 'ratio' else ''} {budget['text']} → target {human(result.target)}"
         f"{' ms (measured)' if budget['kind'] == 'latency' else ''}; "
-        f"achieved {result.deviation_pp:+.2f} pp from target · {result.channels_removed} channels removed in "
-        f"{result.groups_pruned} groups · {result.seconds:.1f} s · seed {result.seed}"
+        f"achieved {result.deviation_pp:+.2f} pp from target · {plural(result.channels_removed, 'channel')} removed in "
+        f"{plural(result.groups_pruned, 'group')} · {result.seconds:.1f} s · seed {result.seed}"
     )
     for note in result.notes:
         console.print(f"note: {note}")
@@ -149,14 +142,14 @@ def render_sensitivity(groups: dict[str, dict], console: Console, shown: int = 3
 
 def render_latency_target(record: dict[str, Any], console: Console) -> None:
     """``--latency-target``: every slim model measured while correcting the request, then the outcome."""
-    table = Table(title=f"latency target ({record['runtime']}, batch {record['batch']}, {record['threads']} threads)",
-                  title_justify="left")
+    table = Table(title=f"latency target ({record['runtime']}, batch {record['batch']}, "
+                        f"{plural(record['threads'], 'thread')})", title_justify="left")
     for column in _TARGET_HEADER:
         table.add_column(column, justify="right")
     for row in _target_rows(record):
         table.add_row(*row)
     console.print(table)
-    console.print(_target_line(record))
+    console.print(_target_line(record), soft_wrap=True)  # the cache path stays whole, to be copied at any width
 
 
 def _target_rows(record: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -170,8 +163,8 @@ def _target_line(record: dict[str, Any]) -> str:
     outcome = "within" if record["converged"] else "NOT within"
     return (f"measured {record['original_ms']:.3f} ms → {record['slim_ms']:.3f} ms ({record['measured_ratio']:.3f} of the "
             f"original; target {record['target_ratio']:.3f}, {outcome} {100 * record['tolerance']:.0f}%) after "
-            f"{len(record['iterations'])} slim models (* the one kept) · table of {t['layers']} layers at {t['points']} "
-            f"channel counts: {c['measured']} timed now, {c['reused']} from the cache {c['path']}")
+            f"{plural(len(record['iterations']), 'slim model')} (* the one kept) · table of {plural(t['layers'], 'layer')} "
+            f"at {t['points']} channel counts: {c['measured']} timed now, {c['reused']} from the cache {c['path']}")
 
 
 _TARGET_HEADER = ("slim model", "requested ms", "predicted ms", "measured ms", "of original", "MACs")
@@ -477,7 +470,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], list[t
 
 def _channels_line(report: dict[str, Any]) -> str:
     t = report["totals"]
-    line = f"{t['channels_removed']} channels removed in {t['groups_pruned']} channel groups."
+    line = f"{plural(t['channels_removed'], 'channel')} removed in {plural(t['groups_pruned'], 'channel group')}."
     return f"{line} Latency target: {_target_line(report['latency_target'])}." if report.get("latency_target") else line
 
 

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).parents[1] / "prunecli"
 # graph must still be acyclic. A new module must be placed here (and in docs/architecture.md).
 LAYERS = (
     ("prunecli._version", "prunecli.errors", "prunecli.config", "prunecli.results", "prunecli.runtime",
-     "prunecli.outputs"),
+     "prunecli.outputs", "prunecli.humanize"),
     ("prunecli.samples", "prunecli.io", "prunecli.io.*", "prunecli.layers", "prunecli.graph", "prunecli.allocate",
      "prunecli.measure", "prunecli.latency_model", "prunecli.reconstruct", "prunecli.sensitivity",
      "prunecli.criteria", "prunecli.criteria.*",

@@ -34,11 +34,20 @@ class OneLineUsageErrors(TyperGroup):
             code = super().main(*args, standalone_mode=False, **kwargs)
         except typer.TyperException as exc:  # click's UsageError and its kin, re-raised outside standalone mode
             if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
-                context = getattr(exc, "ctx", None)
-                hint = f"; see '{context.command_path} --help'" if context is not None else ""
-                say_error(exc.format_message().rstrip(".") + hint)
+                say_error(usage_message(exc.format_message(), getattr(exc, "ctx", None)))
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_message(message: str, context) -> str:
+    """Click's usage error and where to read more: ``...; see 'prunecli prune --help'``, or after a question
+    (``Did you mean 'prune'?``) a sentence of its own."""
+    message = message.strip().rstrip(".")
+    if context is None:
+        return message
+    if message.endswith("?"):
+        return f"{message} See '{context.command_path} --help'."
+    return f"{message}; see '{context.command_path} --help'"
 
 
 def say_error(message: str) -> None:
