@@ -122,6 +122,8 @@ def render_prune(result: PruneResult, console: Console) -> None:
                       f"{r['mean_error_after']:.4f} (held-out images)")
         for layer, why in r["skipped"].items():
             console.print(f"note: {layer} not reconstructed: {why}")
+    if result.training:
+        render_validation(result.training, console)
     if result.accuracy and result.accuracy["measured"]:
         a = result.accuracy
         console.print(f"top-1 on {a['data']} ({a['images']} images): {100 * a['original_top1']:.2f}% original → "
@@ -130,6 +132,16 @@ def render_prune(result: PruneResult, console: Console) -> None:
         render_latency_target(result.latency_target, console)
     if result.latency:
         render_latency(result.latency, console)
+
+
+def render_validation(training: dict[str, Any], console: Console) -> None:
+    """EDP's and soft pruning's ``--val-data``: top-1 after each epoch and the epoch whose weights were kept."""
+    scores = [(h["epoch"], h["val_top1"]) for h in training.get("history", []) if h.get("val_top1") is not None]
+    if not scores:
+        return
+    kept = training.get("best_epoch")
+    line = "validation top-1 by epoch: " + ", ".join(f"{epoch}: {100 * top1:.2f}%" for epoch, top1 in scores)
+    console.print(line + (f" · the slim model has epoch {kept}'s weights" if kept is not None else ""))
 
 
 def render_sensitivity(groups: dict[str, dict], console: Console, shown: int = 3) -> None:

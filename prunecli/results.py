@@ -138,6 +138,7 @@ class PruneResult:
     reconstruction: dict[str, Any] | None = None  # a ReconstructReport (``--reconstruct``)
     latency_target: dict[str, Any] | None = None  # ``--latency-target``: measured before/after, iterations, table
     sensitivity: dict[str, Any] | None = None  # ``--allocation sensitivity``: per group, widths, damage at each, kept
+    training: dict[str, Any] | None = None  # EDP or soft pruning: the training record (history, val top-1, best epoch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
