@@ -3,7 +3,7 @@
 Ruan, Liu, Yuan, Li, Hu, Li, Maybank, "EDP: An Efficient Decomposition and Pruning Scheme for Convolutional
 Neural Network Compression", IEEE TNNLS 32(10):4499-4513, 2021 (doi 10.1109/TNNLS.2020.3018177).
 
-Neither the paper's code nor its full text is public; this follows ../shared/METHODS.md section 5, which
+Neither the paper's code nor its full text is public; this follows docs/methods.md section 5, which
 reconstructs the method from the abstract and from Hinge (Li et al., CVPR 2020), the closest public method:
 
 * every prunable conv becomes a *compressed-aware block*: a basis conv (same kernel, stride, padding; no bias)
