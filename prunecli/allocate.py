@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from prunecli.errors import BudgetError
+from prunecli.humanize import human
 
 ALLOCATIONS = ("uniform", "global", "efficiency", "dispersion", "sensitivity")
 
@@ -184,7 +185,7 @@ def allocate(
     if total(keep_at(high_knob)) > target:
         best = total(keep_at(high_knob))
         raise BudgetError(
-            f"the budget cannot be reached: pruning as far as allowed still leaves {best:.4g} (target {target:.4g}); "
+            f"the budget cannot be reached: pruning as far as allowed still leaves {human(best)} (target {human(target)}); "
             "raise --max-layer-ratio, remove --ignore patterns or ask for less", least=best
         )
     for _ in range(iterations):

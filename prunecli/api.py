@@ -24,6 +24,7 @@ from prunecli.config import (
 )
 from prunecli.errors import ArchitectureError, ExportError
 from prunecli.graph import ChannelGroup, DependencyGraph
+from prunecli.humanize import plural
 from prunecli.io.checkpoint import LoadedModel
 from prunecli.io.files import check_output_path, check_suffix
 from prunecli.io.scores import check_scores_output, write_scores
@@ -208,6 +209,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         notes=[*loaded.notes, *step.notes], latency=_speed(config, loaded, pruned, say), accuracy=measured_top1,
         reconstruction=step.reconstruction, latency_target=step.records.get("latency_target"),
         sensitivity=step.sensitivity, recalibration=step.records.get("recalibrate_bn"),
+        training=(step.records.get("edp") or step.records.get("soft_pruning") or {}).get("training"),
     )
 
 
@@ -323,8 +325,8 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     eval_batch = job.training.eval_batch_size or job.training.batch_size
     baseline = evaluate(loaded.model, val, eval_batch) if val else None  # epoch 0: the input, kept unless beaten
     before = baseline.to_dict() if baseline else None
-    say(f"fine-tuning on {len(train)} images for {job.training.steps or job.training.epochs} "
-        f"{'steps' if job.training.steps else 'epochs'}")
+    length = plural(job.training.steps, "step") if job.training.steps else plural(job.training.epochs, "epoch")
+    say(f"fine-tuning on {len(train)} images for {length}")
     result = finetune(loaded.model, train, val, job.training, teacher=teacher.model if teacher else None,
                       progress=messages_to(say), baseline=baseline)
     model = result.model.eval().cpu()

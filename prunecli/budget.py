@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunecli.errors import BudgetError, OptionError
+from prunecli.humanize import human
 
 KINDS = ("macs", "params", "latency", "ratio")
 OPTIONS = {"macs": "--flops-target", "params": "--params-target", "latency": "--latency-target", "ratio": "--ratio"}
@@ -20,14 +21,6 @@ _LEGACY_KINDS = {"flops": "macs"}  # what slim files written by prunecli 0.1 cal
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([%KMGT]?)\s*$", re.IGNORECASE)
 _MILLISECONDS = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|%)?\s*$", re.IGNORECASE)
-
-
-def human(number: float, digits: int = 2) -> str:
-    """A count the way budgets are written: 1234567 -> '1.23M'."""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(number) >= scale:
-            return f"{number / scale:.{digits}f}{unit}"
-    return f"{number:.0f}" if float(number).is_integer() else f"{number:.{digits}f}"
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from prunecli._version import __version__
 from prunecli.budget import OPTIONS as BUDGET_OPTIONS
-from prunecli.budget import human
 from prunecli.errors import ExportError
+from prunecli.humanize import human, plural
 from prunecli.io.files import atomic_output, check_output_path
 from prunecli.results import AnalyzeResult, EvaluateResult, FinetuneRunResult, PruneResult, ScoreResult
 
@@ -44,7 +44,7 @@ def event_message(event: Mapping[str, Any]) -> str | None:
     if kind == "select":
         return (f"epoch {event.get('epoch')}: {event.get('removed')} channels selected for removal"
                 + (f" ({event['zero_coefficient_groups']} coefficient rows/columns already zero, "
-                   f"{event['estimated_cost']:.4g} after removal)" if "estimated_cost" in event else ""))
+                   f"{human(event['estimated_cost'])} after removal)" if "estimated_cost" in event else ""))
     if kind == "step":
         return (f"epoch {event.get('epoch')} step {event.get('step')}: loss {event.get('loss', 0):.3f}, "
                 f"{event.get('images_per_second', 0):.0f} img/s")
@@ -174,8 +174,8 @@ def render_prune(result: PruneResult, console: Console) -> None:
         f"method {result.method}, allocation {result.allocation}, budget {BUDGET_OPTIONS[budget['kind']]} "
         f"{budget['text']} → target {human(result.target)}"
         f"{' ms (measured)' if budget['kind'] == 'latency' else ''}; "
-        f"achieved {result.deviation_pp:+.2f} pp from target · {result.channels_removed} channels removed in "
-        f"{result.groups_pruned} groups · {result.seconds:.1f} s · seed {result.seed}"
+        f"achieved {result.deviation_pp:+.2f} pp from target · {plural(result.channels_removed, 'channel')} removed in "
+        f"{plural(result.groups_pruned, 'group')} · {result.seconds:.1f} s · seed {result.seed}"
     )
     for note in result.notes:
         console.print(f"note: {note}")
@@ -183,8 +183,8 @@ def render_prune(result: PruneResult, console: Console) -> None:
         render_sensitivity(result.sensitivity, console)
     if result.recalibration:
         r = result.recalibration
-        console.print(f"batch-norm statistics re-estimated on {r['batches']} batches ({r['images']} images of "
-                      f"{r['data']})")
+        batches = plural(r["batches"], "batch", "batches")
+        console.print(f"batch-norm statistics re-estimated on {batches} ({r['images']} images of {r['data']})")
     if result.reconstruction:
         r = result.reconstruction
         console.print(f"reconstructed {r['layers_refit']} of {len(r['layers'])} changed layers on {r['images']} images "
@@ -192,6 +192,8 @@ def render_prune(result: PruneResult, console: Console) -> None:
                       f"{r['mean_error_after']:.4f} (held-out images)")
         for layer, why in r["skipped"].items():
             console.print(f"note: {layer} not reconstructed: {why}")
+    if result.training:
+        render_validation(result.training, console)
     if result.accuracy and result.accuracy["measured"]:
         a = result.accuracy
         console.print(f"top-1 on {a['data']} ({a['images']} images): {100 * a['original_top1']:.2f}% original → "
@@ -200,6 +202,16 @@ def render_prune(result: PruneResult, console: Console) -> None:
         render_latency_target(result.latency_target, console)
     if result.latency:
         render_latency(result.latency, console)
+
+
+def render_validation(training: dict[str, Any], console: Console) -> None:
+    """EDP's and soft pruning's ``--val-data``: top-1 after each epoch and the epoch whose weights were kept."""
+    scores = [(h["epoch"], h["val_top1"]) for h in training.get("history", []) if h.get("val_top1") is not None]
+    if not scores:
+        return
+    kept = training.get("best_epoch")
+    line = "validation top-1 by epoch: " + ", ".join(f"{epoch}: {100 * top1:.2f}%" for epoch, top1 in scores)
+    console.print(line + (f" · the slim model has epoch {kept}'s weights" if kept is not None else ""))
 
 
 def render_sensitivity(groups: dict[str, dict], console: Console, shown: int = 3) -> None:
@@ -212,14 +224,14 @@ def render_sensitivity(groups: dict[str, dict], console: Console, shown: int = 3
 
 def render_latency_target(record: dict[str, Any], console: Console) -> None:
     """``--latency-target``: every slim model measured while correcting the request, then the outcome."""
-    table = Table(title=f"latency target ({record['runtime']}, batch {record['batch']}, {record['threads']} threads)",
-                  title_justify="left")
+    table = Table(title=f"latency target ({record['runtime']}, batch {record['batch']}, "
+                        f"{plural(record['threads'], 'thread')})", title_justify="left")
     for column in _TARGET_HEADER:
         table.add_column(column, justify="right")
     for row in _target_rows(record):
         table.add_row(*row)
     console.print(table)
-    console.print(_target_line(record))
+    console.print(_target_line(record), soft_wrap=True)  # the cache path stays whole, to be copied at any width
 
 
 def _target_rows(record: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -233,8 +245,8 @@ def _target_line(record: dict[str, Any]) -> str:
     outcome = "within" if record["converged"] else "NOT within"
     return (f"measured {record['original_ms']:.3f} ms → {record['slim_ms']:.3f} ms ({record['measured_ratio']:.3f} of the "
             f"original; target {record['target_ratio']:.3f}, {outcome} {100 * record['tolerance']:.0f}%) after "
-            f"{len(record['iterations'])} slim models (* the one kept) · table of {t['layers']} layers at {t['points']} "
-            f"channel counts: {c['measured']} timed now, {c['reused']} from the cache {c['path']}")
+            f"{plural(len(record['iterations']), 'slim model')} (* the one kept) · table of {plural(t['layers'], 'layer')} "
+            f"at {t['points']} channel counts: {c['measured']} timed now, {c['reused']} from the cache {c['path']}")
 
 
 _TARGET_HEADER = ("slim model", "requested ms", "predicted ms", "measured ms", "of original", "MACs")
@@ -354,14 +366,24 @@ def render_export(result: Any, console: Console) -> None:
         console.print(f"note: {data['fallback_reason']}")
     check = data.get("verification")
     if check:
-        for kind in ("random", "real", "cast"):
+        verdict = "[green]ok[/]" if check["passed"] else "[red]failed[/]"
+        for kind in ("random", "real"):
             parity = check.get(kind)
             if parity:
                 console.print(f"verify ({check['runtime']}, {kind} inputs): max abs {parity['max_abs']:.3g}, "
-                              f"max rel {parity['max_rel']:.3g} (atol {check['atol']:g}) "
-                              + ("[green]ok[/]" if check["passed"] else "[red]failed[/]"))
+                              f"max rel {parity['max_rel']:.3g} (atol {check['atol']:g}) {verdict}")
+        if check.get("cast"):
+            console.print(_cast_line(check, "random and real" if check.get("real") else "random") + f" {verdict}")
     for note in data.get("notes") or []:
         console.print(f"note: {note}")
+
+
+def _cast_line(check: dict[str, Any], inputs: str) -> str:
+    """What the fp16/bf16 cast costs against the fp32 model, beside the tolerance it is held to."""
+    parity, dtype, tolerance = check["cast"], check.get("cast_dtype") or "the dtype", check.get("cast_tolerance")
+    bound = f"tolerance max rel {tolerance:.3g} for {dtype}" if tolerance is not None else "no tolerance recorded"
+    return (f"verify ({dtype} cast against fp32, {inputs} inputs): max abs {parity['max_abs']:.3g}, "
+            f"max rel {parity['max_rel']:.3g} ({bound})")
 
 
 # ----------------------------------------------------------------------------- the --report file
@@ -533,7 +555,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], list[t
 
 def _channels_line(report: dict[str, Any]) -> str:
     t = report["totals"]
-    line = f"{t['channels_removed']} channels removed in {t['groups_pruned']} channel groups."
+    line = f"{plural(t['channels_removed'], 'channel')} removed in {plural(t['groups_pruned'], 'channel group')}."
     return f"{line} Latency target: {_target_line(report['latency_target'])}." if report.get("latency_target") else line
 
 

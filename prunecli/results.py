@@ -139,6 +139,7 @@ class PruneResult:
     latency_target: dict[str, Any] | None = None  # ``--latency-target``: measured before/after, iterations, table
     sensitivity: dict[str, Any] | None = None  # ``--allocation sensitivity``: per group, widths, damage at each, kept
     recalibration: dict[str, Any] | None = None  # ``--recalibrate-bn``: batches and images the statistics came from
+    training: dict[str, Any] | None = None  # EDP or soft pruning: the training record (history, val top-1, best epoch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,8 +188,10 @@ class Parity:
 class Verification:
     """How the written artifact compares with the PyTorch model (``passed``: every max_abs <= atol).
 
-    ``cast`` (safetensors fp16/bf16 only) is what the dtype cast itself costs against the fp32 model; it
-    is informational: the pass/fail check compares the reloaded file with the cast model.
+    ``cast`` (safetensors fp16/bf16 only) is what the cast to ``cast_dtype`` costs against the fp32 model, on
+    the random (and real) inputs; its ``max_rel`` must stay within ``cast_tolerance`` (a share of the largest
+    fp32 output, ``prunecli.export.verify.cast_tolerance`` says why), as the reloaded file must stay within
+    ``atol`` of the cast model.
     """
 
     runtime: str
@@ -197,6 +200,8 @@ class Verification:
     real: Parity | None
     passed: bool
     cast: Parity | None = None
+    cast_dtype: str | None = None
+    cast_tolerance: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -129,9 +129,14 @@ def test_version():
 
 
 def test_no_arguments_shows_help():
-    result = invoke()
-    assert result.exit_code in (0, 2)
-    assert "Usage: prunecli" in result.output
+    result = invoke(columns=200)
+    assert result.exit_code == 2  # nothing to do is a usage error (click's no_args_is_help), as the README says
+    assert result.stderr == ""
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert text.startswith("Usage: prunecli [OPTIONS] COMMAND [ARGS]...")
+    first_words = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and line[2] != " "]
+    commands = [word for word in first_words if not word.startswith("-")]  # the Commands panel, options left out
+    assert commands == ["analyze", "score", "prune", "evaluate", "finetune", "export"]
 
 
 # ----------------------------------------------------------------------------- analyze
@@ -285,8 +290,17 @@ def test_default_output_keeps_dotted_stems(tmp_path, r20):
 def test_default_output_of_a_slim_input_is_a_new_file(tmp_path, r20):
     first = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.2", "-q")
     assert first.exit_code == 0, first.output
-    second = invoke("prune", tmp_path / "r20.slim.safetensors", "--ratio", "0.2", "--json")
+    slim = tmp_path / "r20.slim.safetensors"
+    before = slim.read_bytes()
+    second = invoke("prune", slim, "--ratio", "0.2", "--json")
     assert second.exit_code == 0, second.output
+    twice = tmp_path / "r20.slim.slim.safetensors"
+    assert json.loads(second.stdout)["output"] == str(twice)
+    assert files_in(tmp_path) == ["r20.pt", "r20.slim.safetensors", "r20.slim.slim.safetensors"]
+    assert slim.read_bytes() == before  # the input is left as it was
+    once, again = load(slim), load(twice)
+    x = torch.zeros(1, 1, 28, 28)
+    assert totals(again, x).macs < totals(once, x).macs  # the new file is the input pruned once more
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -146,4 +146,4 @@ def test_a_misspelt_choice_suggests_the_nearest_and_leaks_no_validator_text():
     result = runner.invoke(app, ["score", str(SAMPLE), "--method", "fgpm"], env={"COLUMNS": "400"})
     assert result.exit_code == 2
     assert "did you mean 'fpgm'?" in result.stderr and "Value error" not in result.stderr
-    assert result.stderr.rstrip().endswith("(see 'prunecli score --help')")
+    assert result.stderr.rstrip().endswith("did you mean 'fpgm'? See 'prunecli score --help'.")

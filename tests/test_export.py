@@ -4,6 +4,7 @@ re-writes in fp16/bf16, TorchScript, the failure paths that must leave no file b
 from __future__ import annotations
 
 import ast
+import copy
 import json
 from pathlib import Path
 
@@ -15,21 +16,25 @@ import torchvision
 from safetensors import safe_open
 from torch import nn
 from torch.testing import assert_close
+from typer.testing import CliRunner
 
 import prunecli
 import prunecli.export.onnx as onnx_module
 import prunecli.latency as latency_module
 from prunecli.api import prune_model
 from prunecli.budget import parse_budget
+from prunecli.cli import app
 from prunecli.config import ModelSource, OutputOptions, PruneConfig
 from prunecli.errors import DataError, ExportError, OptionError
 from prunecli.export import ExportConfig, export_model
+from prunecli.export.verify import cast_tolerance
 from prunecli.io.files import sha256_file
 from prunecli.io.slim import read_slim_metadata
 from prunecli.latency import compare_latency, latency
 from prunecli.samples import resnet20
 
 R20_SHAPE = (1, 28, 28)
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "resnet20_fmnist.safetensors"
 TV_SHAPE = (3, 64, 64)
 
 
@@ -382,12 +387,57 @@ def test_safetensors_rewrite_in_half_precision(tmp_path, r20_slim, dtype, torch_
         assert handle.get_tensor("conv1.weight").dtype == torch_dtype
         assert handle.get_tensor("bn1.num_batches_tracked").dtype == torch.int64
     assert 0.45 < result.file_size / slim_path.stat().st_size < 0.55  # half the bytes per weight
-    # the file reproduces the cast weights exactly; the cast itself costs a little against fp32
-    assert result.verification.random.max_abs == 0.0 and result.verification.cast.max_abs > 0
-    assert result.verification.cast.max_abs < atol
+    # the file reproduces the cast weights exactly; the cast itself costs a little against fp32, within its tolerance
+    check = result.verification
+    assert check.random.max_abs == 0.0 and check.cast.max_abs > 0
+    assert check.cast.max_abs < atol
+    assert (check.cast_dtype, check.cast_tolerance) == (dtype, 8 * torch.finfo(torch_dtype).eps)
+    assert check.cast.max_rel <= check.cast_tolerance
     reloaded = prunecli.load(output)
     x = torch.randn(3, *R20_SHAPE)
     assert_close(run(reloaded, x), run(slim, x), rtol=0, atol=atol)
+
+
+def test_cast_tolerance_is_eight_machine_epsilons():
+    assert cast_tolerance(torch.float16) == 8 * 2**-10 == 0.0078125
+    assert cast_tolerance(torch.bfloat16) == 8 * 2**-7 == 0.0625
+
+
+@pytest.mark.parametrize(
+    ("scale", "words"),
+    [
+        (1e-6, "above the 0.00781 (8 x fp16 eps) a fp16 cast may; nothing was written (try --dtype bf16"),  # underflow
+        (1e6, "moves the outputs by max abs nan"),  # weights beyond fp16's 65504
+    ],
+)
+def test_a_half_precision_cast_above_its_tolerance_fails_and_writes_nothing(tmp_path, r20_slim, scale, words):
+    _, slim, document, _ = r20_slim
+    model = copy.deepcopy(slim)
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        classifier.weight *= scale
+        classifier.bias *= scale
+    output = tmp_path / "r20.fp16.safetensors"
+    with pytest.raises(ExportError) as exc:
+        export_model(model, input_shape=R20_SHAPE, document=document,
+                     config=ExportConfig("safetensors", output, dtype="fp16"))
+    message = one_line(exc)
+    assert message.startswith("the cast to fp16 moves the outputs by max abs ") and words in message
+    assert list(tmp_path.iterdir()) == []
+    # the same model in bf16 (fp32's range) is within bf16's tolerance
+    bf16 = export_model(model, input_shape=R20_SHAPE, document=document,
+                        config=ExportConfig("safetensors", tmp_path / "r20.bf16.safetensors", dtype="bf16"))
+    assert bf16.verification.cast.max_rel <= 0.0625
+
+
+def test_cli_export_shows_the_cast_tolerance(tmp_path):
+    output = tmp_path / "r20.fp16.safetensors"
+    run = CliRunner().invoke(app, ["export", str(SAMPLE), "--format", "safetensors", "--dtype", "fp16", "-o",
+                                   str(output)], env={"COLUMNS": "200"})
+    assert run.exit_code == 0, run.output
+    cast = [line for line in run.stdout.splitlines() if line.startswith("verify (fp16 cast")]
+    assert len(cast) == 1 and cast[0].startswith("verify (fp16 cast against fp32, random inputs): max abs 0.00")
+    assert cast[0].endswith("(tolerance max rel 0.00781 for fp16) ok")
 
 
 def test_safetensors_needs_an_architecture(tmp_path):

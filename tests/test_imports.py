@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).parents[1] / "prunecli"
 # Bottom to top: a module may import modules of its own layer or below, never above. Within a layer the
 # graph must still be acyclic. A new module must be placed here (and in docs/architecture.md).
 LAYERS = (
-    ("prunecli._version", "prunecli.errors", "prunecli.budget", "prunecli.config", "prunecli.config.*",
-     "prunecli.results", "prunecli.runtime", "prunecli.outputs"),
+    ("prunecli._version", "prunecli.errors", "prunecli.humanize", "prunecli.budget", "prunecli.config",
+     "prunecli.config.*", "prunecli.results", "prunecli.runtime", "prunecli.outputs"),
     ("prunecli.samples", "prunecli.io", "prunecli.io.*", "prunecli.layers", "prunecli.graph", "prunecli.allocate",
      "prunecli.measure", "prunecli.latency_model", "prunecli.reconstruct", "prunecli.sensitivity",
      "prunecli.criteria", "prunecli.criteria.*",

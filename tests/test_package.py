@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import prunecli
 
 
@@ -20,5 +22,13 @@ def test_version_is_single_sourced():
 
 
 def test_lazy_exports_resolve():
-    for name in prunecli.__all__:
-        assert getattr(prunecli, name) is not None
+    from prunecli import api
+    from prunecli.io import slim
+
+    expected = {"load": slim.load, "save_slim": slim.save_slim, "analyze_model": api.analyze_model,
+                "score_model": api.score_model, "prune_model": api.prune_model, "evaluate_model": api.evaluate_model,
+                "finetune_model": api.finetune_model, "export_artifact": api.export_artifact}
+    exported = {name: getattr(prunecli, name) for name in prunecli.__all__ if name != "__version__"}
+    assert exported == expected  # each name is the library's own function, not a stand-in
+    with pytest.raises(AttributeError, match="module 'prunecli' has no attribute 'prune'"):
+        prunecli.prune  # noqa: B018 (the lazy lookup must not invent names)

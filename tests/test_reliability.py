@@ -514,11 +514,11 @@ def test_matrix_covers_every_command_and_input():
 
 @pytest.mark.parametrize("args, message", [
     (["export", "m.safetensors", "-f", "bogus"], "error: Invalid value for '--format' / '-f': 'bogus' is not "
-     "one of 'onnx', 'safetensors', 'torchscript' (see 'prunecli export --help')"),
+     "one of 'onnx', 'safetensors', 'torchscript'; see 'prunecli export --help'"),
     (["finetune", "m.safetensors", "--epochs", "0"], "error: Invalid value for '--epochs': Input should be greater than "
-     "or equal to 1 (see 'prunecli finetune --help')"),
-    (["export", "m.safetensors"], "error: Missing option '-o' / '--output' (see 'prunecli export --help')"),
-    (["nonsense"], "error: No such command 'nonsense' (see 'prunecli --help')"),
+     "or equal to 1; see 'prunecli finetune --help'"),
+    (["export", "m.safetensors"], "error: Missing option '-o' / '--output'; see 'prunecli export --help'"),
+    (["nonsense"], "error: No such command 'nonsense'; see 'prunecli --help'"),
 ], ids=["unknown format", "--epochs 0", "missing option", "unknown command"])
 def test_usage_errors_are_one_line_with_the_help_to_read(args, message):
     """Typer's usage errors (a boxed panel with Usage and Try lines) become one line and exit 2, at any width."""

@@ -1,9 +1,11 @@
 """``--arch timm:NAME``: building without weights, its errors, default inputs, recognising bare timm state dicts,
 and small timm models pruned to half their MACs and reloaded from the slim file without pickle: a CNN, a ViT, an NFNet
-(its convs hold a per-channel ``gain``) and a PoolFormerV2 (bias-free GroupNorms, scales that reshape by ``shape``)."""
+(its convs hold a per-channel ``gain``) and a PoolFormerV2 (bias-free GroupNorms, scales that reshape by ``shape``);
+slim files that name timm models as they did before ``timm:NAME`` (``timm:create_model`` with a ``model_name``)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -137,3 +139,63 @@ def test_cli_unknown_timm_name_is_one_line_and_exit_1(tmp_path):
     result = CliRunner().invoke(app, ["analyze", str(path), "--arch", "timm:resnet181"])
     assert result.exit_code == 1
     assert "unknown timm model 'resnet181'" in result.output and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- the spec before timm:NAME
+
+
+def _legacy_slim(tmp_path, one_thread) -> tuple:
+    """A slim test_resnet pruned to half its MACs, its document rewritten by hand to name the architecture as
+    files did before ``timm:NAME``: ``timm:create_model`` with the model's name in the kwargs."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    source = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
+    current = tmp_path / "current.safetensors"
+    spec = ModelSource(source, arch="timm:test_resnet", arch_kwargs={"num_classes": 10}, input_shape=(3, 32, 32))
+    prune_model(PruneConfig(spec, parse_budget("macs", "0.5"), output=OutputOptions(current)))
+    with safe_open(str(current), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no mapping)
+        document = json.loads(handle.metadata()["prunecli"])
+    assert document["arch"] == {"spec": "timm:test_resnet", "kwargs": {"num_classes": 10}}
+    document["arch"] = {"spec": "timm:create_model", "kwargs": {"model_name": "test_resnet", "num_classes": 10,
+                                                                 "pretrained": False}}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"prunecli": json.dumps(document, sort_keys=True)})
+    return current, old
+
+
+def test_a_slim_file_naming_timm_create_model_still_rebuilds(tmp_path, one_thread):
+    current, old = _legacy_slim(tmp_path, one_thread)
+    assert read_slim_metadata(old)["arch"]["spec"] == "timm:create_model"
+    loaded, expected = prunecli.load(old), prunecli.load(current)  # no --trust-pickle: timm builds without code
+    assert type(loaded).__name__ == "ResNet"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(loaded(x), expected(x), rtol=0, atol=0)
+
+
+def test_timm_create_model_spec_builds_and_sizes_the_named_model():
+    spec = ArchSpec("timm:create_model", {"model_name": "test_vit", "img_size": 96, "num_classes": 7})
+    assert type(build_model(spec)).__name__ == "VisionTransformer"
+    assert default_input(spec).shape == (3, 96, 96)
+    with pytest.raises(ArchitectureError, match='needs "model_name" in --arch-kwargs; or pass --arch timm:NAME'):
+        build_model(ArchSpec("timm:create_model", {"num_classes": 7}))
+
+
+def test_cli_reads_and_prunes_a_slim_file_naming_timm_create_model(tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from prunecli.cli import app
+
+    _, old = _legacy_slim(tmp_path, one_thread)
+    analyzed = CliRunner().invoke(app, ["analyze", str(old), "--json"])
+    assert analyzed.exit_code == 0, analyzed.output
+    assert json.loads(analyzed.stdout)["model"]["input_shape"] == [3, 32, 32]
+    again = tmp_path / "again.safetensors"
+    pruned = CliRunner().invoke(app, ["prune", str(old), "--ratio", "0.2", "-o", str(again), "-q"])
+    assert pruned.exit_code == 0, pruned.output
+    assert read_slim_metadata(again)["arch"]["spec"] == "timm:create_model"
+    assert type(prunecli.load(again)).__name__ == "ResNet"

@@ -36,23 +36,27 @@ class OneLineUsageErrors(TyperGroup):
             code = super().main(*args, standalone_mode=False, **kwargs)
         except typer.TyperException as exc:  # click's UsageError and its kin, re-raised outside standalone mode
             if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
-                context = getattr(exc, "ctx", None)
-                hint = f" (see '{context.command_path} --help')" if context is not None else ""
-                say_error(usage_message(exc.format_message()) + hint)
+                say_error(usage_message(exc.format_message(), getattr(exc, "ctx", None)))
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def usage_message(message: str) -> str:
-    """Click's message for a bad option value, without the validator's "Value error," and with the nearest
-    choice where the value misspells one: "'fgpm' is not one of 'l1', 'fpgm', ...; did you mean 'fpgm'?"."""
-    message = message.replace("Value error, ", "").rstrip(".")
+def usage_message(message: str, context) -> str:
+    """Click's usage error and where to read more: ``...; see 'prunecli prune --help'``, or after a question
+    (``Did you mean 'prune'?``) a sentence of its own. A bad choice loses the validator's "Value error," and gains
+    the nearest choice where the value misspells one: "'fgpm' is not one of 'l1', 'fpgm', ...; did you mean
+    'fpgm'?"."""
+    message = message.strip().replace("Value error, ", "").rstrip(".")
     misspelt = re.search(r"'([^']*)' is not one of (.*)$", message)
     if misspelt:
         close = difflib.get_close_matches(misspelt.group(1), re.findall(r"'([^']*)'", misspelt.group(2)), n=1)
         if close:
             message += f"; did you mean '{close[0]}'?"
-    return message
+    if context is None:
+        return message
+    if message.endswith("?"):
+        return f"{message} See '{context.command_path} --help'."
+    return f"{message}; see '{context.command_path} --help'"
 
 
 def say_error(message: str) -> None:

@@ -1,7 +1,7 @@
 """CHIP: channel independence.
 
 Sui, Yin, Xie, Phan, Zonouz, Yuan, "CHIP: CHannel Independence-based Pruning for Compact Neural
-Networks", NeurIPS 2021 (code: Eclipsess/CHIP_NeurIPS2021, ``calculate_ci.py``). METHODS.md section 6.
+Networks", NeurIPS 2021 (code: Eclipsess/CHIP_NeurIPS2021, ``calculate_ci.py``). docs/methods.md section 6.
 
 [CODE]-confirmed: the hook sits on the channels as the next layer receives them (after BN, ReLU and the
 residual add); per image, the layer's maps form ``A`` (n x HW) and channel i scores

@@ -2,7 +2,7 @@
 
 Chen, Zhou, Guo, Shen, Wang, Wen, Suo, "Discrete cosine transform for filter pruning", Applied
 Intelligence 53, 2023, doi 10.1007/s10489-022-03604-2 (code: semchan/DCT_Pruning,
-``utils/common.py::get_feature_hook``). METHODS.md section 2.
+``utils/common.py::get_feature_hook``). docs/methods.md section 2.
 
 [CODE]-confirmed: the hook sits on the channels as the next layer receives them (after BN, ReLU and, in
 residual blocks, the add); each map goes through the orthonormal 2-D DCT-II; the score is the sum of the

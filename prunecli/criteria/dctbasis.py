@@ -1,7 +1,7 @@
 """Orthonormal DCT-II by matrix products, and the feature-map shape the data criteria share.
 
 Torch has no DCT op, so the 2-D transform of a map ``X`` (H x W) is ``D_H X D_W^T`` with the orthonormal
-DCT-II matrix ``D[k, x] = sqrt(2/n) cos(pi (2x + 1) k / (2n))``, row 0 = ``sqrt(1/n)`` (METHODS.md section 0).
+DCT-II matrix ``D[k, x] = sqrt(2/n) cos(pi (2x + 1) k / (2n))``, row 0 = ``sqrt(1/n)`` (docs/methods.md section 0).
 This is the transform ``scipy.fft.dctn(norm="ortho")``, ``cv2.dct`` and ``torch_dct.dct_2d(norm="ortho")``
 compute. A low-frequency a x b block needs only the first a rows of ``D_H`` and b rows of ``D_W``.
 """

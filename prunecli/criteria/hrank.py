@@ -1,7 +1,7 @@
 """HRank: filter pruning by the rank of feature maps.
 
 Lin, Ji, Wang, Zhang, Zhang, Tian, Shao, "HRank: Filter Pruning using High-Rank Feature Map", CVPR 2020
-(code: lmbxmu/HRank, ``rank_generation.py::get_feature_hook``). METHODS.md section 6.
+(code: lmbxmu/HRank, ``rank_generation.py::get_feature_hook``). docs/methods.md section 6.
 
 [CODE]-confirmed: the hook sits on the channels as the next layer receives them (after BN, ReLU and the
 residual add); the score of a channel is the matrix rank of its H x W map, averaged over the calibration

@@ -1,7 +1,7 @@
 """ICIE: filter pruning based on information capacity and information independence.
 
 Tang, Ye, Shi, Hu, Peng, You, "Filter Pruning Based on Information Capacity and Independence", IEEE
-TNNLS 36(5):8401-8413, 2025, doi 10.1109/TNNLS.2024.3415068; arXiv 2303.03645. METHODS.md section 3.
+TNNLS 36(5):8401-8413, 2025, doi 10.1109/TNNLS.2024.3415068; arXiv 2303.03645. docs/methods.md section 3.
 
 Confirmed (abstracts only, no code published): two per-filter metrics, an entropy-based information
 capacity computed from the filter itself (the paper's "feature-guided approximation" makes it
@@ -9,7 +9,7 @@ data-free) and an inter-filter independence, fused with a balancing parameter; t
 are pruned. ``--group-scope`` does not apply: both metrics are defined on a layer's filters (their weight
 entropy, their correlation with the other filters) and are min-max fused per layer.
 
-[INFERRED] (every formula below, METHODS.md 3(c)):
+[INFERRED] (every formula below, docs/methods.md 3(c)):
     IC_i = entropy (bits) of filter i's weights quantised into Q bins with edges shared by the layer,
         over [min W, max W];
     II_i = 1 - mean over j != i of |Pearson correlation(w_i, w_j)|;
@@ -20,7 +20,7 @@ already pruned filter) is undefined. The formula would give it II = 1, the most 
 the layer; prunecli gives it II = 0 instead (it carries no information of its own), and counts its
 correlation with the others as 0. A zero filter then has the lowest IC (entropy 0) and the lowest II.
 
-[INFERRED] capacity ``icie_capacity="feature"`` (METHODS.md 3(c)), the quantity the weight entropy
+[INFERRED] capacity ``icie_capacity="feature"`` (docs/methods.md 3(c)), the quantity the weight entropy
 approximates: IC_i = mean over the calibration images of the entropy of channel i's post-ReLU map (the
 channels as the next layer receives them), each map quantised into Q bins with edges shared by the
 layer over its activation range. A streaming pass cannot know that range before it has seen every

@@ -2,7 +2,7 @@
 
 Zhang, Xie, Li, Lei, Du, "Filter Pruning via Learned Representation Median in the Frequency Domain",
 IEEE Transactions on Cybernetics 53(5):3165-3175, 2023 (code: zhangxin-xd/LRMF, ``pruning_cifar10.py``,
-``Mask.get_filter_similar``). METHODS.md section 1.
+``Mask.get_filter_similar``). docs/methods.md section 1.
 
 [CODE]-confirmed: the hook sits on the raw conv output (before BN); each image's maps go through the
 orthonormal 2-D DCT-II and only the low-frequency top-left ceil(W/4) block is kept; per image, the

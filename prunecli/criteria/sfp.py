@@ -2,13 +2,13 @@
 
 Li G., Li R., Li T., Shen C., Zou X., Wang J., Wang C., Li N., "Similarity-based filter pruning for
 deep neural networks", Information Sciences, article 121418, doi 10.1016/j.ins.2024.121418.
-METHODS.md section 4. Not to be confused with Soft Filter Pruning (He et al., IJCAI 2018).
+docs/methods.md section 4. Not to be confused with Soft Filter Pruning (He et al., IJCAI 2018).
 
 Confirmed (abstract only, no code published): the kernels of a layer are grouped into clusters of
 similar kernels; in each cluster the unimportant and redundant kernels are pruned and representatives
 kept; a per-layer Kernel Dispersion sets each layer's sparsity; recovery by distillation fine-tuning.
 
-[INFERRED] (METHODS.md 4(c), using its agglomerative alternative to k-means): filters are normalised,
+[INFERRED] (docs/methods.md 4(c), using its agglomerative alternative to k-means): filters are normalised,
 ``u_i = w_i / ||w_i||``, and clustered by average linkage on the cosine distance ``1 - u_i . u_j``; each
 cluster keeps its filter with the largest L1 norm (``sfp_norm=2``: L2 norm). To give one ranking that is
 right for *every* keep count, the whole dendrogram is built: at each merge the two clusters'
@@ -16,7 +16,7 @@ representatives meet, the one with the smaller norm is removed and scored with t
 removal = lower score), and the last survivor gets the top score. Keeping the k highest scores is then
 exactly keeping one highest-norm representative per cluster of the k-cluster cut.
 
-``kernel_dispersion`` ([INFERRED], METHODS.md 4(d)) is the per-layer statistic for the dispersion
+``kernel_dispersion`` ([INFERRED], docs/methods.md 4(d)) is the per-layer statistic for the dispersion
 allocation: the mean over filters of ``1 - cos(u_i, mean u)``.
 
 Departures: scores are ranks (1..n), not magnitudes, so ``--allocation global`` compares layers by rank

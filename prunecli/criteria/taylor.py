@@ -1,7 +1,7 @@
 """Taylor: first-order Taylor importance on the batch-norm gates.
 
 Molchanov, Mallya, Tyree, Frosio, Kautz, "Importance Estimation for Neural Network Pruning", CVPR 2019.
-METHODS.md section 6 ([PAPER], from memory; no code read).
+docs/methods.md section 6 ([PAPER], from memory; no code read).
 
 Score of channel i: ``(gamma_i dL/dgamma_i + beta_i dL/dbeta_i)^2``, the squared first-order estimate of
 the loss change when the channel's BN gate is removed, computed per mini-batch (cross-entropy, mean over

@@ -11,7 +11,7 @@ import torch
 
 from prunecli.errors import ExportError
 from prunecli.export.config import DTYPES
-from prunecli.export.verify import REAL_CHUNK, compare, random_batches, torch_runner, verify
+from prunecli.export.verify import REAL_CHUNK, cast_tolerance, check_cast, torch_runner, verify
 from prunecli.io.arch import ArchSpec
 
 
@@ -27,6 +27,9 @@ def write_safetensors(model, tmp: Path, input_shape, document, arch, config, rea
             "--format safetensors needs the base architecture: export a prunecli slim model or give the --arch"
         )
     cast = copy.deepcopy(model).to(DTYPES[config.dtype])
+    cast_error = None
+    if config.verify and config.dtype != "fp32":  # first: a cast that breaks the model is not the file's fault
+        cast_error = check_cast(cast, copy.deepcopy(model).float(), config.dtype, input_shape, real_inputs)
     metadata = {k: v for k, v in (document or {}).items() if k not in STRUCTURAL_KEYS}
     metadata["dtype"] = config.dtype
     save_slim(cast, tmp, arch=spec, input_shape=tuple(input_shape), metadata=metadata, force=True)
@@ -39,10 +42,7 @@ def write_safetensors(model, tmp: Path, input_shape, document, arch, config, rea
             "the reloaded safetensors model", "prunecli.load", torch_runner(reloaded), torch_runner(rounded),
             input_shape, config, real_inputs, REAL_CHUNK,
         )
-        if config.dtype != "fp32":
-            original = copy.deepcopy(model).float()
-            cast_error = compare(
-                torch_runner(rounded), torch_runner(original), random_batches(input_shape, (1, 3)), "the cast model"
-            )
-            verification = dataclasses.replace(verification, cast=cast_error)
+        if cast_error is not None:
+            verification = dataclasses.replace(verification, cast=cast_error, cast_dtype=config.dtype,
+                                               cast_tolerance=cast_tolerance(DTYPES[config.dtype]))
     return {"exporter": "safetensors", "verification": verification}

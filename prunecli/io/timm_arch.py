@@ -31,9 +31,39 @@ def _timm():
     return timm
 
 
+# ``--arch timm:create_model --arch-kwargs '{"model_name": NAME, ...}'``: before ``timm:NAME`` existed, a timm
+# model was named as a ``package.module:factory`` spec, and slim files written then record it that way
+LEGACY_FACTORY = "create_model"
+
+
+def _legacy_create_model(model_name: str | None = None, **kwargs: Any) -> nn.Module:
+    """The factory ``timm:create_model`` named before ``timm:NAME``: the model ``model_name`` built with the rest.
+
+    Keyword arguments that would load weights (``pretrained``, ``checkpoint_path``, ...) are dropped rather than
+    refused: a spec recorded in a file cannot be changed, and the weights come from the file being loaded.
+    """
+    if not isinstance(model_name, str):
+        raise ArchitectureError(
+            "--arch timm:create_model (the spec of timm models before timm:NAME) needs \"model_name\" in "
+            "--arch-kwargs; or pass --arch timm:NAME"
+        )
+    return timm_factory(model_name)(**{k: v for k, v in kwargs.items() if k not in WEIGHT_KWARGS})
+
+
+def _legacy_name(name: str, kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``timm:create_model`` with ``{"model_name": NAME, ...}`` read as ``timm:NAME`` with the rest; other names as
+    they are."""
+    if name != LEGACY_FACTORY or not isinstance(kwargs.get("model_name"), str):
+        return name, dict(kwargs)
+    return kwargs["model_name"], {k: v for k, v in kwargs.items() if k != "model_name"}
+
+
 def timm_factory(name: str) -> Callable[..., nn.Module]:
-    """``timm.create_model(name, pretrained=False, **kwargs)`` for a registered model name (tags allowed)."""
+    """``timm.create_model(name, pretrained=False, **kwargs)`` for a registered model name (tags allowed);
+    ``create_model`` is the older spelling ``timm:create_model`` with the name in the kwargs."""
     timm = _timm()
+    if name == LEGACY_FACTORY and not timm.is_model(name):
+        return _legacy_create_model
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"close matches: {', '.join(close)}; " if close else ""
@@ -67,6 +97,7 @@ def _size(value: Any) -> tuple[int, int] | None:
 def timm_input(name: str, kwargs: Mapping[str, Any]) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
     """(C, H, W), mean and std of ``name`` from its pretrained config, which timm holds in its registry
     (no download); ``img_size`` and ``in_chans`` in ``kwargs`` change the shape the model is built for."""
+    name, kwargs = _legacy_name(name, kwargs)
     cfg = _timm().models.get_pretrained_cfg(name)
     channels, height, width = cfg.input_size if cfg is not None else (3, 224, 224)
     height, width = _size(kwargs.get("img_size")) or (height, width)

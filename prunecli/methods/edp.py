@@ -3,7 +3,7 @@
 Ruan, Liu, Yuan, Li, Hu, Li, Maybank, "EDP: An Efficient Decomposition and Pruning Scheme for Convolutional
 Neural Network Compression", IEEE TNNLS 32(10):4499-4513, 2021 (doi 10.1109/TNNLS.2020.3018177).
 
-Neither the paper's code nor its full text is public; this follows ../shared/METHODS.md section 5, which
+Neither the paper's code nor its full text is public; this follows docs/methods.md section 5, which
 reconstructs the method from the abstract and from Hinge (Li et al., CVPR 2020), the closest public method:
 
 * every prunable conv becomes a *compressed-aware block*: a basis conv (same kernel, stride, padding; no bias)
@@ -411,7 +411,14 @@ class EdpResult:
     prune_merge: PruneMergeRecord
 
     def record(self) -> dict[str, Any]:
-        return {"selections": self.selections, "training": self.training.record(), **self.prune_merge.to_dict()}
+        """What the slim file's metadata records. EDP keeps the last epoch's weights (only its last step has the
+        selected groups at exactly zero), so ``best_epoch`` is the last and ``best_top1`` that epoch's validation
+        top-1 (the fine-tuning loop, which keeps no best epoch here, leaves it None)."""
+        training = self.training.record()
+        if training["best_top1"] is None:
+            kept = [h["val_top1"] for h in training["history"] if h["epoch"] == training["best_epoch"]]
+            training["best_top1"] = kept[0] if kept else None
+        return {"selections": self.selections, "training": training, **self.prune_merge.to_dict()}
 
 
 def edp_prune(

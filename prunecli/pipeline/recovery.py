@@ -14,6 +14,7 @@ from torch import nn
 
 from prunecli.config import EdpOptions, ReconstructOptions, RunOptions, SoftOptions
 from prunecli.errors import OptionError, PrunecliError
+from prunecli.humanize import plural
 from prunecli.io.checkpoint import LoadedModel
 from prunecli.io.data import ImageSet, iterate_batches
 from prunecli.pipeline.removal import Removed, remove
@@ -40,7 +41,7 @@ def recalibrate(model: nn.Module, batches: int, images: ImageSet, batch_size: in
     """Re-estimate the BatchNorm statistics of ``model`` on the first ``batches`` batches of ``images``."""
     from prunecli.training import recalibrate_bn
 
-    say(f"re-estimating batch-norm statistics on {batches} batches of {batch_size} images")
+    say(f"re-estimating batch-norm statistics on {plural(batches, 'batch', 'batches')} of {batch_size} images")
     used = recalibrate_bn(model, iterate_batches(images, batch_size), batches)
     return {"batches": used, "images": min(len(images), used * batch_size), "data": images.description}
 
@@ -84,7 +85,7 @@ def soft_prune_step(soft: SoftOptions, selection: Selection, loaded: LoadedModel
     """LRMF/FPGM-style soft pruning: train with the selected channels held at zero, re-selecting as it goes."""
     from prunecli.methods.soft import soft_prune
 
-    say(f"soft pruning: {soft.training.epochs} epochs on {len(train)} images, re-selecting every "
+    say(f"soft pruning: {plural(soft.training.epochs, 'epoch')} on {len(train)} images, re-selecting every "
         f"{soft.reselect_every}")
     result = soft_prune(copy.deepcopy(loaded.model), example, train, None, soft, selection,
                         progress=messages_to(say))
@@ -110,7 +111,7 @@ def edp_step(edp: EdpOptions, selection: Selection, loaded: LoadedModel, example
     """EDP: decompose, train towards the budget, Pruning & Merging (see ``prunecli.methods.edp``)."""
     from prunecli.methods.edp import edp_prune
 
-    say(f"EDP: decomposing the convolutions, then {edp.training.epochs} epochs on {len(train)} images")
+    say(f"EDP: decomposing the convolutions, then {plural(edp.training.epochs, 'epoch')} on {len(train)} images")
     result = edp_prune(copy.deepcopy(loaded.model), example, train, val, edp, selection, progress=messages_to(say))
     record = result.record()
     channels = record["channels_removed"] + record["basis_filters_removed"]

@@ -47,7 +47,7 @@ def kd_loss(
     alpha: float,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """``(1 - alpha) * CE(y, z_s) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`` (METHODS.md 4(e)).
+    """``(1 - alpha) * CE(y, z_s) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`` (docs/methods.md 4(e)).
 
     The KL term is averaged over the batch (``batchmean``); ``T^2`` keeps its gradient scale independent of T.
     """
