@@ -27,10 +27,9 @@ from prunecli.criteria.base import Criterion, score_weights, score_with_data
 from prunecli.errors import ArchitectureError, BudgetError, DataError, ExportError, PrunecliError, first_line
 from prunecli.finetune import messages_to
 from prunecli.graph import ChannelGroup, DependencyGraph, failing_module, refuse_unsupported
-from prunecli.io.arch import ArchSpec
-from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, iterate_batches, open_images
-from prunecli.io.files import check_output_path, check_suffix
+from prunecli.io.files import check_output_path
+from prunecli.io.formats import LoadedModel, checkpoint_format, open_checkpoint
 from prunecli.io.scores import check_scores_output, read_scores, write_scores
 from prunecli.measure import CostModel, LayerCost, costs_and_output, count_params
 from prunecli.outputs import describe_shapes, output_shapes
@@ -57,14 +56,7 @@ Progress = Callable[[str], None]
 
 
 def open_model(source: ModelSource) -> LoadedModel:
-    arch = ArchSpec(source.arch, source.arch_kwargs) if source.arch else None
-    return load_model(
-        source.path,
-        arch=arch,
-        input_shape=source.input_shape,
-        trust_pickle=source.trust_pickle,
-        import_paths=source.import_paths,
-    )
+    return open_checkpoint(source)
 
 
 def example_input(loaded: LoadedModel) -> torch.Tensor:
@@ -278,8 +270,11 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
 
 
 def default_output(source: Path) -> Path:
-    """``model.v2.pt`` -> ``model.v2.slim.safetensors`` beside it (a slim input gets ``.slim.slim``, never itself)."""
-    return source.with_name(f"{source.stem}.slim.safetensors")
+    """The format adapter's choice: ``model.v2.pt`` -> ``model.v2.slim.safetensors`` beside it (a slim input gets
+    ``.slim.slim``, never itself); a whole pickled model ``model.pt`` -> ``model.slim.pt``."""
+    from prunecli.io.formats import default_output as adapter_output
+
+    return adapter_output(source)
 
 
 def prune_model(
@@ -288,14 +283,12 @@ def prune_model(
     """Score, allocate, physically remove channels and (when ``config.output``) write the slim artifact.
 
     ``step_progress(done, total)`` follows the layers of ``--reconstruct``."""
-    from prunecli.io.slim import SUFFIXES, save_slim
-
     started = time.perf_counter()
     say = progress or (lambda message: None)
     torch.manual_seed(config.seed)
     output = config.output or default_output(config.source.path)
     check_output_path(output, force=config.force, inputs=(config.source.path,))
-    check_suffix(output, SUFFIXES, "a slim model")
+    checkpoint_format(config.source).check_output(output)
     if config.scores is None and config.method != "edp":
         _check_scoring(config.scoring)
     if config.reconstruct is not None:
@@ -311,10 +304,7 @@ def prune_model(
         _require_data(config)
     say("loading the model")
     loaded = open_model(config.source)
-    if loaded.arch is None:
-        raise ArchitectureError(
-            "the slim file must name the base architecture to be rebuilt; pass --arch for this pickled model"
-        )
+    loaded.format.check_output(output)  # again, knowing now whether the base architecture is known
     x = example_input(loaded)
     costs, reference = _profile(loaded, x)
     before = Totals(count_params(loaded.model), sum(c.macs for c in costs))
@@ -388,15 +378,7 @@ def prune_model(
         metadata["latency"] = {k: latency_record[k] for k in ("runtime", "device", "batch", "threads", "target_ms",
                                                              "original_ms", "slim_ms")}
     if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
-        save_slim(
-            deployed,
-            output,
-            arch=loaded.arch,
-            input_shape=loaded.input.shape,
-            metadata=metadata,
-            force=config.force,
-            inputs=(config.source.path,),
-        )
+        loaded.format.write(loaded, deployed, output, metadata, force=config.force, inputs=(config.source.path,))
     latency = None
     if config.latency:
         from prunecli.latency import compare_latency
@@ -724,8 +706,10 @@ def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
 
 
 def default_finetune_output(source: Path) -> Path:
-    """``model.slim.safetensors`` -> ``model.slim.ft.safetensors`` beside it."""
-    return source.with_name(f"{source.stem}.ft.safetensors")
+    """``model.slim.safetensors`` -> ``model.slim.ft.safetensors`` beside it (a whole pickled model: ``.ft.pt``)."""
+    from prunecli.io.formats import default_output as adapter_output
+
+    return adapter_output(source, "ft")
 
 
 def _finetune_inputs(job: FinetuneJob) -> tuple[Path, ...]:
@@ -747,7 +731,6 @@ def _check_checkpoint_path(checkpoint: Path | None, output: Path, inputs: tuple[
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
     from prunecli.finetune import evaluate, finetune
-    from prunecli.io.slim import SUFFIXES, save_slim
 
     say = progress or (lambda message: None)
     output = job.output or default_finetune_output(job.source.path)
@@ -755,10 +738,9 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
         inputs = _finetune_inputs(job)
         check_output_path(output, force=job.force, inputs=inputs)
         _check_checkpoint_path(job.training.checkpoint, output, inputs)
-    check_suffix(output, SUFFIXES, "a slim model")
+    checkpoint_format(job.source).check_output(output)
     loaded = open_model(job.source)
-    if loaded.arch is None:
-        raise ArchitectureError("the output must name its base architecture; pass --arch for this pickled model")
+    loaded.format.check_output(output)  # again, knowing now whether the base architecture is known
     x = example_input(loaded)
     _profile(loaded, x)
     teacher = open_model(_with_base_arch(job.teacher, loaded)) if job.teacher is not None else None
@@ -777,8 +759,7 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     total = Totals(count_params(model), sum(c.macs for c in costs))
     if main_process():
         document = finetune_metadata(job, loaded, result.record(), teacher.sha256 if teacher else None, after)
-        save_slim(model, output, arch=loaded.arch, input_shape=loaded.input.shape, metadata=document,
-                  force=job.force, inputs=(job.source.path,))
+        loaded.format.write(loaded, model, output, document, force=job.force, inputs=(job.source.path,))
     return FinetuneRunResult(_summary(loaded, total), str(output) if main_process() else None, result.to_dict(),
                              before, after)
 

@@ -23,8 +23,8 @@ from prunecli.api import prune_model
 from prunecli.config import Budget, ModelSource, PruneConfig, parse_budget
 from prunecli.errors import BudgetError, CheckpointError, ExportError
 from prunecli.io.arch import ArchSpec
-from prunecli.io.checkpoint import load_model
 from prunecli.io.files import atomic_output, recording_outputs
+from prunecli.io.formats import load_model
 from prunecli.io.slim import read_slim_metadata, save_slim
 from prunecli.measure import totals
 from prunecli.samples import resnet20

@@ -16,7 +16,7 @@ from prunecli.api import prune_model
 from prunecli.config import ModelSource, PruneConfig, parse_budget
 from prunecli.errors import ArchitectureError
 from prunecli.io.arch import ArchSpec, build_model, default_input, detect_timm_arch
-from prunecli.io.checkpoint import load_model
+from prunecli.io.formats import load_model
 from prunecli.io.slim import read_slim_metadata
 
 timm = pytest.importorskip("timm")
