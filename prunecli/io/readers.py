@@ -207,27 +207,22 @@ def _root_class(stream: Any) -> str | None:
 
 
 def _instance_class(ops: Iterator[tuple[Any, Any, Any]]) -> str | None:
-    """'module.Name' when the pickle begins by building an instance of that class (the class, no arguments, NEWOBJ)."""
-    found: str | None = None
-    strings: list[str] = []
-    for opcode, arg, _ in itertools.islice(ops, 24):
-        name = opcode.name
-        if name in _MEMO_OPS:
-            continue
-        if found is None:
-            if name == "GLOBAL":
-                found = str(arg).replace(" ", ".")
-            elif name in _STRING_OPS and len(strings) < 2:
-                strings.append(str(arg))
-            elif name == "STACK_GLOBAL" and len(strings) == 2:
-                found = ".".join(strings)
-            elif name == "LONG1" and arg == _LEGACY_MAGIC:
-                return _LEGACY
-            else:
-                return None
-        elif name not in ("EMPTY_TUPLE", "EMPTY_DICT"):
-            return found if name in ("NEWOBJ", "NEWOBJ_EX") else None
-    return None
+    """'module.Name' when the pickle begins by building an instance of that class: the class (a global; or, in a
+    legacy torch.save file, the persistent id that carries the class with its source), no arguments, NEWOBJ."""
+    seq = [(op.name, arg) for op, arg, _ in itertools.islice(ops, 32) if op.name not in _MEMO_OPS]
+    names = [name for name, _ in seq]
+    if names[:1] == ["LONG1"] and seq[0][1] == _LEGACY_MAGIC:
+        return _LEGACY
+    if names[:1] == ["GLOBAL"]:
+        found, rest = str(seq[0][1]).replace(" ", "."), seq[1:]
+    elif len(names) > 2 and names[0] in _STRING_OPS and names[1] in _STRING_OPS and names[2] == "STACK_GLOBAL":
+        found, rest = f"{seq[0][1]}.{seq[1][1]}", seq[3:]
+    elif names[:3] == ["MARK", "BINUNICODE", "GLOBAL"] and seq[1][1] == "module" and "BINPERSID" in names:
+        found, rest = str(seq[2][1]).replace(" ", "."), seq[names.index("BINPERSID") + 1:]
+    else:
+        return None
+    following = [name for name, _ in rest if name not in ("EMPTY_TUPLE", "EMPTY_DICT")]
+    return found if following[:1] in (["NEWOBJ"], ["NEWOBJ_EX"]) else None
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
