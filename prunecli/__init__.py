@@ -23,7 +23,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from prunecli.api import analyze_model, evaluate_model, export_artifact, finetune_model, prune_model, score_model
-    from prunecli.io.slim import load, save_slim
+    from prunecli.io.formats import load
+    from prunecli.io.slim import save_slim
 
 _LAZY = {
     "analyze_model": "prunecli.api",
@@ -32,7 +33,7 @@ _LAZY = {
     "evaluate_model": "prunecli.api",
     "export_artifact": "prunecli.api",
     "finetune_model": "prunecli.api",
-    "load": "prunecli.io.slim",
+    "load": "prunecli.io.formats",
     "save_slim": "prunecli.io.slim",
 }
 

@@ -25,8 +25,9 @@ from prunecli.config import (
 from prunecli.errors import ArchitectureError, ExportError
 from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.humanize import plural
-from prunecli.io.checkpoint import LoadedModel
-from prunecli.io.files import check_output_path, check_suffix
+from prunecli.io.files import check_output_path
+from prunecli.io.formats import LoadedModel, checkpoint_format
+from prunecli.io.formats import default_output as adapter_output
 from prunecli.io.scores import check_scores_output, write_scores
 from prunecli.measure import CostModel, LayerCost, costs_and_output, count_params
 from prunecli.pipeline.checks import accuracy, check_pruned, layer_changes
@@ -159,28 +160,24 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
 
 
 def default_output(source: Path) -> Path:
-    """``model.v2.pt`` -> ``model.v2.slim.safetensors`` beside it (a slim input gets ``.slim.slim``, never itself)."""
-    return source.with_name(f"{source.stem}.slim.safetensors")
+    """The format adapter's choice: ``model.v2.pt`` -> ``model.v2.slim.safetensors`` beside it (a slim input gets
+    ``.slim.slim``, never itself); a whole pickled model ``model.pt`` -> ``model.slim.pt``."""
+    return adapter_output(source)
 
 
 def prune_model(config: PruneConfig, progress: Progress | None = None, batch_progress=None,
                 step_progress=None) -> PruneResult:
     """Score, allocate, physically remove channels and write the slim artifact (``config.output``, by default
     beside the source). ``step_progress(done, total)`` follows the layers of ``--reconstruct``."""
-    from prunecli.io.slim import SUFFIXES
-
     started, say = time.perf_counter(), progress or _silent
     torch.manual_seed(config.run.seed)
     output = config.output.path or default_output(config.source.path)
     check_output_path(output, force=config.output.force, inputs=(config.source.path,))
-    check_suffix(output, SUFFIXES, "a slim model")
+    checkpoint_format(config.source).check_output(output)
     check_criterion(config.scoring, config.data is not None)
     say("loading the model")
     loaded = open_model(config.source)
-    if loaded.arch is None:
-        raise ArchitectureError(
-            "the slim file must name the base architecture to be rebuilt; pass --arch for this pickled model"
-        )
+    loaded.format.check_output(output)  # again, knowing now whether the base architecture is known
     original = profile(loaded)
     calibration = calibration_images(config, loaded)
     pruned, step = choose_and_remove(config, loaded, original, calibration, say, batch_progress, step_progress)
@@ -194,10 +191,8 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     metadata = prune_metadata(config, loaded, step.method, original.totals, checked.totals, original.output,
                               step.records)
     if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
-        from prunecli.io.slim import save_slim
-
-        save_slim(checked.deployed, output, arch=loaded.arch, input_shape=loaded.input.shape, metadata=metadata,
-                  force=config.output.force, inputs=(config.source.path,))
+        loaded.format.write(loaded, checked.deployed, output, metadata, force=config.output.force,
+                            inputs=(config.source.path,))
     return PruneResult(
         model=summary(loaded, original.totals), output=str(output), method=step.method,
         allocation=config.plan.allocation, budget=config.budget.to_dict(), target=step.target,
@@ -282,16 +277,14 @@ def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
 
 
 def default_finetune_output(source: Path) -> Path:
-    """``model.slim.safetensors`` -> ``model.slim.ft.safetensors`` beside it."""
-    return source.with_name(f"{source.stem}.ft.safetensors")
+    """``model.slim.safetensors`` -> ``model.slim.ft.safetensors`` beside it (a whole pickled model: ``.ft.pt``)."""
+    return adapter_output(source, "ft")
 
 
 def _check_finetune_outputs(job: FinetuneJob, output: Path) -> None:
     """The output and the resume state (written every epoch, before the output and beside it) need files of their
     own, and neither may replace a file the run reads."""
-    from prunecli.io.slim import SUFFIXES
-
-    check_suffix(output, SUFFIXES, "a slim model")
+    checkpoint_format(job.source).check_output(output)
     if not main_process():
         return
     sources = [job.source.path, job.train.source, job.teacher.path if job.teacher else None,
@@ -308,7 +301,6 @@ def _check_finetune_outputs(job: FinetuneJob, output: Path) -> None:
 
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
-    from prunecli.io.slim import save_slim
     from prunecli.report import messages_to
     from prunecli.training import evaluate, finetune
 
@@ -316,8 +308,7 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     output = job.output or default_finetune_output(job.source.path)
     _check_finetune_outputs(job, output)
     loaded = open_model(job.source)
-    if loaded.arch is None:
-        raise ArchitectureError("the output must name its base architecture; pass --arch for this pickled model")
+    loaded.format.check_output(output)  # again, knowing now whether the base architecture is known
     x = profile(loaded).example
     teacher = open_model(with_base_arch(job.teacher, loaded)) if job.teacher is not None else None
     train = labelled_images(job.train, loaded, job.train_limit, job.training.seed, "fine-tuning")
@@ -335,7 +326,6 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     total = Totals(count_params(model), sum(c.macs for c in costs))
     if main_process():
         document = finetune_metadata(job, loaded, result.record(), teacher.sha256 if teacher else None, after)
-        save_slim(model, output, arch=loaded.arch, input_shape=loaded.input.shape, metadata=document,
-                  force=job.force, inputs=(job.source.path,))
+        loaded.format.write(loaded, model, output, document, force=job.force, inputs=(job.source.path,))
     return FinetuneRunResult(summary(loaded, total), str(output) if main_process() else None, result.to_dict(),
                              before, after)

@@ -12,7 +12,7 @@ from prunecli.io.slim import STRUCTURAL_KEYS
 
 if TYPE_CHECKING:
     from prunecli.config import FinetuneJob, PruneConfig
-    from prunecli.io.checkpoint import LoadedModel
+    from prunecli.io.formats import LoadedModel
     from prunecli.results import Totals
 
 

@@ -178,7 +178,7 @@ def test_a_dead_row_leaves_a_constant_that_is_folded_into_the_next_bias():
 
 
 def test_slim_round_trip_keeps_decomposed_blocks(tmp_path):
-    from prunecli.io.checkpoint import load_model
+    from prunecli.io.formats import load_model
 
     loaded = load_model(SAMPLE)
     model = loaded.model

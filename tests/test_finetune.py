@@ -490,4 +490,4 @@ def test_training_events_read_as_one_line_each():
     tell({"event": "recalibrate"})
     tell({"event": "select", "epoch": 3, "removed": 4, "zero_coefficient_groups": 2, "estimated_cost": 12345.0})
     assert said == ["epoch 3: 4 channels selected for removal (2 coefficient rows/columns already zero, "
-                    "1.234e+04 after removal)"]
+                    "12.35K after removal)"]

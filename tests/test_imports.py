@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).parents[1] / "prunecli"
 LAYERS = (
     ("prunecli._version", "prunecli.errors", "prunecli.humanize", "prunecli.budget", "prunecli.config",
      "prunecli.config.*", "prunecli.results", "prunecli.runtime", "prunecli.outputs"),
-    ("prunecli.samples", "prunecli.io", "prunecli.io.*", "prunecli.layers", "prunecli.graph", "prunecli.allocate",
+    ("prunecli.samples", "prunecli.io", "prunecli.io.*", "prunecli.io.formats", "prunecli.io.formats.*",
+     "prunecli.layers", "prunecli.graph", "prunecli.allocate",
      "prunecli.measure", "prunecli.latency_model", "prunecli.reconstruct", "prunecli.sensitivity",
      "prunecli.criteria", "prunecli.criteria.*",
      "prunecli.tasks"),
@@ -82,6 +83,13 @@ def _edges() -> dict[str, set[str]]:
 
 def test_the_package_has_modules_to_check():
     assert {"prunecli.api", "prunecli.graph", "prunecli.io.slim", "prunecli.criteria.base"} <= set(MODULES)
+
+
+def test_the_format_adapters_are_io_modules_of_layer_1():
+    formats = {m for m in MODULES if m.startswith("prunecli.io.formats")}
+    assert formats == {"prunecli.io.formats", *(f"prunecli.io.formats.{m}" for m in
+                                                ("base", "slim", "state_dict", "whole_model"))}
+    assert {_layer(m) for m in formats} == {1}
 
 
 def test_no_module_imports_a_private_name_of_another():

@@ -24,8 +24,8 @@ from prunecli.budget import Budget, parse_budget
 from prunecli.config import ModelSource, OutputOptions, PruneConfig, RunOptions, ScoringOptions
 from prunecli.errors import BudgetError, CheckpointError, ExportError, OptionError
 from prunecli.io.arch import ArchSpec
-from prunecli.io.checkpoint import load_model
 from prunecli.io.files import atomic_output, recording_outputs
+from prunecli.io.formats import load_model
 from prunecli.io.slim import read_slim_metadata, save_slim
 from prunecli.measure import totals
 from prunecli.samples import resnet20

@@ -23,9 +23,9 @@ def test_version_is_single_sourced():
 
 def test_lazy_exports_resolve():
     from prunecli import api
-    from prunecli.io import slim
+    from prunecli.io import formats, slim
 
-    expected = {"load": slim.load, "save_slim": slim.save_slim, "analyze_model": api.analyze_model,
+    expected = {"load": formats.load, "save_slim": slim.save_slim, "analyze_model": api.analyze_model,
                 "score_model": api.score_model, "prune_model": api.prune_model, "evaluate_model": api.evaluate_model,
                 "finetune_model": api.finetune_model, "export_artifact": api.export_artifact}
     exported = {name: getattr(prunecli, name) for name in prunecli.__all__ if name != "__version__"}

@@ -19,7 +19,7 @@ from prunecli.budget import parse_budget
 from prunecli.config import ModelSource, OutputOptions, PruneConfig
 from prunecli.errors import ArchitectureError
 from prunecli.io.arch import ArchSpec, build_model, default_input, detect_timm_arch
-from prunecli.io.checkpoint import load_model
+from prunecli.io.formats import load_model
 from prunecli.io.slim import read_slim_metadata
 
 timm = pytest.importorskip("timm")

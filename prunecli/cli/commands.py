@@ -189,7 +189,7 @@ def prune(
     soft_epochs: Annotated[int, typer.Option("--soft-epochs", help="Soft pruning (LRMF/FPGM): train N epochs on --data with the selected channels held at zero, then remove them.", min=0, rich_help_panel=RECOVERY)] = 0,
     reselect_every: Annotated[int, typer.Option("--reselect-every", help="Soft pruning: re-score and re-select channels every K epochs (0: never).", min=0, rich_help_panel=RECOVERY)] = 5,
     lr: Annotated[float, typer.Option("--lr", help="Soft pruning and EDP: peak learning rate (SGD, Nesterov, cosine).", rich_help_panel=RECOVERY)] = 0.01,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (.safetensors, or .pt with a .json sidecar); default <input>.slim.safetensors beside the input.", rich_help_panel=OUTPUT)] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (.safetensors, or .pt with a .json sidecar); a whole pickled model (torch.save(model)) is written back as one, to a .pt. Default <input>.slim.safetensors (<input>.slim.pt for a whole pickled model) beside the input.", rich_help_panel=OUTPUT)] = None,
     force: ForceOpt = False,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the before/after report: .json, .md or a self-contained .html page (by the extension).", rich_help_panel=OUTPUT)] = None,
     latency: Annotated[bool, typer.Option("--latency", help="Time the original beside the slim model (median, PyTorch eager and onnxruntime, batch 1 and --latency-batch) and show the speedup next to the MACs ratio.", rich_help_panel=OUTPUT)] = False,
@@ -312,7 +312,7 @@ def finetune(
     amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (CUDA only), on or off.", rich_help_panel=RECOVERY)] = "auto",
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Save the resume state here every epoch.", rich_help_panel=RECOVERY)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --checkpoint.", rich_help_panel=RECOVERY)] = False,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors (default <input>.ft.safetensors beside the input).", rich_help_panel=OUTPUT)] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors (a whole pickled model: .pt); default <input>.ft.safetensors (<input>.ft.pt) beside the input.", rich_help_panel=OUTPUT)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output (and checkpoint) file.", rich_help_panel=OUTPUT)] = False,
     limit: OldLimitOpt = None,
 ) -> None:

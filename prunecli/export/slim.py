@@ -23,8 +23,9 @@ def write_safetensors(model, tmp: Path, input_shape, document, arch, config, rea
     elif arch is not None:
         spec = arch if isinstance(arch, ArchSpec) else ArchSpec(str(arch))
     else:
-        raise ExportError(
-            "--format safetensors needs the base architecture: export a prunecli slim model or give the --arch"
+        raise ExportError(  # a whole pickled model without one: its graph exports, or prune wrote it as a whole .pt
+            "--format safetensors needs the base architecture, which this model does not name (a whole pickled "
+            "model); export it with --format onnx or --format torchscript, or give the --arch that builds it"
         )
     cast = copy.deepcopy(model).to(DTYPES[config.dtype])
     cast_error = None

@@ -225,6 +225,28 @@ def _torchvision_input(arch: ArchSpec) -> InputInfo:
     return InputInfo((3, *frames, int(size), int(size)), tuple(mean), tuple(std))
 
 
+def torchvision_input_of(model: nn.Module) -> InputInfo | None:
+    """The default input of the torchvision family that ``model``'s class comes from, for a whole pickled model
+    whose weights match no torchvision builder (a replaced stem or classifier): a detector's own resize size and
+    normalisation; else the family's first builder's input with the channels its first convolution reads (without
+    the 3-channel normalisation when those differ). None for classes from elsewhere."""
+    family = type(model).__module__
+    if not family.startswith("torchvision.models."):
+        return None
+    transform = getattr(model, "transform", None)  # a detector resizes and normalises its images itself
+    if transform is not None and hasattr(transform, "min_size") and hasattr(transform, "image_mean"):
+        size = int(transform.min_size[-1])
+        return InputInfo((3, size, size), tuple(transform.image_mean), tuple(transform.image_std))
+    names = [name for name in torchvision_models() if _family_of(name) == family]
+    if not names:
+        return None
+    known = default_input(ArchSpec(f"torchvision:{names[0]}"))
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)), None)
+    if known is None or conv is None or conv.in_channels == known.shape[0]:
+        return known
+    return InputInfo((conv.in_channels, *known.shape[1:]))
+
+
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """'3x224x224' (or '3,224,224') -> (3, 224, 224); video: '3x16x112x112' (C x T x H x W)."""
     parts = text.replace(",", "x").lower().split("x")
@@ -266,13 +288,20 @@ def _build_for_matching(name: str, num_classes: int | None) -> nn.Module | None:
     return None
 
 
-def detect_torchvision_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec | None:
+def detect_torchvision_arch(
+    state_dict: Mapping[str, torch.Tensor], model_class: type | None = None
+) -> ArchSpec | None:
     """Find the one torchvision model whose keys and shapes match ``state_dict`` exactly.
 
     Candidates are narrowed by the top-level module names of the first model of each family, so only
     the matching family is built in full (on the meta device where the builder allows it). A classifier's
     number of classes is read off its last matrix; other tasks are matched at their builders' default too.
     The quantization family is skipped: its float models hold the same weights as the plain classifiers.
+
+    Args:
+        model_class: the class of a whole pickled model: only the families whose module holds that class are
+            tried (a torchvision MobileNetV2 with a replaced stem would otherwise build every family that shares
+            its ``features``/``classifier`` layout, seconds of work, to match none).
     """
     wanted = {k: tuple(v.shape) for k, v in state_dict.items()}
     top_level = {k.split(".")[0] for k in wanted}
@@ -282,6 +311,9 @@ def detect_torchvision_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec 
     for name in torchvision_models():
         if torchvision_task(name) != "quantization":
             families.setdefault(_family_of(name), []).append(name)
+    if model_class is not None:
+        families = {family: names for family, names in families.items()
+                    if getattr(importlib.import_module(family), model_class.__name__, None) is model_class}
     matches = []
     for names in families.values():
         probe = _build_for_matching(names[0], None)

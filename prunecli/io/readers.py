@@ -1,17 +1,21 @@
 """Reading the bytes of model files: what kind of file it is, safetensors with a validated header, torch.save
-files without running code unless trusted, and the state dict inside common containers.
+files without running code unless trusted, what class a pickled object is (from its opcodes, without running it),
+and the state dict inside common containers.
 
-Below both ``prunecli.io.checkpoint`` (any model file) and ``prunecli.io.slim`` (prunecli's own format).
+Below ``prunecli.io.slim`` (prunecli's own format) and the format adapters of ``prunecli.io.formats``.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import pickle
+import pickletools
 import struct
+import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,8 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "mo
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 # Globals a weights_only unpickler may construct when a file is a whole pickled model of these packages.
 SAFE_MODULE_PREFIXES = ("torch.nn.", "torchvision.models.", "torchvision.ops.")
+# and prunecli's own layer that a pruned model may hold (EDP keeps a conv decomposed where that saves MACs)
+SAFE_CLASSES = ("prunecli.layers.DecomposedConv",)
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 TRUST_HINT = "pass --trust-pickle (with --import-path DIR for your classes) only if you trust its source"
 
@@ -53,10 +59,8 @@ def check_file(path: Path) -> None:
         raise CheckpointError(f"{path} is empty (0 bytes); the file was not written completely")
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Validate the header (size, JSON, offsets) before handing the file to safetensors."""
-    from safetensors.torch import load_file
-
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The header of a safetensors file (``__metadata__`` included), after checking its size, JSON and offsets."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
@@ -67,12 +71,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: safetensors header is not valid JSON; the file is damaged") from exc
     data_len = size - 8 - header_len
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object; the file is damaged")
     for name, info in header.items():
         if name == "__metadata__":
             continue
         begin, end = info.get("data_offsets", (0, -1)) if isinstance(info, dict) else (0, -1)
         if not (0 <= begin <= end <= data_len):
             raise CheckpointError(f"{path}: tensor {name!r} lies outside the file; the file is truncated or damaged")
+    return header
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Validate the header (size, JSON, offsets) before handing the file to safetensors."""
+    from safetensors.torch import load_file
+
+    safetensors_header(path)
     try:
         return load_file(str(path))
     except Exception as exc:
@@ -92,11 +106,12 @@ def _safe_globals(path: Path) -> list[Any]:
     for qualified in names:
         module_name, _, attr = qualified.rpartition(".")
         try:
-            if not qualified.startswith(SAFE_MODULE_PREFIXES):
+            if not (qualified.startswith(SAFE_MODULE_PREFIXES) or qualified in SAFE_CLASSES):
                 raise ImportError(qualified)
             found.append(getattr(importlib.import_module(module_name), attr))
         except (ImportError, AttributeError) as exc:
-            outside = ", ".join(n for n in names if not n.startswith(SAFE_MODULE_PREFIXES))[:200] or qualified
+            outside = ", ".join(n for n in names if not (n.startswith(SAFE_MODULE_PREFIXES) or n in SAFE_CLASSES))
+            outside = outside[:200] or qualified
             raise CheckpointError(
                 f"{path} is a pickle that names classes outside torch.nn/torchvision ({outside}), and unpickling it "
                 f"could run code; {TRUST_HINT}"
@@ -104,9 +119,21 @@ def _safe_globals(path: Path) -> list[Any]:
     return found
 
 
-def torch_load(path: Path, trust_pickle: bool) -> Any:
+def torch_load(path: Path, trust_pickle: bool, import_paths: tuple[Path, ...] = ()) -> Any:
     """``torch.load`` with ``weights_only=True`` (plus the torch.nn/torchvision classes of a whole pickled model),
-    or a full unpickle only with ``trust_pickle``; TorchScript archives are refused."""
+    or a full unpickle only with ``trust_pickle``; TorchScript archives are refused.
+
+    Args:
+        import_paths: folders put first on ``sys.path`` while unpickling, where the classes of a trusted pickle live.
+    """
+    sys.path[:0] = [str(p) for p in import_paths]
+    try:
+        return _torch_load(path, trust_pickle)
+    finally:
+        del sys.path[: len(import_paths)]
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
     if sniff(path) == "zip":
         try:
             with zipfile.ZipFile(path) as archive:
@@ -138,6 +165,64 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
             f"{path} is not a readable PyTorch checkpoint ({first_line(exc, 120)}); "
             "the file is truncated or not a model"
         ) from exc
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the number a legacy (non-zip) torch.save file starts with
+_MEMO_OPS = ("PROTO", "FRAME", "BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE")
+_STRING_OPS = ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE")
+_LEGACY = "<legacy torch.save header>"
+
+
+def pickled_class(path: Path) -> str | None:
+    """The class (``'module.Name'``) of the object a torch.save file holds when that object is an instance built by
+    its class, as ``torch.save(model)`` writes a model; None for a dict, a tensor, anything else or an unreadable
+    file. Read from the first opcodes of the pickle: nothing in it is run or imported."""
+    try:
+        if sniff(path) == "zip":
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+                if len(pickles) != 1 or any(n.endswith("/constants.pkl") for n in names):  # TorchScript
+                    return None
+                with archive.open(pickles[0]) as stream:
+                    return _root_class(stream)
+        with open(path, "rb") as stream:
+            return _root_class(stream)
+    except Exception:  # a damaged file: the reader that claims it says what is wrong
+        return None
+
+
+def _root_class(stream: Any) -> str | None:
+    ops = pickletools.genops(stream)
+    found = _instance_class(ops)
+    if found != _LEGACY:
+        return found
+    for _ in ops:  # the rest of the magic number's pickle, then the protocol version's and the system info's
+        pass
+    for _ in range(2):
+        for _ in pickletools.genops(stream):
+            pass
+    found = _instance_class(pickletools.genops(stream))
+    return None if found == _LEGACY else found
+
+
+def _instance_class(ops: Iterator[tuple[Any, Any, Any]]) -> str | None:
+    """'module.Name' when the pickle begins by building an instance of that class: the class (a global; or, in a
+    legacy torch.save file, the persistent id that carries the class with its source), no arguments, NEWOBJ."""
+    seq = [(op.name, arg) for op, arg, _ in itertools.islice(ops, 32) if op.name not in _MEMO_OPS]
+    names = [name for name, _ in seq]
+    if names[:1] == ["LONG1"] and seq[0][1] == _LEGACY_MAGIC:
+        return _LEGACY
+    if names[:1] == ["GLOBAL"]:
+        found, rest = str(seq[0][1]).replace(" ", "."), seq[1:]
+    elif len(names) > 2 and names[0] in _STRING_OPS and names[1] in _STRING_OPS and names[2] == "STACK_GLOBAL":
+        found, rest = f"{seq[0][1]}.{seq[1][1]}", seq[3:]
+    elif names[:3] == ["MARK", "BINUNICODE", "GLOBAL"] and seq[1][1] == "module" and "BINPERSID" in names:
+        found, rest = str(seq[2][1]).replace(" ", "."), seq[names.index("BINPERSID") + 1:]
+    else:
+        return None
+    following = [name for name, _ in rest if name not in ("EMPTY_TUPLE", "EMPTY_DICT")]
+    return found if following[:1] in (["NEWOBJ"], ["NEWOBJ_EX"]) else None
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:

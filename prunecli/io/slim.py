@@ -22,7 +22,7 @@ from prunecli._version import __version__
 from prunecli.errors import CheckpointError, first_line
 from prunecli.io.arch import ArchSpec, build_model, build_skeleton
 from prunecli.io.files import atomic_output, write_through_memory
-from prunecli.io.readers import check_file, read_safetensors, sniff, torch_load, unwrap_state_dict
+from prunecli.io.readers import check_file, read_safetensors, safetensors_header, sniff, torch_load, unwrap_state_dict
 from prunecli.layers import DecomposedConv, decomposed_layers
 
 FORMAT = "prunecli-slim"
@@ -168,11 +168,10 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
 
 
 def read_slim_metadata(path: str | Path) -> dict[str, Any] | None:
-    """The prunecli document of a safetensors file, or None for a plain safetensors file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(METADATA_KEY)
+    """The prunecli document of a safetensors file, or None for a plain safetensors file (read from the validated
+    header alone, so a format adapter can ask whether a file is slim without reading its tensors)."""
+    metadata = safetensors_header(Path(path)).get("__metadata__")
+    raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if raw is None:
         return None
     try:

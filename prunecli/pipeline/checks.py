@@ -11,7 +11,7 @@ from torch import nn
 
 from prunecli.config import AccuracyOptions, RunOptions
 from prunecli.errors import ArchitectureError, first_line
-from prunecli.io.checkpoint import LoadedModel
+from prunecli.io.formats import LoadedModel
 from prunecli.measure import LayerCost, costs_and_output, count_params
 from prunecli.outputs import describe_shapes, output_shapes
 from prunecli.pipeline.opening import Profile, labelled_images

@@ -11,17 +11,15 @@ import torch
 from prunecli.config import DataOptions, ModelSource
 from prunecli.errors import ArchitectureError, DataError, first_line
 from prunecli.graph import refuse_unsupported
-from prunecli.io.arch import ArchSpec
-from prunecli.io.checkpoint import LoadedModel, load_model
 from prunecli.io.data import DataSpec, ImageSet, open_images
+from prunecli.io.formats import LoadedModel, open_checkpoint
 from prunecli.measure import LayerCost, costs_and_output, count_params
 from prunecli.results import ModelSummary, Totals
 
 
 def open_model(source: ModelSource) -> LoadedModel:
-    arch = ArchSpec(source.arch, source.arch_kwargs) if source.arch else None
-    return load_model(source.path, arch=arch, input_shape=source.input_shape, trust_pickle=source.trust_pickle,
-                      import_paths=source.import_paths)
+    """The model of ``source``, read by the checkpoint format adapter that claims the file."""
+    return open_checkpoint(source)
 
 
 def with_base_arch(source: ModelSource, reference: LoadedModel) -> ModelSource:

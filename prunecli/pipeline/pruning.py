@@ -12,8 +12,8 @@ from torch import nn
 from prunecli.config import PruneConfig
 from prunecli.errors import DataError
 from prunecli.graph import DependencyGraph
-from prunecli.io.checkpoint import LoadedModel
 from prunecli.io.data import ImageSet
+from prunecli.io.formats import LoadedModel
 from prunecli.pipeline.opening import Profile, labelled_images, load_images
 from prunecli.pipeline.recovery import check_recalibration, edp_step, reconstruct_layers, soft_prune_step
 from prunecli.pipeline.removal import Planner, Removed, measure_sensitivity, remove, remove_until_it_runs, sensitivity_record

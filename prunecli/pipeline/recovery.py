@@ -15,8 +15,8 @@ from torch import nn
 from prunecli.config import EdpOptions, ReconstructOptions, RunOptions, SoftOptions
 from prunecli.errors import OptionError, PrunecliError
 from prunecli.humanize import plural
-from prunecli.io.checkpoint import LoadedModel
 from prunecli.io.data import ImageSet, iterate_batches
+from prunecli.io.formats import LoadedModel
 from prunecli.pipeline.removal import Removed, remove
 from prunecli.planning import Selection
 from prunecli.reconstruct import ReconstructReport, reconstruct
