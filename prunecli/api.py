@@ -30,7 +30,7 @@ from prunecli.io.formats import LoadedModel, checkpoint_format
 from prunecli.io.formats import default_output as adapter_output
 from prunecli.io.scores import check_scores_output, write_scores
 from prunecli.measure import CostModel, LayerCost, costs_and_output, count_params
-from prunecli.pipeline.checks import accuracy, check_pruned, layer_changes
+from prunecli.pipeline.checks import accuracy, check_pruned, layer_changes, speed_check
 from prunecli.pipeline.opening import (
     labelled_images,
     load_images,
@@ -39,7 +39,7 @@ from prunecli.pipeline.opening import (
     summary,
     with_base_arch,
 )
-from prunecli.pipeline.pruning import Removal, calibration_images, choose_and_remove
+from prunecli.pipeline.pruning import Removal, calibration_images, choose_and_remove, resolve_rounding
 from prunecli.pipeline.recovery import recalibrate
 from prunecli.pipeline.scoring import check_criterion, score
 from prunecli.planning import plan_pruning
@@ -112,7 +112,11 @@ def _latency(config: AnalyzeConfig, loaded: LoadedModel) -> dict[str, Any]:
     original = open_model(with_base_arch(config.compare, loaded))
     if tuple(original.input.shape) != shape:
         raise ArchitectureError(f"--compare model takes {original.input.shape}, this one {shape}; pass --input-shape")
-    return compare_latency(original.model, loaded.model, shape, batch_sizes=batches).to_dict()
+    timed, not_faster = speed_check(compare_latency(original.model, loaded.model, shape, batch_sizes=batches),
+                                    "onnxruntime")
+    if not_faster:
+        loaded.notes.append(not_faster)
+    return timed
 
 
 # ----------------------------------------------------------------------------- score
@@ -171,6 +175,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     beside the source). ``step_progress(done, total)`` follows the layers of ``--reconstruct``."""
     started, say = time.perf_counter(), progress or _silent
     torch.manual_seed(config.run.seed)
+    config, rounding = resolve_rounding(config)
     output = config.output.path or default_output(config.source.path)
     check_output_path(output, force=config.output.force, inputs=(config.source.path,))
     checkpoint_format(config.source).check_output(output)
@@ -193,6 +198,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     if main_process():  # under torchrun (soft pruning, EDP) every rank holds the same model; rank 0 writes it
         loaded.format.write(loaded, checked.deployed, output, metadata, force=config.output.force,
                             inputs=(config.source.path,))
+    latency, not_faster = _speed(config, loaded, pruned, say)
     return PruneResult(
         model=summary(loaded, original.totals), output=str(output), method=step.method,
         allocation=config.plan.allocation, budget=config.budget.to_dict(), target=step.target,
@@ -201,7 +207,8 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         deviation_pp=_deviation(config, step, original.totals, checked.totals),
         layers=layer_changes(original.costs, checked.costs), groups_pruned=step.groups_pruned,
         channels_removed=step.channels_removed, seconds=time.perf_counter() - started, seed=config.run.seed,
-        notes=[*loaded.notes, *step.notes], latency=_speed(config, loaded, pruned, say), accuracy=measured_top1,
+        notes=[note for note in (*loaded.notes, rounding, *step.notes, not_faster) if note],
+        latency=latency, accuracy=measured_top1,
         reconstruction=step.reconstruction, latency_target=step.records.get("latency_target"),
         sensitivity=step.sensitivity, recalibration=step.records.get("recalibrate_bn"),
         training=(step.records.get("edp") or step.records.get("soft_pruning") or {}).get("training"),
@@ -217,16 +224,18 @@ def _deviation(config: PruneConfig, step: Removal, before: Totals, after: Totals
     return 100 * (achieved - step.target) / base if achieved is not None else 0.0
 
 
-def _speed(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.Module, say: Progress) -> dict[str, Any] | None:
-    """``--latency``: the original timed beside the slim model."""
+def _speed(config: PruneConfig, loaded: LoadedModel, pruned: torch.nn.Module,
+           say: Progress) -> tuple[dict[str, Any] | None, str | None]:
+    """``--latency``: the original timed beside the slim model, and a note where it is not faster where it runs."""
     if not config.latency.compare:
-        return None
+        return None, None
     from prunecli.latency import compare_latency
 
     say("timing the original and the slim model")
     batches = tuple(dict.fromkeys((1, config.latency.batch)))
-    return compare_latency(loaded.model, pruned, tuple(loaded.input.shape), threads=config.run.threads,
-                           batch_sizes=batches).to_dict()
+    comparison = compare_latency(loaded.model, pruned, tuple(loaded.input.shape), threads=config.run.threads,
+                                 batch_sizes=batches)
+    return speed_check(comparison, config.latency.runtime)
 
 
 # ----------------------------------------------------------------------------- export

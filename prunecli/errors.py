@@ -25,6 +25,10 @@ class BudgetError(PrunecliError):
         self.least = least  # the lowest cost pruning can reach, where that is why the budget failed
 
 
+class SpeedupError(PrunecliError):
+    """``--check-speedup``: the slim model is not faster than the original where it runs."""
+
+
 class DataError(PrunecliError):
     """Calibration or training data is missing, unreadable or of the wrong shape."""
 

@@ -74,7 +74,8 @@ def cost_function(budget_kind: str, evaluate: Callable[[np.ndarray], tuple[float
 def group_limits(options: PlanOptions, graph: DependencyGraph) -> dict[int, GroupLimits]:
     """What the allocator may do to each group under ``options``."""
     return {
-        g.index: GroupLimits(g.channels, g.blocks, g.prunable, options.max_layer_ratio, options.round_to, g.parts)
+        g.index: GroupLimits(g.channels, g.blocks, g.prunable, options.max_layer_ratio, options.multiple(g.channels),
+                             g.parts)
         for g in graph.groups
     }
 

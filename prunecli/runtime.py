@@ -33,6 +33,35 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def channel_block(device: torch.device | str = "cpu", runtime: str = "onnxruntime") -> tuple[int, str]:
+    """The channel multiple the deployment runtime's convolution kernels work in, and why.
+
+    onnxruntime's CPU convolutions (MLAS) run in a blocked NCHWc layout whose block is the SIMD width in floats:
+    16 with AVX-512F, 8 with AVX2/AVX, 4 with 128-bit SIMD (MLAS ``platform.cpp``, ``NchwcBlockSize``); a conv
+    whose channels are not a multiple of the block falls back to a slower path with reorders around it. CUDA's
+    tensor cores take fp16 channels in multiples of 8. Measured on an AVX-512 CPU: a torchvision MobileNetV2 pruned
+    to half its MACs ran 0.66x as fast as the original under onnxruntime with any channel count, 1.55x with
+    multiples of 8 and 1.77x with multiples of 16 (docs/benchmarks.md).
+    """
+    if torch.device(device).type == "cuda" and runtime == "torch":
+        return 8, "CUDA tensor cores take fp16 channels in multiples of 8"
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        return 16, "onnxruntime's CPU convolutions work in blocks of 16 channels with this CPU's AVX-512"
+    if "avx2" in flags or "avx" in flags:
+        return 8, "onnxruntime's CPU convolutions work in blocks of 8 channels with this CPU's AVX2"
+    return 4, "onnxruntime's CPU convolutions work in blocks of 4 channels with 128-bit SIMD"
+
+
+def _cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (Linux's /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's first parameter (or buffer); CPU for a model that holds neither."""
     tensor = next(iter(model.parameters()), None)

@@ -262,8 +262,9 @@ def test_mobilenet_with_a_replaced_stem_prunes_to_half_its_macs_and_loads_as_it_
     assert abs(report["macs_kept"] - 0.5) < 0.005 and abs(report["deviation_pp"]) < 0.5
     assert report["after"]["macs"] == round(report["macs_kept"] * report["before"]["macs"])
     assert report["model"]["arch"] is None and report["model"]["input_shape"] == [1, 224, 224]
-    assert report["notes"] == ["input 1x224x224 assumed: the size MobileNetV2's torchvision family takes, with the "
-                               "channels its first conv reads; pass --input-shape to change it"]
+    assert report["notes"][1].startswith("channel counts kept at multiples of")  # --round-to auto says what it did
+    assert report["notes"][:1] == ["input 1x224x224 assumed: the size MobileNetV2's torchvision family takes, with "
+                                   "the channels its first conv reads; pass --input-shape to change it"]
     assert files_in(tmp_path) == ["m.pt", "slim.pt"]  # a whole-model file, no sidecar
 
     (pruned,) = written

@@ -151,10 +151,15 @@ def test_dead_channels_of_a_detector_prune_away_without_changing_its_detections(
     assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def without_rounding(notes: list[str]) -> list[str]:
+    """The notes but --round-to auto's, which names this machine's channel block."""
+    return [note for note in notes if not note.startswith(("channel counts kept at multiples", "multiples of "))]
+
+
 def test_prune_writes_the_whole_detector_and_it_reloads_to_the_same_detections(tmp_path, saved_models, detector):
     result, output = prune_saved(tmp_path, detector, "models:tiny_detector", (3, 64, 64), parse_budget("macs", "0.6"))
-    assert result.notes == ["a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and "
-                            "counted; the heads keep the widths they read"]
+    assert without_rounding(result.notes) == ["a detector: its feature path (backbone with FPN or SSD extras) is "
+                                              "traced, pruned and counted; the heads keep the widths they read"]
     (written,) = saved_models
     x = torch.randn(1, 3, 64, 64)
     assert result.after == totals(FeaturePath(written), x)  # MACs of the feature path, the part that is pruned
@@ -211,7 +216,7 @@ def test_a_video_model_prunes_to_budget(tmp_path, saved_models):
     model = M.randomise_norms(torchvision.models.video.r3d_18(weights=None), seed=3).eval()
     result, output = prune_saved(tmp_path, model, None, (3, 4, 32, 32), parse_budget("macs", "0.5"))
     assert abs(result.macs_kept - 0.5) <= 0.005
-    assert result.notes == ["recognised the weights as torchvision:r3d_18"]
+    assert without_rounding(result.notes) == ["recognised the weights as torchvision:r3d_18"]
     (pruned,) = saved_models
     reloaded = prunecli.load(output)
     x = torch.randn(1, 3, 4, 32, 32)

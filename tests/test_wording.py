@@ -46,7 +46,8 @@ def test_plural_counts_one_and_many():
 
 
 def test_an_unreachable_budget_quotes_counts_as_budgets_are_written(tmp_path):
-    run = invoke("prune", SAMPLE, "--params-target", "100K", "--max-layer-ratio", "0.1", "-o", tmp_path / "x.safetensors")
+    run = invoke("prune", SAMPLE, "--params-target", "100K", "--max-layer-ratio", "0.1", "--round-to", "1",
+                 "-o", tmp_path / "x.safetensors")
     assert run.exit_code == 1
     assert run.stderr == (
         "error: the budget cannot be reached: pruning as far as allowed still leaves 224.70K (target 100.00K); "

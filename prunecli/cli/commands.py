@@ -55,7 +55,7 @@ from prunecli.cli.options import (
     with_options,
 )
 from prunecli.config import LATENCY_BATCH, ModelSource, RunOptions
-from prunecli.errors import OptionError
+from prunecli.errors import OptionError, SpeedupError
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
@@ -147,6 +147,16 @@ def score(
     print_json(result) if out.json else render(result, stdout_console(), out.quiet)
 
 
+def _round_to(text: str) -> int | None:
+    """``--round-to auto`` (None: resolved where the runtime is known) or a positive integer."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise OptionError(f"--round-to {text!r} is neither auto nor a whole number of channels, e.g. 8") from None
+
+
 def _timed(run: RunOptions, timeout: float, score_timeout: float | None, threads: int | None = None) -> RunOptions:
     return RunOptions(run.seed, run.device, timeout, score_timeout, threads)
 
@@ -168,7 +178,7 @@ def prune(
     latency_batch: LatencyBatchOpt = LATENCY_BATCH,
     allocation: Annotated[Allocation | None, typer.Option("--allocation", help="uniform: the same ratio in every group; global: one threshold on normalised scores across groups; efficiency: one threshold on each channel's score per unit of budgeted cost (MACs, params, milliseconds) its group's removal saves, so removal goes where it buys the most for the least score; dispersion: SFP's kernel dispersion sets each group's ratio; sensitivity: each group is narrowed alone at a few widths on the --data images and the budget goes where it moves the output least per unit of cost (no labels). Default: uniform, global for edp (ranks and widths per layer).", rich_help_panel=BUDGET)] = None,
     max_layer_ratio: Annotated[float, typer.Option("--max-layer-ratio", help="Most of one group's channels that may go (at least one always stays).", rich_help_panel=BUDGET)] = 0.9,
-    round_to: Annotated[int, typer.Option("--round-to", help="Keep channel counts at multiples of N (hardware-friendly).", min=1, rich_help_panel=BUDGET)] = 1,
+    round_to: Annotated[str, typer.Option("--round-to", help="Keep channel counts at multiples of N. auto (the default): the channel block of the runtime the model will run on (onnxruntime on this CPU: 16 with AVX-512, 8 with AVX2; 8 for a latency target under torch on CUDA), groups narrower than four blocks at a quarter of their width; 1 keeps any count.", rich_help_panel=BUDGET)] = "auto",
     ignore: IgnoreOpt = None,
     method: Annotated[PruneMethod | None, typer.Option("--method", "-m", help="Importance criterion (default l1); see `prunecli score --help`. [bold]edp[/]: EDP (Ruan et al., TNNLS 2021) decomposes every conv into basis + 1x1 coefficients, trains --edp-epochs on --data with a group-sparse regulariser steered to the budget, then prunes zero rows/columns and merges blocks back where decomposing does not pay [INFERRED: no code or full text is public].", rich_help_panel=CRITERION)] = None,
     scores: Annotated[Path | None, typer.Option("--scores", help="Reuse scores written by `prunecli score -o` for this model instead of scoring again.", rich_help_panel=CRITERION)] = None,
@@ -192,7 +202,8 @@ def prune(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (.safetensors, or .pt with a .json sidecar); a whole pickled model (torch.save(model)) is written back as one, to a .pt. Default <input>.slim.safetensors (<input>.slim.pt for a whole pickled model) beside the input.", rich_help_panel=OUTPUT)] = None,
     force: ForceOpt = False,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the before/after report: .json, .md or a self-contained .html page (by the extension).", rich_help_panel=OUTPUT)] = None,
-    latency: Annotated[bool, typer.Option("--latency", help="Time the original beside the slim model (median, PyTorch eager and onnxruntime, batch 1 and --latency-batch) and show the speedup next to the MACs ratio.", rich_help_panel=OUTPUT)] = False,
+    latency: Annotated[bool, typer.Option("--latency", help="Time the original beside the slim model (median, PyTorch eager and onnxruntime, batch 1 and --latency-batch) and show the speedup next to the MACs ratio; a slim model that is not faster under onnxruntime (or the --latency-target's runtime) gets a warning note and \"faster\": false in --json.", rich_help_panel=OUTPUT)] = False,
+    check_speedup: Annotated[bool, typer.Option("--check-speedup", help="With --latency: exit 1 when the slim model (still written) is not faster than the original where it runs, for CI pipelines.", rich_help_panel=OUTPUT)] = False,
     threads: ThreadsOpt = None,
     timeout: TimeoutOpt = 120.0,
     score_timeout: ScoreTimeoutOpt = None,
@@ -237,13 +248,13 @@ def prune(
         budget=parse_budget(*budgets[0]),
         data=images.options(data, calib_images, batch_size),
         scoring=ScoringOptions(chosen, **criterion, scores=scores),
-        plan=PlanOptions(allocation.value if allocation else None, max_layer_ratio, round_to, tuple(ignore or ())),
+        plan=PlanOptions(allocation.value if allocation else None, max_layer_ratio, _round_to(round_to), tuple(ignore or ())),
         recovery=RecoveryOptions(recalibrate_bn, ReconstructOptions(recon_ridge, recon_rows, seed=run.seed)
                                  if reconstruct else None,
                                  SoftOptions(training(soft_epochs), reselect_every) if soft_epochs else None, edp),
         evaluate=AccuracyOptions(images.options(eval_data), eval_limit) if eval_data else None,
         latency=LatencyOptions(latency, latency_batch, LatencyTarget((latency_runtime or LatencyRuntime.onnxruntime).value)
-                               if latency_target is not None else None),
+                               if latency_target is not None else None, check_speedup),
         output=OutputOptions(output, force),
         run=_timed(run, timeout, score_timeout, threads),
     )
@@ -253,6 +264,9 @@ def prune(
     if report is not None:
         write_report(result, report, force=force, inputs=(source.path,))
     print_json(result) if out.json else render(result, stdout_console(), out.quiet)
+    if check_speedup and not result.latency["faster"]:
+        raise SpeedupError(f"--check-speedup: {result.output} is written but not faster than the original under "
+                           f"{result.latency['checked_runtime']}")
 
 
 @app.command()

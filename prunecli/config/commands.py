@@ -169,14 +169,26 @@ class PlanOptions:
         allocation: one of :data:`ALLOCATIONS`; None takes the method's own (uniform; global for EDP, which
             ranks and sizes every layer).
         max_layer_ratio: most of one group's channels that may go (at least one always stays).
-        round_to: channel counts kept at multiples of this.
+        round_to: channel counts kept at multiples of this; None ("auto"): the channel block of the runtime the
+            model will run on (``prune`` resolves it, see :func:`prunecli.runtime.channel_block`).
         ignore: globs of layer names whose output channels stay.
+        narrow_groups: with ``round_to`` from "auto", a group narrower than four blocks rounds to the largest
+            power of two up to a quarter of its width instead (a 16-channel group keeps multiples of 4), so the
+            narrow early layers of small models are not left unprunable or cut in halves.
     """
 
     allocation: str | None = None
     max_layer_ratio: float = 0.9
-    round_to: int = 1
+    round_to: int | None = None
     ignore: tuple[str, ...] = ()
+    narrow_groups: bool = False
+
+    def multiple(self, channels: int) -> int:
+        """The channel multiple a group of ``channels`` keeps (1 while ``round_to`` is unresolved)."""
+        multiple = self.round_to or 1
+        if self.narrow_groups and channels < 4 * multiple:
+            return 1 << max(0, (channels // 4).bit_length() - 1)
+        return multiple
 
     def __post_init__(self):
         check([
@@ -184,7 +196,7 @@ class PlanOptions:
              choose("--allocation", self.allocation, ALLOCATIONS)),
             (not 0 < self.max_layer_ratio < 1,
              f"--max-layer-ratio {self.max_layer_ratio} must lie strictly between 0 and 1"),
-            (self.round_to < 1, f"--round-to {self.round_to} must be a positive integer"),
+            (self.round_to is not None and self.round_to < 1, f"--round-to {self.round_to} must be a positive integer"),
         ])
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,14 +253,23 @@ class AccuracyOptions:
 @dataclass(frozen=True)
 class LatencyOptions:
     """Measured latency: ``--latency`` times the original beside the slim model; ``target`` says how a latency
-    budget is measured. Both run at batch 1 and at ``batch``."""
+    budget is measured. Both run at batch 1 and at ``batch``. ``check_speedup``: a slim model that is not faster
+    than the original under :attr:`runtime` fails the command (for CI)."""
 
     compare: bool = False
     batch: int = LATENCY_BATCH
     target: LatencyTarget | None = None
+    check_speedup: bool = False
 
     def __post_init__(self):
-        check([(self.batch < 1, f"--latency-batch {self.batch} must be at least 1")])
+        check([(self.batch < 1, f"--latency-batch {self.batch} must be at least 1"),
+               (self.check_speedup and not self.compare, "--check-speedup times the slim model: give --latency too")])
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the model is deployed to: the latency target's, else onnxruntime (what --round-to auto
+        rounds for and the speed check judges)."""
+        return self.target.runtime if self.target is not None else "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         return fields_dict(self)

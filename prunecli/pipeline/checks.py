@@ -15,7 +15,7 @@ from prunecli.io.formats import LoadedModel
 from prunecli.measure import LayerCost, costs_and_output, count_params
 from prunecli.outputs import describe_shapes, output_shapes
 from prunecli.pipeline.opening import Profile, labelled_images
-from prunecli.results import LayerChange, Totals
+from prunecli.results import LatencyComparison, LayerChange, Totals
 from prunecli.tasks import end_to_end_outputs, reassemble
 
 Say = Callable[[str], None]
@@ -71,6 +71,18 @@ def accuracy(options: AccuracyOptions | None, loaded: LoadedModel, pruned: nn.Mo
     return {"data": images.description, "images": len(images), "measured": True,
             "original_top1": evaluate(loaded.model, images, batch_size, run.device).top1,
             "pruned_top1": evaluate(pruned, images, batch_size, run.device).top1}
+
+
+def speed_check(comparison: LatencyComparison, runtime: str) -> tuple[dict[str, Any], str | None]:
+    """The timing of the original beside the slim model with its verdict under ``runtime`` (where the model is
+    deployed): ``faster`` is false when any batch timed there is not faster, and the note says so."""
+    slower = [row for row in comparison.rows if row.runtime == runtime and row.speedup <= 1.0]
+    timed = {**comparison.to_dict(), "checked_runtime": runtime, "faster": not slower}
+    if not slower:
+        return timed, None
+    speeds = ", ".join(f"batch {row.batch}: {row.speedup:.2f}x" for row in slower)
+    return timed, (f"the slim model is not faster than the original under {runtime} ({speeds}; the MACs promised "
+                   f"{comparison.macs_ratio:.2f}x): check --round-to, or prune for a --latency-target")
 
 
 def layer_changes(before: list[LayerCost], after: list[LayerCost]) -> list[LayerChange]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +17,18 @@ from prunecli.io.data import ImageSet
 from prunecli.io.formats import LoadedModel
 from prunecli.pipeline.opening import Profile, labelled_images, load_images
 from prunecli.pipeline.recovery import check_recalibration, edp_step, reconstruct_layers, soft_prune_step
-from prunecli.pipeline.removal import Planner, Removed, measure_sensitivity, remove, remove_until_it_runs, sensitivity_record
+from prunecli.pipeline.removal import (
+    Planner,
+    Removed,
+    measure_sensitivity,
+    plan_rounded,
+    remove,
+    remove_until_it_runs,
+    sensitivity_record,
+)
 from prunecli.pipeline.scoring import TRAINED_METHOD, prune_scores
 from prunecli.planning import Selection
+from prunecli.runtime import channel_block
 
 Say = Callable[[str], None]
 
@@ -35,6 +45,19 @@ class Removal:
     reconstruction: dict[str, Any] | None = None
     sensitivity: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def resolve_rounding(config: PruneConfig) -> tuple[PruneConfig, str | None]:
+    """``--round-to auto``: the channel multiple of the runtime the model will run on (onnxruntime on this CPU, or
+    torch on CUDA for a latency target measured there), narrow groups at a quarter of their width; with the note
+    that says so. A given ``--round-to N`` stays as it is."""
+    if config.plan.round_to is not None:
+        return config, None
+    block, why = channel_block(config.run.device, config.latency.runtime)
+    plan = dataclasses.replace(config.plan, round_to=block, narrow_groups=True)
+    note = (f"channel counts kept at multiples of {block}: {why} (--round-to auto; --round-to N overrides); groups "
+            f"narrower than {4 * block} channels keep multiples of a quarter of their width")
+    return dataclasses.replace(config, plan=plan), note
 
 
 def calibration_images(config: PruneConfig, loaded: LoadedModel) -> ImageSet | None:
@@ -70,6 +93,7 @@ def choose_and_remove(config: PruneConfig, loaded: LoadedModel, original: Profil
         return edp.model, Removal(TRAINED_METHOD, edp.target, edp.channels_removed, edp.groups_pruned, {"edp": edp.record})
     run, batch_size = config.run, config.data.batch_size if config.data else 1
     records: dict[str, Any] = {}
+    notes: list[str] = []
     if config.recovery.soft is not None:
         train = load_images(config.data, loaded, None, run.seed)
         soft = soft_prune_step(config.recovery.soft, selection(config, calibration), loaded, original.example, train,
@@ -85,10 +109,11 @@ def choose_and_remove(config: PruneConfig, loaded: LoadedModel, original: Profil
         if config.plan.allocation == "sensitivity":
             planner.sensitivity = measure_sensitivity(config.plan, graph, planner.scores, calibration, batch_size, run,
                                                       say, step_progress)
-        removed = plan_and_remove(config, planner, graph, tuple(loaded.input.shape), records, say)
+        removed = plan_and_remove(config, planner, graph, tuple(loaded.input.shape), records, notes, say)
         unpruned, sensitivity = loaded.model, planner.sensitivity
     step = Removal(method, removed.target, sum(len(v) for v in removed.plan.removed.values()), len(removed.plan.removed),
-                 records, sensitivity=sensitivity_record(removed.graph, sensitivity, removed.plan) if sensitivity else None)
+                 records, sensitivity=sensitivity_record(removed.graph, sensitivity, removed.plan) if sensitivity else None,
+                 notes=notes)
     if config.recovery.reconstruct is not None:
         report = reconstruct_layers(config.recovery.reconstruct, unpruned, removed, calibration, batch_size, run, say,
                                     step_progress)
@@ -98,7 +123,7 @@ def choose_and_remove(config: PruneConfig, loaded: LoadedModel, original: Profil
 
 
 def plan_and_remove(config: PruneConfig, planner: Planner, graph: DependencyGraph, input_shape: tuple[int, ...],
-                     records: dict[str, Any], say: Say) -> Removed:
+                    records: dict[str, Any], notes: list[str], say: Say) -> Removed:
     """Plan the budget (measuring latency for a latency target), remove, and hold what breaks the forward."""
     if config.latency.target is not None:
         from prunecli.pipeline.latency_target import latency_plan
@@ -110,6 +135,10 @@ def plan_and_remove(config: PruneConfig, planner: Planner, graph: DependencyGrap
                                                              "original_ms", "slim_ms")}
     else:
         say("allocating the budget")
-        plan, target = planner.plan(graph)
+        plan, target, coarser = plan_rounded(planner, graph)
+        if coarser:
+            records["rounding"] = {"round_to": planner.options.round_to, "instead_of": coarser}
+            notes.append(f"multiples of {coarser} channels could not meet the budget within 0.5%: rounded to multiples of "
+                         f"{planner.options.round_to} instead")
     say("removing channels")
     return remove_until_it_runs(planner, remove(graph, plan, target), say)

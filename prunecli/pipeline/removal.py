@@ -4,6 +4,7 @@ measurements, the plan, and its removal (holding the channels of modules whose f
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +52,20 @@ class Planner:
         """The plan for the budget (or for ``target`` of ``latency``'s predicted ms) and the absolute target."""
         return plan_pruning(self.budget, self.options, graph, self.cost_model(graph), self.scores, latency=latency,
                             target=target, sensitivity=self.sensitivity)
+
+
+def plan_rounded(planner: Planner, graph: DependencyGraph, tolerance: float = 0.005) -> tuple[Plan, float, int | None]:
+    """The plan for the budget. With ``--round-to auto``, a channel multiple so coarse that the plan misses the
+    budget by more than ``tolerance`` of the target (the narrow layers of small models) is halved until it does
+    not, down to 1; ``planner.options`` keeps the multiple used. Returns the plan, the target and the multiple
+    given up, if any."""
+    plan, target = planner.plan(graph)
+    coarser = None
+    while planner.options.narrow_groups and planner.options.round_to > 1 and abs(plan.cost - target) > tolerance * target:
+        coarser = coarser or planner.options.round_to
+        planner.options = dataclasses.replace(planner.options, round_to=planner.options.round_to // 2)
+        plan, target = planner.plan(graph)
+    return plan, target, coarser
 
 
 def measure_sensitivity(options: PlanOptions, graph: DependencyGraph, scores: dict[int, torch.Tensor],
@@ -112,5 +127,6 @@ def remove_until_it_runs(planner: Planner, removed: Removed, say: Say) -> Remove
         graph = planner.trace()
         graph.hold(held, f"a {'/'.join(t.__name__ for t in held)} layer's forward reads this width from elsewhere "
                          f"({type(exc).__name__}: {first_line(exc, 80)})")
-        removed = remove(graph, *planner.plan(graph))
+        plan, target, _ = plan_rounded(planner, graph)
+        removed = remove(graph, plan, target)
     return removed
