@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from prunecli.api import example_input, load_images, open_model
 from prunecli.budget import parse_budget
 from prunecli.config import GROUP_SCOPE, DataOptions, ModelSource, PlanOptions, ReconstructOptions
 from prunecli.criteria import list_criteria
@@ -35,6 +34,7 @@ from prunecli.criteria.base import score_weights, score_with_data
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet, iterate_batches, load_fashion_mnist, normalize
 from prunecli.measure import CostModel, costs_and_output, totals
+from prunecli.pipeline.opening import example_input, load_images, open_model
 from prunecli.planning import group_limits, plan_pruning
 from prunecli.reconstruct import reconstruct
 from prunecli.sensitivity import group_sensitivity

@@ -39,7 +39,7 @@ DEFAULT_OUTPUT_NAMES = ("logits",)  # a classifier's one output; models with sev
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """What to write and how. Validated on construction (``ExportError`` with the option to fix).
+    """What to write and how. Validated on construction (``OptionError``, a usage error, naming the option to fix).
 
     Args:
         format: "onnx", "safetensors" or "torchscript"; None takes the one the output's extension names.

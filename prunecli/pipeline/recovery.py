@@ -32,8 +32,8 @@ def check_recalibration(batches: int, images: ImageSet, batch_size: int) -> None
     if batches > available:
         raise OptionError(
             f"--recalibrate-bn {batches} asks for {batches} batches of {batch_size} images, but the calibration "
-            f"images are {len(images)} ({available} batches); raise --calib-images to {batches * batch_size} or "
-            f"give --recalibrate-bn {available}"
+            f"images are {len(images)} ({plural(available, 'batch', 'batches')}); give --recalibrate-bn {available}, "
+            f"or --calib-images {batches * batch_size} of a --data that holds that many"
         )
 
 
