@@ -105,6 +105,57 @@ def test_help_exits_zero(command):
     assert "Traceback" not in result.output
 
 
+def _help_rows(text: str) -> dict[str, str]:
+    """Each option's row of a --help page: its long name and the first word after its names (the value it takes,
+    or for a flag the first word of its help)."""
+    rows = {}
+    for line in text.splitlines():
+        words = line.strip("│ ").removeprefix("* ").split()
+        if words and words[0].startswith("--"):
+            rest = [w for w in words[1:] if not (w.startswith("-") and (len(w) == 2 or w.startswith("--no-")))]
+            rows[words[0]] = rest[0]
+    return rows
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in _command_names())])
+def test_help_shows_flags_without_a_value_and_values_by_a_word(command):
+    """Typer's own rendering showed `--version <bool>`, `--ignore <list[str]>`, `<int range> [x>=1]` and
+    `prune [OPTIONS] {model}`: flags looked as if they took values."""
+    text = invoke(*command, "--help", columns=300).stdout
+    for typer_word in ("<bool>", "list[", "{model}", "<int", "<float", "<str>", "range", "[x"):
+        assert typer_word not in text, typer_word
+    rows = _help_rows(text)
+    assert rows["--help"] == "Show"  # a flag: its help follows its name at once
+    if command:
+        assert f"Usage: prunecli {command[0]} [OPTIONS] MODEL" in text
+        assert "--json" in text and rows["--json"] == "Print"
+        if "--calib-images" in rows:
+            assert rows["--calib-images"] == "N>=1"
+        if "--ignore" in rows:
+            assert rows["--ignore"] == "GLOB"
+        if "--import-path" in rows:
+            assert rows["--import-path"] == "DIR"
+    else:
+        assert rows["--version"] == "Print"
+
+
+def test_help_names_the_values_of_every_kind_of_option():
+    text = invoke("prune", "--help", columns=300).stdout
+    rows = _help_rows(text)
+    assert {k: rows[k] for k in ("--ignore", "--import-path", "--calib-images", "--recalibrate-bn", "--seed",
+                                 "--max-layer-ratio", "--edp-lambda", "--flops-target", "--data", "--timeout",
+                                 "--reconstruct", "--allocation")} == {
+        "--ignore": "GLOB", "--import-path": "DIR", "--calib-images": "N>=1", "--recalibrate-bn": "N>=0",
+        "--seed": "N", "--max-layer-ratio": "X", "--edp-lambda": "X>=0", "--flops-target": "BUDGET", "--data": "DATA",
+        "--timeout": "SECONDS>=1", "--reconstruct": "After",
+        "--allocation": "<uniform|global|efficiency|dispersion|sensitivity>"}
+
+
+def test_help_names_the_model_argument_in_errors_too():
+    message = assert_one_line_error(invoke("prune", "--ratio", "0.5"), 2)
+    assert message == "error: Missing argument 'MODEL'; see 'prunecli prune --help'"
+
+
 def test_prune_help_lists_every_registered_method_and_edp():
     from prunecli.criteria import list_criteria
 

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from prunecli.cli.help import NamedValues
 from prunecli.errors import OptionError, PrunecliError, first_line
 from prunecli.io.files import recording_outputs
 
@@ -26,8 +27,9 @@ err = Console(stderr=True)
 state = {"debug": False}  # --debug, set by the app callback
 
 
-class OneLineUsageErrors(TyperGroup):
-    """Usage errors (exit 2) as one line ``error: ...``, like every other error, instead of Typer's boxed panel."""
+class OneLineUsageErrors(NamedValues, TyperGroup):
+    """Usage errors (exit 2) as one line ``error: ...``, like every other error, instead of Typer's boxed panel;
+    its flags named in ``--help`` as every command's are (:mod:`prunecli.cli.help`)."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:

@@ -9,6 +9,7 @@ import typer
 
 from prunecli._version import __version__
 from prunecli.cli.boundary import OneLineUsageErrors, Progress, state
+from prunecli.cli.help import Command
 from prunecli.cli.options import (
     BUDGET,
     CRITERION,
@@ -82,7 +83,7 @@ def main_options(
     state["debug"] = debug
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, out=reporting_options)
 def analyze(
     source: ModelSource,
@@ -107,6 +108,7 @@ def analyze(
 
 
 @app.command(
+    cls=Command,
     short_help="Per-channel importance of every prunable group, with a chosen criterion.",
     help="Per-channel importance of every prunable group, with the chosen criterion. Higher scores are kept; "
     "scores are normalised per layer and combined over coupled layers. Parts marked [INFERRED] are "
@@ -151,7 +153,7 @@ def _timed(run: RunOptions, timeout: float, score_timeout: float | None, threads
     return RunOptions(run.seed, run.device, timeout, score_timeout, threads)
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, criterion=criterion_options, images=image_options, run=run_options,
               out=reporting_options)
 def prune(
@@ -255,7 +257,7 @@ def prune(
     print_json(result) if out.json else render(result, stdout_console(), out.quiet)
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, images=image_options, run=run_options, out=reporting_options)
 def evaluate(
     source: ModelSource,
@@ -281,7 +283,7 @@ def evaluate(
     print_json(result) if out.json else render(result, stdout_console(), out.quiet)
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, images=image_options, run=run_options, out=reporting_options)
 def finetune(
     source: ModelSource,
@@ -341,7 +343,7 @@ def finetune(
     print_json(result) if out.json else render(result, stdout_console(), out.quiet)
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, images=image_options, out=reporting_options)
 def export(
     source: ModelSource,
