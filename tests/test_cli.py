@@ -77,12 +77,14 @@ def r18_weights(tmp_path_factory):
 
 
 def assert_one_line_error(result, code: int = 1) -> str:
+    """The error is stderr's last line, one line; before it stand only the stage messages progress writes as plain
+    lines where stderr is not a terminal (as here, without -q)."""
     assert result.exit_code == code, (result.exit_code, result.output)
     assert "Traceback" not in result.output
     assert result.stdout == ""
-    message = result.stderr.strip()
+    *progress, message = result.stderr.strip().splitlines()
     assert message.startswith("error: "), message
-    assert "\n" not in message, message
+    assert all(line and not line.startswith("error") and "\x1b" not in line for line in progress), result.stderr
     return message
 
 
@@ -274,6 +276,25 @@ def test_quiet_prints_only_the_final_summary_line(tmp_path, r20):
     assert result.stdout.startswith(f"{r20} -> {output}: MACs 31.02M -> ") and "% kept), params 272.19K -> " in result.stdout
     analyzed = invoke("analyze", output, "-q")
     assert analyzed.stdout == f"{output}: 153.55K params, 17.47M MACs, 13 channel groups (12 prunable)\n"
+
+
+CALIB = Path(__file__).parents[1] / "sample_models" / "fmnist_calib.safetensors"
+
+
+def test_progress_in_a_pipe_is_one_plain_line_per_stage_and_silent_with_quiet_or_json(tmp_path, r20):
+    """stderr is not a terminal here (as in `prune ... 2>log` or CI): no bar, no ANSI, each stage once, in order."""
+    args = ("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "--data", CALIB, "--calib-images", "64",
+            "--recalibrate-bn", "1", "--device", "cpu")
+    result = invoke(*args, "-o", tmp_path / "a.safetensors")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "loading the model", "tracing channel dependencies", "scoring channels with l1", "allocating the budget",
+        "removing channels", "re-estimating batch-norm statistics on 1 batch of 64 images",
+        f"writing {tmp_path / 'a.safetensors'}"]
+    for quiet in ("-q", "--json"):
+        silent = invoke(*args, quiet, "-o", tmp_path / f"b{quiet}.safetensors")
+        assert silent.exit_code == 0, silent.output
+        assert silent.stderr == ""
 
 
 def test_prune_text_then_analyze_the_slim_file(tmp_path, r20):
@@ -531,6 +552,8 @@ def test_prune_writes_no_blank_line_to_a_non_terminal_stderr(tmp_path):
     result = invoke("prune", tmp_path / "nope.pt", "--ratio", "0.3")
     assert result.exit_code == 1
     assert result.stderr == f"error: {tmp_path / 'nope.pt'}: no such file; check the path\n"
+    scored = invoke("score", tmp_path / "nope.pt")  # it fails after its first stage: that line, then the error
+    assert scored.stderr == f"loading the model\nerror: {tmp_path / 'nope.pt'}: no such file; check the path\n"
 
 
 # ----------------------------------------------------------------------------- --report
