@@ -17,7 +17,6 @@ from prunecli.config import (
     EvaluateConfig,
     ExportJob,
     FinetuneJob,
-    ModelSource,
     PlanOptions,
     PruneConfig,
     ScoreConfig,
@@ -32,15 +31,18 @@ from prunecli.io.scores import check_scores_output, write_scores
 from prunecli.measure import CostModel, LayerCost, costs_and_output, count_params
 from prunecli.pipeline.checks import accuracy, check_pruned, layer_changes, speed_check
 from prunecli.pipeline.opening import (
+    data_for_model,
+    fewer_than_asked,
     labelled_images,
     load_images,
     open_model,
     profile,
+    shortfall,
     summary,
     with_base_arch,
 )
 from prunecli.pipeline.pruning import Removal, calibration_images, choose_and_remove, resolve_rounding
-from prunecli.pipeline.recovery import recalibrate
+from prunecli.pipeline.recovery import check_finetune_recalibration, recalibrate
 from prunecli.pipeline.scoring import check_criterion, score
 from prunecli.planning import plan_pruning
 from prunecli.provenance import finetune_metadata, prune_metadata
@@ -133,6 +135,7 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
     loaded = open_model(config.source)
     original = profile(loaded)
     images = load_images(config.data, loaded, config.data.calib_images, run.seed) if config.data else None
+    notes = fewer_than_asked("--calib-images", config.data.calib_images, "--data", images, "scored") if images else []
     say("tracing channel dependencies")
     graph = DependencyGraph(copy.deepcopy(loaded.model), original.example, config.ignore, run.timeout)
     batch_size = config.data.batch_size if config.data else 1
@@ -152,7 +155,7 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
     result = ScoreResult(
         summary(loaded, original.totals), config.scoring.method, dict(config.scoring.options),
         config.data.to_dict() if config.data else None, config.scoring.group_reduction, run.seed, groups,
-        str(config.output) if config.output else None, preview, time.perf_counter() - started, loaded.notes,
+        str(config.output) if config.output else None, preview, time.perf_counter() - started, [*loaded.notes, *notes],
         config.scoring.group_scope,
     )
     if config.output is not None:
@@ -185,6 +188,8 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     loaded.format.check_output(output)  # again, knowing now whether the base architecture is known
     original = profile(loaded)
     calibration = calibration_images(config, loaded)
+    notes = fewer_than_asked("--calib-images", config.data.calib_images, "--data", calibration,
+                             "calibrated") if calibration is not None else []
     pruned, step = choose_and_remove(config, loaded, original, calibration, say, batch_progress, step_progress)
     if config.recovery.recalibrate_bn:
         step.records["recalibrate_bn"] = recalibrate(pruned, config.recovery.recalibrate_bn, calibration,
@@ -192,6 +197,9 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     checked = check_pruned(loaded, original, pruned)
     batch_size = config.evaluate.data.batch_size if config.evaluate else 1
     measured_top1 = accuracy(config.evaluate, loaded, pruned, batch_size, config.run, say)
+    if config.evaluate is not None:
+        notes += shortfall("--eval-limit", config.evaluate.limit, "--eval-data", measured_top1["data"],
+                           measured_top1["images"], "evaluated")
     say(f"writing {output}")
     metadata = prune_metadata(config, loaded, step.method, original.totals, checked.totals, original.output,
                               step.records)
@@ -207,7 +215,7 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
         deviation_pp=_deviation(config, step, original.totals, checked.totals),
         layers=layer_changes(original.costs, checked.costs), groups_pruned=step.groups_pruned,
         channels_removed=step.channels_removed, seconds=time.perf_counter() - started, seed=config.run.seed,
-        notes=[note for note in (*loaded.notes, rounding, *step.notes, not_faster) if note],
+        notes=[note for note in (*loaded.notes, rounding, *step.notes, *notes, not_faster) if note],
         latency=latency, accuracy=measured_top1,
         reconstruction=step.reconstruction, latency_target=step.records.get("latency_target"),
         sensitivity=step.sensitivity, recalibration=step.records.get("recalibrate_bn"),
@@ -247,12 +255,15 @@ def export_artifact(job: ExportJob) -> Any:
 
     loaded = open_model(job.source)
     profile(loaded)
-    real = load_images(job.data, loaded, job.data.calib_images, 0).images if job.data is not None else None
+    real = load_images(job.data, loaded, job.data.calib_images, 0) if job.data is not None else None
     # a slim safetensors copy holds the whole model; a traced graph holds what takes an image batch
     whole = job.export.format == "safetensors"
     result = export_model(loaded.deployed if whole else loaded.model, input_shape=tuple(loaded.input.shape),
-                          document=loaded.document, config=job.export, real_inputs=real, arch=loaded.arch,
+                          document=loaded.document, config=job.export, real_inputs=real.images if real else None,
+                          arch=loaded.arch,
                           inputs=(job.source.path,), import_paths=job.source.import_paths)
+    if real is not None and job.export.verify:
+        result.notes.extend(fewer_than_asked("--verify-images", job.data.calib_images, "--data", real, "verified"))
     if loaded.whole is not None and not whole:
         result.notes.append("a detector exports its feature path (backbone with FPN or SSD extras, one output per "
                             "feature map); its heads, box decoding and NMS are not in the file")
@@ -263,23 +274,31 @@ def export_artifact(job: ExportJob) -> Any:
 
 
 def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
-    """Top-1/top-5 accuracy, loss and throughput on labelled data; with ``compare``, the original beside it."""
+    """Top-1/top-5 accuracy, loss and throughput on labelled data; with ``compare``, the original beside it.
+
+    Without a data source, a model that takes 1x28x28 images is evaluated on Fashion-MNIST's test split and the
+    result says so; any other model is refused (:meth:`DataOptions.for_model`)."""
     from prunecli.training import evaluate
 
-    def run(source: ModelSource) -> tuple[ModelSummary, dict[str, Any], str, LoadedModel]:
-        loaded = open_model(source)
-        measured = profile(loaded)
-        images = labelled_images(config.data, loaded, config.limit, config.seed, "evaluation")
-        metrics = evaluate(loaded.model, images, config.data.batch_size, config.device).to_dict()
-        return summary(loaded, measured.totals), metrics, images.description, loaded
+    loaded = open_model(config.source)
+    chosen = data_for_model(config.data, loaded, "test", "evaluated")
+    notes = list(chosen.notes)
 
-    model, metrics, description, loaded = run(config.source)
+    def run(loaded: LoadedModel) -> tuple[ModelSummary, dict[str, Any], str]:
+        measured = profile(loaded)
+        images = labelled_images(chosen.options, loaded, config.limit, config.seed, "evaluation")
+        notes.extend(note for note in fewer_than_asked("--eval-limit", config.limit, "--data", images, "evaluated")
+                     if note not in notes)
+        metrics = evaluate(loaded.model, images, chosen.options.batch_size, config.device).to_dict()
+        return summary(loaded, measured.totals), metrics, images.description
+
+    model, metrics, description = run(loaded)
     compare = None
     if config.compare is not None:
-        other, other_metrics, _, _ = run(with_base_arch(config.compare, loaded))
+        other, other_metrics, _ = run(open_model(with_base_arch(config.compare, loaded)))
         compare = {"model": dataclasses.asdict(other), "metrics": other_metrics,
                    "macs_ratio": other.macs / model.macs if model.macs else None}
-    return EvaluateResult(model, description, metrics, compare)
+    return EvaluateResult(model, description, metrics, compare, notes)
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -318,10 +337,15 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     _check_finetune_outputs(job, output)
     loaded = open_model(job.source)
     loaded.format.check_output(output)  # again, knowing now whether the base architecture is known
+    chosen = data_for_model(job.train, loaded, "train", "trained")
+    job = dataclasses.replace(job, train=chosen.options)  # the metadata records the data actually trained on
     x = profile(loaded).example
     teacher = open_model(with_base_arch(job.teacher, loaded)) if job.teacher is not None else None
     train = labelled_images(job.train, loaded, job.train_limit, job.training.seed, "fine-tuning")
     val = load_images(job.val, loaded, job.val_limit, job.training.seed) if job.val else None
+    check_finetune_recalibration(job.training, train)
+    notes = [*chosen.notes, *fewer_than_asked("--train-limit", job.train_limit, "--data", train, "trained"),
+             *(fewer_than_asked("--val-limit", job.val_limit, "--val-data", val, "validated") if val else [])]
     eval_batch = job.training.eval_batch_size or job.training.batch_size
     baseline = evaluate(loaded.model, val, eval_batch) if val else None  # epoch 0: the input, kept unless beaten
     before = baseline.to_dict() if baseline else None
@@ -337,4 +361,4 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
         document = finetune_metadata(job, loaded, result.record(), teacher.sha256 if teacher else None, after)
         loaded.format.write(loaded, model, output, document, force=job.force, inputs=(job.source.path,))
     return FinetuneRunResult(summary(loaded, total), str(output) if main_process() else None, result.to_dict(),
-                             before, after)
+                             before, after, train.description, len(train), val.description if val else None, notes)

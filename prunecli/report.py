@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from prunecli._version import __version__
@@ -95,7 +96,8 @@ def summary_line(result: Any) -> str:
         return f"{result.model.source}: top-1 {100 * result.metrics['top1']:.2f}% on {result.data}"
     if isinstance(result, FinetuneRunResult):
         after = f", validation top-1 {100 * result.after['top1']:.2f}%" if result.after else ""
-        return f"{result.model.source} -> {result.output}: fine-tuned{after}"
+        trained = f" on {result.data}" if result.data else ""
+        return f"{result.model.source} -> {result.output}: fine-tuned{trained}{after}"
     data = result.to_dict()
     check = data.get("verification")
     verified = "" if not check else ", verified" if check["passed"] else ", verification failed"
@@ -105,6 +107,12 @@ def summary_line(result: Any) -> str:
 def _bar(fraction: float, width: int = 12) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * width)
     return "█" * filled + "·" * (width - filled)
+
+
+def render_notes(notes: list[str], console: Console) -> None:
+    """One ``note: ...`` line each (not read as markup: a path or a flag may hold brackets)."""
+    for note in notes:
+        console.print(f"note: {escape(note)}", highlight=False)
 
 
 def render_analyze(result: AnalyzeResult, console: Console) -> None:
@@ -132,8 +140,7 @@ def render_analyze(result: AnalyzeResult, console: Console) -> None:
         f"[bold]total[/]: {human(m.params)} params, {human(m.macs)} MACs (conv + linear, thop convention) · "
         f"{len(result.groups)} channel groups, {prunable} prunable, {result.prunable_channels} prunable channels"
     )
-    for note in result.notes:
-        console.print(f"note: {note}")
+    render_notes(result.notes, console)
     if result.latency:
         render_latency(result.latency, console)
     if result.provenance:
@@ -177,8 +184,7 @@ def render_prune(result: PruneResult, console: Console) -> None:
         f"achieved {result.deviation_pp:+.2f} pp from target · {plural(result.channels_removed, 'channel')} removed in "
         f"{plural(result.groups_pruned, 'group')} · {result.seconds:.1f} s · seed {result.seed}"
     )
-    for note in result.notes:
-        console.print(f"note: {note}")
+    render_notes(result.notes, console)
     if result.sensitivity:
         render_sensitivity(result.sensitivity, console)
     if result.recalibration:
@@ -292,6 +298,7 @@ def render_score(result: ScoreResult, console: Console) -> None:
     if result.preview:
         preview = result.preview
         console.print(f"preview: --flops-target {preview['budget']['text']} → {human(preview['predicted'])} MACs")
+    render_notes(result.notes, console)
 
 
 def _metrics_row(label: str, summary: dict[str, Any] | Any, metrics: dict[str, Any]) -> list[str]:
@@ -314,6 +321,7 @@ def render_evaluate(result: EvaluateResult, console: Console) -> None:
         speed = result.metrics["images_per_second"] / max(result.compare["metrics"]["images_per_second"], 1e-9)
         console.print(f"top-1 {delta:+.2f} points · MACs ratio original/this {result.compare['macs_ratio']:.2f}x · "
                       f"measured throughput ratio {speed:.2f}x")
+    render_notes(result.notes, console)
 
 
 def render_finetune(result: FinetuneRunResult, console: Console) -> None:
@@ -327,6 +335,11 @@ def render_finetune(result: FinetuneRunResult, console: Console) -> None:
                       f"{record['temperature']:.2f}" if record.get("temperature") else "-",
                       f"{record['images_per_second']:.0f}")
     console.print(table)
+    if result.data:
+        validated = f"; validated on {escape(result.val_data)}" if result.val_data else ""
+        console.print(f"trained on {escape(result.data)} ({plural(result.images or 0, 'image')}){validated}",
+                      highlight=False)
+    render_notes(result.notes, console)
     if result.before and result.after:
         console.print(f"validation top-1: {100 * result.before['top1']:.2f}% before → {100 * result.after['top1']:.2f}% "
                       f"after (best epoch {result.training.get('best_epoch')})")

@@ -148,9 +148,10 @@ class PruneResult:
 @dataclass(frozen=True)
 class EvaluateResult:
     model: ModelSummary
-    data: str
+    data: str  # the images evaluated on: the --data given, or the default a 1x28x28 model gets (see notes)
     metrics: dict[str, Any]
     compare: dict[str, Any] | None = None  # {"model": summary, "metrics": {...}, "speedup_macs": ...}
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +164,10 @@ class FinetuneRunResult:
     training: dict[str, Any]
     before: dict[str, Any] | None  # validation metrics before training
     after: dict[str, Any] | None
+    data: str | None = None  # the images trained on: the --data given, or the default a 1x28x28 model gets
+    images: int | None = None  # how many of them (--train-limit's subset, or all)
+    val_data: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

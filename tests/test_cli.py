@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import prunecli
 from prunecli.cli import app
+from prunecli.config import FASHION_MNIST_ROOT
 from prunecli.io.slim import load
 from prunecli.measure import totals
 from prunecli.samples import resnet20
@@ -77,12 +78,14 @@ def r18_weights(tmp_path_factory):
 
 
 def assert_one_line_error(result, code: int = 1) -> str:
+    """The error is stderr's last line, one line; before it stand only the stage messages progress writes as plain
+    lines where stderr is not a terminal (as here, without -q)."""
     assert result.exit_code == code, (result.exit_code, result.output)
     assert "Traceback" not in result.output
     assert result.stdout == ""
-    message = result.stderr.strip()
+    *progress, message = result.stderr.strip().splitlines()
     assert message.startswith("error: "), message
-    assert "\n" not in message, message
+    assert all(line and not line.startswith("error") and "\x1b" not in line for line in progress), result.stderr
     return message
 
 
@@ -103,6 +106,57 @@ def test_help_exits_zero(command):
     assert result.exit_code == 0, result.output
     assert "Usage: prunecli" in result.stdout
     assert "Traceback" not in result.output
+
+
+def _help_rows(text: str) -> dict[str, str]:
+    """Each option's row of a --help page: its long name and the first word after its names (the value it takes,
+    or for a flag the first word of its help)."""
+    rows = {}
+    for line in text.splitlines():
+        words = line.strip("│ ").removeprefix("* ").split()
+        if words and words[0].startswith("--"):
+            rest = [w for w in words[1:] if not (w.startswith("-") and (len(w) == 2 or w.startswith("--no-")))]
+            rows[words[0]] = rest[0]
+    return rows
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in _command_names())])
+def test_help_shows_flags_without_a_value_and_values_by_a_word(command):
+    """Typer's own rendering showed `--version <bool>`, `--ignore <list[str]>`, `<int range> [x>=1]` and
+    `prune [OPTIONS] {model}`: flags looked as if they took values."""
+    text = invoke(*command, "--help", columns=300).stdout
+    for typer_word in ("<bool>", "list[", "{model}", "<int", "<float", "<str>", "range", "[x"):
+        assert typer_word not in text, typer_word
+    rows = _help_rows(text)
+    assert rows["--help"] == "Show"  # a flag: its help follows its name at once
+    if command:
+        assert f"Usage: prunecli {command[0]} [OPTIONS] MODEL" in text
+        assert "--json" in text and rows["--json"] == "Print"
+        if "--calib-images" in rows:
+            assert rows["--calib-images"] == "N>=1"
+        if "--ignore" in rows:
+            assert rows["--ignore"] == "GLOB"
+        if "--import-path" in rows:
+            assert rows["--import-path"] == "DIR"
+    else:
+        assert rows["--version"] == "Print"
+
+
+def test_help_names_the_values_of_every_kind_of_option():
+    text = invoke("prune", "--help", columns=300).stdout
+    rows = _help_rows(text)
+    assert {k: rows[k] for k in ("--ignore", "--import-path", "--calib-images", "--recalibrate-bn", "--seed",
+                                 "--max-layer-ratio", "--edp-lambda", "--flops-target", "--data", "--timeout",
+                                 "--reconstruct", "--allocation")} == {
+        "--ignore": "GLOB", "--import-path": "DIR", "--calib-images": "N>=1", "--recalibrate-bn": "N>=0",
+        "--seed": "N", "--max-layer-ratio": "X", "--edp-lambda": "X>=0", "--flops-target": "BUDGET", "--data": "DATA",
+        "--timeout": "SECONDS>=1", "--reconstruct": "After",
+        "--allocation": "<uniform|global|efficiency|dispersion|sensitivity>"}
+
+
+def test_help_names_the_model_argument_in_errors_too():
+    message = assert_one_line_error(invoke("prune", "--ratio", "0.5"), 2)
+    assert message == "error: Missing argument 'MODEL'; see 'prunecli prune --help'"
 
 
 def test_prune_help_lists_every_registered_method_and_edp():
@@ -223,6 +277,25 @@ def test_quiet_prints_only_the_final_summary_line(tmp_path, r20):
     assert result.stdout.startswith(f"{r20} -> {output}: MACs 31.02M -> ") and "% kept), params 272.19K -> " in result.stdout
     analyzed = invoke("analyze", output, "-q")
     assert analyzed.stdout == f"{output}: 153.55K params, 17.47M MACs, 13 channel groups (12 prunable)\n"
+
+
+CALIB = Path(__file__).parents[1] / "sample_models" / "fmnist_calib.safetensors"
+
+
+def test_progress_in_a_pipe_is_one_plain_line_per_stage_and_silent_with_quiet_or_json(tmp_path, r20):
+    """stderr is not a terminal here (as in `prune ... 2>log` or CI): no bar, no ANSI, each stage once, in order."""
+    args = ("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "--data", CALIB, "--calib-images", "64",
+            "--recalibrate-bn", "1", "--device", "cpu")
+    result = invoke(*args, "-o", tmp_path / "a.safetensors")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "loading the model", "tracing channel dependencies", "scoring channels with l1", "allocating the budget",
+        "removing channels", "re-estimating batch-norm statistics on 1 batch of 64 images",
+        f"writing {tmp_path / 'a.safetensors'}"]
+    for quiet in ("-q", "--json"):
+        silent = invoke(*args, quiet, "-o", tmp_path / f"b{quiet}.safetensors")
+        assert silent.exit_code == 0, silent.output
+        assert silent.stderr == ""
 
 
 def test_prune_text_then_analyze_the_slim_file(tmp_path, r20):
@@ -480,6 +553,8 @@ def test_prune_writes_no_blank_line_to_a_non_terminal_stderr(tmp_path):
     result = invoke("prune", tmp_path / "nope.pt", "--ratio", "0.3")
     assert result.exit_code == 1
     assert result.stderr == f"error: {tmp_path / 'nope.pt'}: no such file; check the path\n"
+    scored = invoke("score", tmp_path / "nope.pt")  # it fails after its first stage: that line, then the error
+    assert scored.stderr == f"loading the model\nerror: {tmp_path / 'nope.pt'}: no such file; check the path\n"
 
 
 # ----------------------------------------------------------------------------- --report
@@ -828,3 +903,122 @@ def test_group_scope_reaches_the_scores_and_the_artifact(tmp_path, r20):
     assert result.exit_code == 0, result.output
     assert read_slim_metadata(output)["config"]["scoring"]["group_scope"] == "all"
     assert "(takes --group-scope)" in invoke("score", "--help", columns=300).stdout
+
+
+# ----------------------------------------------------------------------------- which data, and how much of it
+
+DEFAULT_NOTE = "no --data given: {done} on fashion-mnist:{split}, the default for a model that takes 1x28x28 images; " \
+               "give --data to choose"
+
+
+@pytest.mark.parametrize("command, split", [("evaluate", "test"), ("finetune", "train")])
+def test_no_hidden_default_data_for_a_model_that_does_not_take_fashion_mnist_images(tmp_path, r18_weights, command,
+                                                                                      split):
+    """Issue 28 item 3: an ImageNet-shaped model used to end in `cannot normalise images of shape (10000, 1, 28, 28)
+    with 3 means and 3 stds`; now it is asked for --data, a usage error, before any image is read."""
+    result = invoke(command, r18_weights, "-o", tmp_path / "ft.safetensors") if command == "finetune" else \
+        invoke(command, r18_weights)
+    message = assert_one_line_error(result, 2)
+    assert message == (
+        "error: give --data (labelled images: an image folder with one sub-folder per class, or a tensor file with "
+        f"'images' and 'labels'): this model takes 3x224x224 images, and only models that take 1x28x28 images "
+        f"default to fashion-mnist:{split}")
+    assert files_in(tmp_path) == []
+
+
+def test_the_library_refuses_a_missing_data_source_by_the_same_rule(r18_weights):
+    from prunecli.api import evaluate_model
+    from prunecli.config import DataOptions, EvaluateConfig, ModelSource
+    from prunecli.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^give --data .* this model takes 3x224x224 images"):
+        evaluate_model(EvaluateConfig(ModelSource(r18_weights)))
+    assert DataOptions().for_model((1, 28, 28), "test").source == "fashion-mnist:test"
+    assert DataOptions("imgs").for_model((3, 224, 224), "test").source == "imgs"  # given: kept, whatever the model
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_evaluate_without_data_says_it_used_the_fashion_mnist_test_split():
+    args = ("evaluate", SAMPLE / "resnet20_fmnist.safetensors", "--eval-limit", "64", "--device", "cpu")
+    data = json.loads(invoke(*args, "--json").stdout)
+    assert data["data"] == "fashion-mnist:test" and data["metrics"]["images"] == 64
+    assert data["notes"] == [DEFAULT_NOTE.format(done="evaluated", split="test")]
+    text = invoke(*args, columns=300).stdout
+    assert "evaluation on fashion-mnist:test (64 images)" in text
+    assert f"note: {DEFAULT_NOTE.format(done='evaluated', split='test')}" in text
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_finetune_without_data_says_it_trained_on_the_fashion_mnist_training_split(tmp_path):
+    args = ("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--train-limit", "16", "--batch-size", "8", "--steps",
+            "1", "--device", "cpu")
+    data = json.loads(invoke(*args, "--json", "-o", tmp_path / "a.safetensors").stdout)
+    assert (data["data"], data["images"], data["val_data"]) == ("fashion-mnist:train", 16, None)
+    assert data["notes"] == [DEFAULT_NOTE.format(done="trained", split="train")]
+    text = invoke(*args, "-o", tmp_path / "b.safetensors", columns=300).stdout
+    assert "trained on fashion-mnist:train (16 images)" in text
+    quiet = invoke(*args, "-q", "-o", tmp_path / "c.safetensors").stdout
+    assert quiet == f"{SAMPLE / 'resnet20_fmnist.safetensors'} -> {tmp_path / 'c.safetensors'}: fine-tuned on " \
+                    "fashion-mnist:train\n"
+
+
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory) -> Path:
+    """48 labelled images of the sample calibration file: little to load, score, train and verify on."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("few") / "few.safetensors"
+    save_file({k: v[:48].contiguous() for k, v in load_file(str(CALIB)).items()}, str(path))
+    return path
+
+
+def _held(option: str, asked: int, data_option: str, data: Path, done: str) -> str:
+    return f"{option} {asked}: {data_option} {data} holds 48 images; {done} on all 48"
+
+
+def test_asking_for_more_calibration_or_evaluation_images_than_the_data_holds_is_said(tmp_path, r20, few_images):
+    """Issue 28 item 5: `--calib-images 1024` on a 300-image folder ran on 300 without a word."""
+    args = ("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "--data", few_images, "--batch-size", "16",
+            "--device", "cpu")
+    result = invoke(*args, "--calib-images", "1024", "--eval-data", few_images, "--eval-limit", "600", "--json",
+                    "-o", tmp_path / "a.safetensors")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["notes"] == [_held("--calib-images", 1024, "--data", few_images, "calibrated"),
+                             _held("--eval-limit", 600, "--eval-data", few_images, "evaluated")]
+    assert data["accuracy"]["images"] == 48
+    text = invoke(*args, "--calib-images", "1024", "-o", tmp_path / "b.safetensors", columns=300).stdout
+    assert f"note: {_held('--calib-images', 1024, '--data', few_images, 'calibrated')}" in text
+    exact = invoke(*args, "--calib-images", "48", "--json", "-o", tmp_path / "c.safetensors")
+    assert json.loads(exact.stdout)["notes"] == []  # all it asked for: nothing to say
+    scored = invoke("score", r20, "--arch", "sample:resnet20", "--data", few_images, "--calib-images", "1024",
+                    columns=300)
+    assert scored.exit_code == 0, scored.output
+    assert f"note: {_held('--calib-images', 1024, '--data', few_images, 'scored')}" in scored.stdout
+
+
+def test_asking_to_evaluate_train_or_verify_on_more_images_than_the_data_holds_is_said(tmp_path, r20, few_images):
+    evaluated = invoke("evaluate", r20, "--arch", "sample:resnet20", "--data", few_images, "--eval-limit", "1000",
+                       "--device", "cpu", "--json")
+    assert json.loads(evaluated.stdout)["notes"] == [_held("--eval-limit", 1000, "--data", few_images, "evaluated")]
+    tuned = invoke("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--data", few_images, "--train-limit", "1000",
+                   "--val-data", few_images, "--val-limit", "600", "--batch-size", "16", "--steps", "1",
+                   "--device", "cpu", "--json", "-o", tmp_path / "ft.safetensors")
+    assert tuned.exit_code == 0, tuned.output
+    assert json.loads(tuned.stdout)["notes"] == [_held("--train-limit", 1000, "--data", few_images, "trained"),
+                                                 _held("--val-limit", 600, "--val-data", few_images, "validated")]
+    exported = invoke("export", SAMPLE / "resnet20_fmnist.safetensors", "--data", few_images, "--verify-images", "100",
+                      "-f", "safetensors", "-o", tmp_path / "m.safetensors", "--json")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["notes"] == [_held("--verify-images", 100, "--data", few_images, "verified")]
+
+
+def test_finetune_refuses_more_recalibration_batches_than_the_training_images_hold(tmp_path):
+    """As prune does: --recalibrate-bn N is a number of batches the statistics are estimated on, and fewer would
+    be another estimate than the one asked for."""
+    result = invoke("finetune", SAMPLE / "resnet20_fmnist.safetensors", "--data", CALIB, "--recalibrate-bn", "20",
+                    "--train-limit", "100", "--batch-size", "16", "--device", "cpu", "-o", tmp_path / "ft.safetensors")
+    assert assert_one_line_error(result, 2) == (
+        f"error: --recalibrate-bn 20 asks for 20 batches of 16 images, but the training images ({CALIB}) are 100 "
+        "(7 batches); give --recalibrate-bn 7")
+    assert files_in(tmp_path) == []

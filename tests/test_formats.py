@@ -61,10 +61,13 @@ def files_in(folder: Path) -> list[str]:
 
 
 def one_line_error(result, code: int = 1) -> str:
+    """The error: stderr's last line, one line; before it only the stages reached, one plain line each (stderr is
+    not a terminal here, and these runs are not -q)."""
     assert result.exit_code == code, (result.exit_code, result.output)
     assert "Traceback" not in result.output
-    message = result.stderr.strip()
-    assert message.startswith("error: ") and "\n" not in message, message
+    *progress, message = result.stderr.strip().splitlines()
+    assert message.startswith("error: "), message
+    assert all(line and not line.startswith("error") and "\x1b" not in line for line in progress), result.stderr
     return message.removeprefix("error: ")
 
 

@@ -528,13 +528,15 @@ def test_usage_errors_are_one_line_with_the_help_to_read(args, message):
     assert result.stderr == message + "\n"
 
 
-@pytest.mark.parametrize("command", ["score", "prune", "finetune"])
-def test_error_without_quiet_is_exactly_one_line(command, tmp_path, assets, monkeypatch):
-    """Progress is on without -q; stderr is not a terminal here, so it must stay silent: just the error."""
+@pytest.mark.parametrize("command, stages", [("score", "loading the model\n"), ("prune", ""), ("finetune", "")])
+def test_error_without_quiet_is_one_line_after_the_plain_progress_lines(command, stages, tmp_path, assets,
+                                                                         monkeypatch):
+    """Progress is on without -q; stderr is not a terminal here, so each stage reached is one plain line (no bar,
+    no ANSI), and the error is the one line after them."""
     case = Case(command, "missing path", lambda w: [a for a in args_for(command, w, model=w.root / "nope.pt") if a != "-q"])
     outcome = run_case(case, tmp_path, assets, monkeypatch)
     assert outcome.code == 1
-    assert outcome.stderr == f"error: {tmp_path / 'nope.pt'}: no such file; check the path\n"
+    assert outcome.stderr == f"{stages}error: {tmp_path / 'nope.pt'}: no such file; check the path\n"
 
 
 def test_keyboard_interrupt_while_writing_leaves_nothing(tmp_path, assets, monkeypatch):

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from prunecli.cli.help import NamedValues
 from prunecli.errors import OptionError, PrunecliError, first_line
 from prunecli.io.files import recording_outputs
 
@@ -26,8 +27,9 @@ err = Console(stderr=True)
 state = {"debug": False}  # --debug, set by the app callback
 
 
-class OneLineUsageErrors(TyperGroup):
-    """Usage errors (exit 2) as one line ``error: ...``, like every other error, instead of Typer's boxed panel."""
+class OneLineUsageErrors(NamedValues, TyperGroup):
+    """Usage errors (exit 2) as one line ``error: ...``, like every other error, instead of Typer's boxed panel;
+    its flags named in ``--help`` as every command's are (:mod:`prunecli.cli.help`)."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
@@ -122,15 +124,19 @@ def run(call: Callable[[], T]) -> T | None:
 
 
 class Progress:
-    """Stage messages and a bar over calibration images, on stderr; silent with -q or --json."""
+    """Stage messages on stderr; silent with -q or --json. On a terminal, one live line with a bar over the
+    calibration images; elsewhere (a pipe, ``2>log``, CI) each stage message as one plain line, no bar and no
+    ANSI, so a log shows what a long run is doing while it does it."""
 
     def __init__(self, enabled: bool, images: int | None = None):
         from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
-        self.enabled = enabled and err.is_terminal  # no progress noise in pipes, logs and CI
+        self.enabled = enabled
+        self.live = enabled and err.is_terminal
+        self._said: str | None = None
         self._bar = Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=err, transient=True, disable=not self.enabled)
+                        TimeRemainingColumn(), console=err, transient=True, disable=not self.live)
         self._stage = self._bar.add_task("starting", total=images)
 
     def __enter__(self):
@@ -141,7 +147,12 @@ class Progress:
         return self._bar.__exit__(*exc)
 
     def stage(self, message: str) -> None:
-        self._bar.update(self._stage, description=message)
+        if self.live:
+            self._bar.update(self._stage, description=message)
+        elif self.enabled and message != self._said:  # a repeated message says nothing new
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+        self._said = message
 
     def images(self, count: int) -> None:
         self._bar.advance(self._stage, count)

@@ -9,6 +9,7 @@ import typer
 
 from prunecli._version import __version__
 from prunecli.cli.boundary import OneLineUsageErrors, Progress, state
+from prunecli.cli.help import Command
 from prunecli.cli.options import (
     BUDGET,
     CRITERION,
@@ -82,7 +83,7 @@ def main_options(
     state["debug"] = debug
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, out=reporting_options)
 def analyze(
     source: ModelSource,
@@ -107,6 +108,7 @@ def analyze(
 
 
 @app.command(
+    cls=Command,
     short_help="Per-channel importance of every prunable group, with a chosen criterion.",
     help="Per-channel importance of every prunable group, with the chosen criterion. Higher scores are kept; "
     "scores are normalised per layer and combined over coupled layers. Parts marked [INFERRED] are "
@@ -161,7 +163,7 @@ def _timed(run: RunOptions, timeout: float, score_timeout: float | None, threads
     return RunOptions(run.seed, run.device, timeout, score_timeout, threads)
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, criterion=criterion_options, images=image_options, run=run_options,
               out=reporting_options)
 def prune(
@@ -269,7 +271,7 @@ def prune(
                            f"{result.latency['checked_runtime']}")
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, images=image_options, run=run_options, out=reporting_options)
 def evaluate(
     source: ModelSource,
@@ -278,7 +280,7 @@ def evaluate(
     out: Reporting,
     compare: Annotated[Path | None, typer.Option("--compare", help="Evaluate this original model too and show both side by side.", rich_help_panel=MODEL)] = None,
     compare_arch: CompareArchOpt = None,
-    data: Annotated[str, typer.Option("--data", help="Labelled images: fashion-mnist[:train|test], an image folder (one sub-folder per class) or a tensor file with 'images' and 'labels'.", rich_help_panel=DATA)] = "fashion-mnist:test",
+    data: Annotated[str | None, typer.Option("--data", help="Labelled images: fashion-mnist[:train|test], an image folder (one sub-folder per class) or a tensor file with 'images' and 'labels'. Needed unless the model takes 1x28x28 images (the sample models), which default to fashion-mnist:test.", rich_help_panel=DATA)] = None,
     eval_limit: EvalLimitOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass while evaluating.", min=1, rich_help_panel=DATA)] = 256,
     limit: OldLimitOpt = None,
@@ -288,14 +290,14 @@ def evaluate(
     from prunecli.config import EvaluateConfig
     from prunecli.report import print_json, render, stdout_console
 
-    config = EvaluateConfig(source, images.options(data, 1, batch_size),
+    config = EvaluateConfig(source, images.labelled(data, batch_size),
                             either(eval_limit, limit, "--eval-limit", "--limit"), run.device,
                             companion_source(compare, compare_arch, source), run.seed)
     result = evaluate_model(config)
     print_json(result) if out.json else render(result, stdout_console(), out.quiet)
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, images=image_options, run=run_options, out=reporting_options)
 def finetune(
     source: ModelSource,
@@ -304,7 +306,7 @@ def finetune(
     out: Reporting,
     teacher: Annotated[Path | None, typer.Option("--teacher", help="Distil from this model (usually the unpruned original).", rich_help_panel=MODEL)] = None,
     teacher_arch: Annotated[str | None, typer.Option("--teacher-arch", help="--arch of the teacher when it is a plain state dict (default: the model's base architecture).", rich_help_panel=MODEL)] = None,
-    data: Annotated[str, typer.Option("--data", help="Labelled training images: fashion-mnist[:train], an image folder or a tensor file.", rich_help_panel=DATA)] = "fashion-mnist:train",
+    data: Annotated[str | None, typer.Option("--data", help="Labelled training images: fashion-mnist[:train], an image folder or a tensor file. Needed unless the model takes 1x28x28 images (the sample models), which default to fashion-mnist:train.", rich_help_panel=DATA)] = None,
     train_limit: Annotated[int | None, typer.Option("--train-limit", help="Train on a seeded subset of N images of --data.", min=1, rich_help_panel=DATA)] = None,
     val_data: Annotated[str | None, typer.Option("--val-data", help="Labelled validation images, evaluated each epoch; the best epoch is kept.", rich_help_panel=DATA)] = None,
     val_limit: Annotated[int | None, typer.Option("--val-limit", help="Validate on a seeded subset of N images of --val-data.", min=1, rich_help_panel=DATA)] = None,
@@ -345,7 +347,7 @@ def finetune(
         resume=resume, force=force,
     )
     job = FinetuneJob(
-        source=source, train=images.options(data, 1, batch_size), training=training,
+        source=source, train=images.labelled(data, batch_size), training=training,
         val=images.options(val_data, 1, batch_size), teacher=companion_source(teacher, teacher_arch, source),
         output=output, force=force, train_limit=either(train_limit, limit, "--train-limit", "--limit"),
         val_limit=val_limit,
@@ -355,7 +357,7 @@ def finetune(
     print_json(result) if out.json else render(result, stdout_console(), out.quiet)
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(source=model_options, images=image_options, out=reporting_options)
 def export(
     source: ModelSource,

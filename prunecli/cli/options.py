@@ -144,6 +144,11 @@ class Images:
     def options(self, source: str | None, images: int = 1, batch_size: int = 64) -> DataOptions | None:
         return None if source is None else DataOptions(source, self.root, images, batch_size, self.mean, self.std)
 
+    def labelled(self, source: str | None, batch_size: int) -> DataOptions:
+        """``evaluate``'s and ``finetune``'s ``--data``: the images given, or none, for the library to decide by the
+        model's input (:meth:`DataOptions.for_model`: Fashion-MNIST only for a 1x28x28 model)."""
+        return DataOptions(source, self.root, 1, batch_size, self.mean, self.std)
+
 
 def image_options(
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder of the Fashion-MNIST IDX files.", rich_help_panel=DATA)] = FASHION_MNIST_ROOT,

@@ -25,6 +25,7 @@ from prunecli.config.common import (
     AUGMENTS,
     EDP_INITS,
     FASHION_MNIST_ROOT,
+    FASHION_MNIST_SHAPE,
     GROUP_SCOPE,
     GROUP_SCOPES,
     KD_MODES,
@@ -44,8 +45,9 @@ from prunecli.config.common import (
 from prunecli.config.training import EdpOptions, FinetuneConfig, SoftOptions
 
 __all__ = [
-    "ALLOCATIONS", "AMP_MODES", "AUGMENTS", "EDP_INITS", "FASHION_MNIST_ROOT", "GROUP_SCOPE", "GROUP_SCOPES",
-    "KD_MODES", "KD_SCHEDULES", "LATENCY_BATCH", "LATENCY_RUNTIMES", "LEGACY_GROUP_SCOPE", "OPTIMIZERS", "REDUCTIONS",
+    "ALLOCATIONS", "AMP_MODES", "AUGMENTS", "EDP_INITS", "FASHION_MNIST_ROOT", "FASHION_MNIST_SHAPE", "GROUP_SCOPE",
+    "GROUP_SCOPES", "KD_MODES", "KD_SCHEDULES", "LATENCY_BATCH", "LATENCY_RUNTIMES", "LEGACY_GROUP_SCOPE", "OPTIMIZERS",
+    "REDUCTIONS",
     "AccuracyOptions", "AnalyzeConfig", "DataOptions", "EdpOptions", "EvaluateConfig", "ExportJob", "FinetuneConfig",
     "FinetuneJob", "LatencyOptions", "LatencyTarget", "ModelSource", "OutputOptions", "PlanOptions", "PruneConfig",
     "ReconstructOptions", "RecoveryOptions", "RunOptions", "ScoreConfig", "ScoringOptions", "SoftOptions",

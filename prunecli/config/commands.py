@@ -50,8 +50,11 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    """``evaluate``: which model, on which labelled images (none given: Fashion-MNIST's test split, for a model
+    that takes its 1x28x28 images only; see :meth:`DataOptions.for_model`), how many, where, beside which."""
+
     source: ModelSource
-    data: DataOptions
+    data: DataOptions = field(default_factory=DataOptions)
     limit: int | None = None  # images to evaluate (a seeded subset); None = all
     device: str = "cpu"
     compare: ModelSource | None = None
@@ -70,7 +73,9 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class FinetuneJob:
-    """``finetune``: which model, which data, how (a :class:`FinetuneConfig`) and where to write."""
+    """``finetune``: which model, which data, how (a :class:`FinetuneConfig`) and where to write. ``train`` without
+    a source is Fashion-MNIST's training split, for a model that takes its 1x28x28 images only
+    (:meth:`DataOptions.for_model`)."""
 
     source: ModelSource
     train: DataOptions

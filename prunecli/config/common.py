@@ -32,6 +32,7 @@ AMP_MODES = ("auto", "on", "off")
 LATENCY_RUNTIMES = ("onnxruntime", "torch")
 LATENCY_BATCH = 1  # the batch latency is measured at (besides batch 1, where larger): one request at a time
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_SHAPE = (1, 28, 28)  # the one input a model may be given Fashion-MNIST for without asking
 
 
 def check(checks: Iterable[tuple[Any, str]]) -> None:
@@ -145,9 +146,13 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Images for a command (``--data`` and friends): where they are, how many, in which batches, normalised how."""
+    """Images for a command (``--data`` and friends): where they are, how many, in which batches, normalised how.
 
-    source: str
+    ``source`` None: none given. Only ``evaluate`` and ``finetune`` accept that, and only for a model whose input
+    is Fashion-MNIST's (:meth:`for_model`); there is no hidden default dataset for any other model.
+    """
+
+    source: str | None = None
     root: Path = FASHION_MNIST_ROOT
     calib_images: int = 256
     batch_size: int = 64
@@ -159,6 +164,26 @@ class DataOptions:
             (self.calib_images < 1, f"--calib-images {self.calib_images} must be at least 1"),
             (self.batch_size < 1, f"--batch-size {self.batch_size} must be at least 1"),
         ])
+
+    def for_model(self, input_shape: tuple[int, ...], split: str, option: str = "--data",
+                  purpose: str = "labelled images") -> DataOptions:
+        """These options with their source decided: the one given, else Fashion-MNIST's ``split`` for a model
+        that takes its 1x28x28 images (the sample models). Any other model must be given data: guessing a
+        dataset for it would fail later with an error about image shapes, or worse, run on the wrong images.
+
+        Raises:
+            OptionError: no source was given and the model does not take 1x28x28 images.
+        """
+        if self.source is not None:
+            return self
+        shape = tuple(input_shape)
+        if shape != FASHION_MNIST_SHAPE:
+            raise OptionError(
+                f"give {option} ({purpose}: an image folder with one sub-folder per class, or a tensor file with "
+                f"'images' and 'labels'): this model takes {'x'.join(map(str, shape))} images, and only models "
+                f"that take {'x'.join(map(str, FASHION_MNIST_SHAPE))} images default to fashion-mnist:{split}"
+            )
+        return dataclasses.replace(self, source=f"fashion-mnist:{split}")
 
     def to_dict(self) -> dict[str, Any]:
         return fields_dict(self)

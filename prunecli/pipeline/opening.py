@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from prunecli.config import DataOptions, ModelSource
-from prunecli.errors import ArchitectureError, DataError, first_line
+from prunecli.errors import ArchitectureError, DataError, OptionError, first_line
 from prunecli.graph import refuse_unsupported
 from prunecli.io.data import DataSpec, ImageSet, open_images
 from prunecli.io.formats import LoadedModel, open_checkpoint
@@ -67,6 +67,9 @@ def summary(loaded: LoadedModel, totals: Totals) -> ModelSummary:
 def load_images(options: DataOptions, loaded: LoadedModel, limit: int | None, seed: int) -> ImageSet:
     """The images of ``options`` as the model expects them (its input shape and normalisation): ``limit`` of them
     (a seeded subset), or all."""
+    if options.source is None:
+        raise OptionError("no images were given (DataOptions.source is None); pass --data, or for evaluate and "
+                          "finetune decide the source with DataOptions.for_model")
     spec = DataSpec(options.source, options.root, tuple(loaded.input.shape), options.mean or loaded.input.mean,
                     options.std or loaded.input.std)
     return open_images(spec, limit=limit, seed=seed)
@@ -78,3 +81,35 @@ def labelled_images(options: DataOptions, loaded: LoadedModel, limit: int | None
     if images.labels is None:
         raise DataError(f"--data {options.source} has no labels; {purpose} needs labelled images")
     return images
+
+
+@dataclass(frozen=True)
+class ChosenData:
+    """A verb's labelled images decided for its model (:meth:`DataOptions.for_model`), and the note that says so
+    when nothing was given and Fashion-MNIST was taken."""
+
+    options: DataOptions
+    notes: list[str]
+
+
+def data_for_model(options: DataOptions, loaded: LoadedModel, split: str, done: str) -> ChosenData:
+    """``options`` with the source decided for ``loaded``'s input; ``done`` says what the default is used for
+    ("evaluated", "trained")."""
+    chosen = options.for_model(tuple(loaded.input.shape), split)
+    if options.source is not None:
+        return ChosenData(chosen, [])
+    return ChosenData(chosen, [f"no --data given: {done} on {chosen.source}, the default for a model that takes "
+                               "1x28x28 images; give --data to choose"])
+
+
+def fewer_than_asked(option: str, asked: int | None, data_option: str, images: ImageSet, done: str) -> list[str]:
+    """A note when ``option`` asked for more images than the data holds: the run went on with all of them, and
+    says so (``--calib-images 1024: --data imgs holds 300 images; calibrated on all 300``)."""
+    return shortfall(option, asked, data_option, images.description, len(images), done)
+
+
+def shortfall(option: str, asked: int | None, data_option: str, data: str, held: int, done: str) -> list[str]:
+    """:func:`fewer_than_asked` for images already counted: ``held`` of ``data``."""
+    if asked is None or held >= asked:
+        return []
+    return [f"{option} {asked}: {data_option} {data} holds {held} images; {done} on all {held}"]

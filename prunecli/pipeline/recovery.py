@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli.config import EdpOptions, ReconstructOptions, RunOptions, SoftOptions
+from prunecli.config import EdpOptions, FinetuneConfig, ReconstructOptions, RunOptions, SoftOptions
 from prunecli.errors import OptionError, PrunecliError
 from prunecli.humanize import plural
 from prunecli.io.data import ImageSet, iterate_batches
@@ -34,6 +34,19 @@ def check_recalibration(batches: int, images: ImageSet, batch_size: int) -> None
             f"--recalibrate-bn {batches} asks for {batches} batches of {batch_size} images, but the calibration "
             f"images are {len(images)} ({plural(available, 'batch', 'batches')}); give --recalibrate-bn {available}, "
             f"or --calib-images {batches * batch_size} of a --data that holds that many"
+        )
+
+
+def check_finetune_recalibration(training: FinetuneConfig, train: ImageSet) -> None:
+    """``finetune --recalibrate-bn N`` re-estimates the statistics on N batches of the training images before
+    training; asking for more batches than they hold is refused, as :func:`check_recalibration` refuses it for
+    ``prune``, rather than run quietly on fewer."""
+    batches, batch_size = training.recalibrate_bn, training.batch_size
+    available = math.ceil(len(train) / batch_size)
+    if batches > available:
+        raise OptionError(
+            f"--recalibrate-bn {batches} asks for {batches} batches of {batch_size} images, but the training images "
+            f"({train.description}) are {len(train)} ({available} batches); give --recalibrate-bn {available}"
         )
 
 
