@@ -14,6 +14,7 @@ from prunecli.config.common import (
     LATENCY_BATCH,
     LEGACY_GROUP_SCOPE,
     DataOptions,
+    JsonConfig,
     LatencyTarget,
     ModelSource,
     OutputOptions,
@@ -28,7 +29,7 @@ from prunecli.config.training import EdpOptions, FinetuneConfig, SoftOptions
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
+class ScoreConfig(JsonConfig):
     """``score``: which model, how to score it, on which images, and where to write the scores."""
 
     source: ModelSource
@@ -40,16 +41,10 @@ class ScoreConfig:
     output: Path | None = None
     force: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ScoreConfig:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(JsonConfig):
     """``evaluate``: which model, on which labelled images (none given: Fashion-MNIST's test split, for a model
     that takes its 1x28x28 images only; see :meth:`DataOptions.for_model`), how many, where, beside which."""
 
@@ -63,16 +58,10 @@ class EvaluateConfig:
     def __post_init__(self):
         check([(self.limit is not None and self.limit < 1, f"--eval-limit {self.limit} must be at least 1")])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvaluateConfig:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class FinetuneJob:
+class FinetuneJob(JsonConfig):
     """``finetune``: which model, which data, how (a :class:`FinetuneConfig`) and where to write. ``train`` without
     a source is Fashion-MNIST's training split, for a model that takes its 1x28x28 images only
     (:meth:`DataOptions.for_model`)."""
@@ -91,16 +80,10 @@ class FinetuneJob:
         check([(limit is not None and limit < 1, f"{option} {limit} must be at least 1")
                 for option, limit in (("--train-limit", self.train_limit), ("--val-limit", self.val_limit))])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneJob:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class AnalyzeConfig:
+class AnalyzeConfig(JsonConfig):
     source: ModelSource
     ignore: tuple[str, ...] = ()
     timeout: float | None = 120.0
@@ -113,12 +96,6 @@ class AnalyzeConfig:
                 (self.compare is not None and not self.latency,
                  "--compare needs --latency (it times the original beside this model)")])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AnalyzeConfig:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
@@ -134,7 +111,7 @@ class ExportJob:
 
 
 @dataclass(frozen=True)
-class ReconstructOptions:
+class ReconstructOptions(JsonConfig):
     """How layers are refit.
 
     Attributes:
@@ -158,16 +135,10 @@ class ReconstructOptions:
              f"the hold-out share 1/{self.holdout_every} must be 0 (none) or at least 2"),
         ])
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ReconstructOptions:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class PlanOptions:
+class PlanOptions(JsonConfig):
     """How the budget is spent over the channel groups.
 
     Attributes:
@@ -204,16 +175,10 @@ class PlanOptions:
             (self.round_to is not None and self.round_to < 1, f"--round-to {self.round_to} must be a positive integer"),
         ])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PlanOptions:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class RecoveryOptions:
+class RecoveryOptions(JsonConfig):
     """What runs around the removal to keep accuracy: BN recalibration, reconstruction, soft pruning, EDP."""
 
     recalibrate_bn: int = 0  # batches of the calibration images to re-estimate BN statistics on after removal
@@ -229,16 +194,10 @@ class RecoveryOptions:
         """Soft pruning and EDP train while they prune, so nothing measured on the model before applies."""
         return self.soft is not None or self.edp is not None
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RecoveryOptions:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class AccuracyOptions:
+class AccuracyOptions(JsonConfig):
     """``prune --eval-data``: labelled images to measure the top-1 of the original and the slim model on."""
 
     data: DataOptions
@@ -247,16 +206,10 @@ class AccuracyOptions:
     def __post_init__(self):
         check([(self.limit is not None and self.limit < 1, f"--eval-limit {self.limit} must be at least 1")])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AccuracyOptions:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class LatencyOptions:
+class LatencyOptions(JsonConfig):
     """Measured latency: ``--latency`` times the original beside the slim model; ``target`` says how a latency
     budget is measured. Both run at batch 1 and at ``batch``. ``check_speedup``: a slim model that is not faster
     than the original under :attr:`runtime` fails the command (for CI)."""
@@ -276,16 +229,10 @@ class LatencyOptions:
         rounds for and the speed check judges)."""
         return self.target.runtime if self.target is not None else "onnxruntime"
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LatencyOptions:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(JsonConfig):
     """Everything ``prune`` needs, one part per stage; embedded in the slim artifact as provenance.
 
     ``data`` are the images of ``--data``: the calibration images (scoring, sensitivity, BN recalibration,
@@ -326,9 +273,6 @@ class PruneConfig:
              "--method edp, --recalibrate-bn, --reconstruct, --soft-epochs and --allocation sensitivity need images: "
              "pass --data (e.g. fashion-mnist:train or an image folder; --reconstruct and sensitivity need no labels)"),
         ])
-
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PruneConfig:

@@ -88,8 +88,19 @@ def from_plain(cls: type, data: Mapping[str, Any]) -> Any:
     return cls(**{k: _typed(hints[k], v) for k, v in data.items() if k in known})
 
 
+class JsonConfig:
+    """What every config shares: ``to_dict`` gives plain JSON values, ``from_dict`` reads them back."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return fields_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        return from_plain(cls, data)
+
+
 @dataclass(frozen=True)
-class LatencyTarget:
+class LatencyTarget(JsonConfig):
     """How ``--latency-target`` measures: the runtime, the table grid and the correction loop (the batch is
     :attr:`LatencyOptions.batch`).
 
@@ -117,16 +128,10 @@ class LatencyTarget:
              "latency targets need iterations >= 1, grid >= 2, warmup >= 0 and repeats >= 1"),
         ])
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LatencyTarget:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class ModelSource(JsonConfig):
     """Where a model comes from and how to read it."""
 
     path: Path
@@ -136,16 +141,10 @@ class ModelSource:
     trust_pickle: bool = False
     import_paths: tuple[Path, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelSource:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class DataOptions:
+class DataOptions(JsonConfig):
     """Images for a command (``--data`` and friends): where they are, how many, in which batches, normalised how.
 
     ``source`` None: none given. Only ``evaluate`` and ``finetune`` accept that, and only for a model whose input
@@ -185,16 +184,10 @@ class DataOptions:
             )
         return dataclasses.replace(self, source=f"fashion-mnist:{split}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DataOptions:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(JsonConfig):
     """How a command runs, whatever it does: seed, device, time limits and the threads of every timing.
 
     Attributes:
@@ -220,16 +213,10 @@ class RunOptions:
             (self.threads is not None and self.threads < 1, f"--threads {self.threads} must be at least 1"),
         ])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunOptions:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class ScoringOptions:
+class ScoringOptions(JsonConfig):
     """How channels are scored: the criterion and its options, how coupled layers combine, or a scores file.
 
     Attributes:
@@ -252,25 +239,16 @@ class ScoringOptions:
             (self.group_scope not in GROUP_SCOPES, choose("--group-scope", self.group_scope, GROUP_SCOPES)),
         ])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScoringOptions:
         return from_plain(cls, {"group_scope": LEGACY_GROUP_SCOPE, **data})
 
 
 @dataclass(frozen=True)
-class OutputOptions:
+class OutputOptions(JsonConfig):
     """Where a command writes, and whether it may replace an existing file there."""
 
     path: Path | None = None  # None: the command's default beside the input
     force: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> OutputOptions:
-        return from_plain(cls, data)
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from prunecli.config.common import (
     AMP_MODES,
@@ -15,15 +13,14 @@ from prunecli.config.common import (
     KD_SCHEDULES,
     OPTIMIZERS,
     DataOptions,
+    JsonConfig,
     check,
     choose,
-    fields_dict,
-    from_plain,
 )
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(JsonConfig):
     """How to fine-tune; embedded in the slim artifact's metadata (see :meth:`FinetuneResult.record`).
 
     Attributes:
@@ -101,16 +98,10 @@ class FinetuneConfig:
         ]
         check(checks)
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneConfig:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class EdpOptions:
+class EdpOptions(JsonConfig):
     """``prune --method edp``: its training stage and its regulariser (see ``prunecli.methods.edp``)."""
 
     training: FinetuneConfig
@@ -126,16 +117,10 @@ class EdpOptions:
             (self.init not in EDP_INITS, choose("--edp-init", self.init, EDP_INITS)),
         ])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EdpOptions:
-        return from_plain(cls, data)
 
 
 @dataclass(frozen=True)
-class SoftOptions:
+class SoftOptions(JsonConfig):
     """Soft pruning (LRMF/FPGM): train with the selected channels held at zero, re-selecting every few epochs."""
 
     training: FinetuneConfig
@@ -144,9 +129,4 @@ class SoftOptions:
     def __post_init__(self):
         check([(self.reselect_every < 0, f"--reselect-every {self.reselect_every} must not be negative")])
 
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SoftOptions:
-        return from_plain(cls, data)
