@@ -97,9 +97,9 @@ def analyze_model(config: AnalyzeConfig) -> AnalyzeResult:
         for g in graph.groups
     ]
     provenance = {k: v for k, v in (loaded.document or {}).items() if k not in ("modules", "tied")} or None
+    latency = _latency(config, loaded) if config.latency else None  # may add a note: timed before the notes are taken
     return AnalyzeResult(summary(loaded, original.totals), _layer_rows(original.costs, graph.groups), groups,
-                         sum(g.channels for g in graph.groups if g.prunable), loaded.notes, provenance,
-                         _latency(config, loaded) if config.latency else None)
+                         sum(g.channels for g in graph.groups if g.prunable), loaded.notes, provenance, latency)
 
 
 def _latency(config: AnalyzeConfig, loaded: LoadedModel) -> dict[str, Any]:
@@ -138,8 +138,7 @@ def score_model(config: ScoreConfig, progress: Progress | None = None, batch_pro
     notes = fewer_than_asked("--calib-images", config.data.calib_images, "--data", images, "scored") if images else []
     say("tracing channel dependencies")
     graph = DependencyGraph(copy.deepcopy(loaded.model), original.example, config.ignore, run.timeout)
-    batch_size = config.data.batch_size if config.data else 1
-    scores = score(config.scoring, graph, images, batch_size, run, say, batch_progress)
+    scores = score(config.scoring, graph, images, config.data, run, say, batch_progress)
     removed, preview = {}, None
     if config.preview is not None:
         plan, target = plan_pruning(config.preview, PlanOptions("uniform", ignore=config.ignore), graph,

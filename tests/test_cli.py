@@ -1022,3 +1022,14 @@ def test_finetune_refuses_more_recalibration_batches_than_the_training_images_ho
         f"error: --recalibrate-bn 20 asks for 20 batches of 16 images, but the training images ({CALIB}) are 100 "
         "(7 batches); give --recalibrate-bn 7")
     assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["score", "prune"])
+def test_fewer_images_than_one_batch_are_refused_by_score_and_prune_alike(tmp_path, r20, few_images, command):
+    budget = ("--flops-target", "0.5", "-o", tmp_path / "slim.safetensors") if command == "prune" else ()
+    result = invoke(command, r20, "--arch", "sample:resnet20", "--method", "hrank", "--data", few_images,
+                    "--batch-size", "64", *budget)
+    message = assert_one_line_error(result)
+    assert message == (f"error: --data {few_images} has 48 images, fewer than one batch of 64; give more images or "
+                       "a smaller --batch-size")
+    assert files_in(tmp_path) == ["r20.pt"]

@@ -11,7 +11,6 @@ from typing import Any
 from torch import nn
 
 from prunecli.config import PruneConfig
-from prunecli.errors import DataError
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet
 from prunecli.io.formats import LoadedModel
@@ -66,11 +65,6 @@ def calibration_images(config: PruneConfig, loaded: LoadedModel) -> ImageSet | N
     if config.data is None or config.recovery.edp is not None:
         return None
     images = load_images(config.data, loaded, config.data.calib_images, config.run.seed)
-    if len(images) < config.data.batch_size and len(images) < config.data.calib_images:
-        raise DataError(
-            f"--data {config.data.source} has {len(images)} images, fewer than one batch of {config.data.batch_size}; "
-            "give more images or a smaller --batch-size"
-        )
     if config.recovery.recalibrate_bn:
         check_recalibration(config.recovery.recalibrate_bn, images, config.data.batch_size)
     return images
@@ -104,7 +98,7 @@ def choose_and_remove(config: PruneConfig, loaded: LoadedModel, original: Profil
         say("tracing channel dependencies")
         planner = Planner(loaded.model, original.example, original.costs, config.budget, config.plan, run.timeout, {})
         graph = planner.trace()
-        planner.scores, method = prune_scores(config.scoring, loaded.sha256, graph, calibration, batch_size, run, say,
+        planner.scores, method = prune_scores(config.scoring, loaded.sha256, graph, calibration, config.data, run, say,
                                               batch_progress)
         if config.plan.allocation == "sensitivity":
             planner.sensitivity = measure_sensitivity(config.plan, graph, planner.scores, calibration, batch_size, run,

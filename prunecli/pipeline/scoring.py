@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from prunecli.config import RunOptions, ScoringOptions
+from prunecli.config import DataOptions, RunOptions, ScoringOptions
 from prunecli.criteria import get_criterion, score_channels
 from prunecli.errors import DataError, PrunecliError
 from prunecli.graph import DependencyGraph
@@ -30,13 +30,18 @@ def check_criterion(scoring: ScoringOptions, has_data: bool) -> None:
         )
 
 
-def score(scoring: ScoringOptions, graph: DependencyGraph, images: ImageSet | None, batch_size: int,
+def score(scoring: ScoringOptions, graph: DependencyGraph, images: ImageSet | None, data: DataOptions | None,
           run: RunOptions, say: Say, batch_progress=None) -> dict[int, torch.Tensor]:
-    """Per-channel scores of every prunable group, on ``run.device``, within ``run.score_timeout`` seconds."""
+    """Per-channel scores of every prunable group, on ``run.device``, within ``run.score_timeout`` seconds; a data
+    criterion reads ``images``, loaded from ``data``, in its batches (fewer images than one batch is refused)."""
+    batch_size = data.batch_size if data is not None else 1
     with time_limit(run.score_timeout, f"scoring channels with {scoring.method}",
                     "raise --score-timeout, or give fewer --calib-images"):
         criterion = get_criterion(scoring.method)
         if criterion.needs_data:
+            if len(images) < batch_size and len(images) < data.calib_images:
+                raise DataError(f"--data {data.source} has {len(images)} images, fewer than one batch of "
+                                f"{batch_size}; give more images or a smaller --batch-size")
             if criterion.needs_labels and images.labels is None:
                 raise DataError(f"method {scoring.method} needs labelled data; {images.description} has no labels")
             say(f"scoring {len(images)} images with {scoring.method} on {run.device}")
@@ -53,9 +58,10 @@ def score(scoring: ScoringOptions, graph: DependencyGraph, images: ImageSet | No
 
 
 def prune_scores(scoring: ScoringOptions, sha256: str, graph: DependencyGraph, images: ImageSet | None,
-                 batch_size: int, run: RunOptions, say: Say, batch_progress=None) -> tuple[dict[int, torch.Tensor], str]:
+                 data: DataOptions | None, run: RunOptions, say: Say,
+                 batch_progress=None) -> tuple[dict[int, torch.Tensor], str]:
     """The scores ``prune`` plans with and the method that made them: a ``--scores`` file's, or scored now."""
     if scoring.scores is not None:
         return read_scores(scoring.scores, sha256, graph.groups, scoring.method)
     say(f"scoring channels with {scoring.method}")
-    return score(scoring, graph, images, batch_size, run, say, batch_progress), scoring.method
+    return score(scoring, graph, images, data, run, say, batch_progress), scoring.method
