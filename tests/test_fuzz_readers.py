@@ -121,6 +121,16 @@ def test_every_seed_reads_or_is_refused_in_one_line(seeds):
         _read_one(folder, name, data)
 
 
+@pytest.mark.parametrize("data", [b"\x80", b"\x80\x02R."], ids=["protocol-only", "reduce-on-empty-stack"])
+def test_what_fuzzing_found_is_refused_in_one_line(seeds, data):
+    """torch's safe unpickler raised IndexError on these (a traceback at the CLI) before it was read as damage."""
+    folder, _ = seeds
+    _read_one(folder, "legacy.pt", data)
+    with pytest.raises(PrunecliError, match="is not a readable PyTorch checkpoint"):
+        (folder / "bad.pt").write_bytes(data)
+        open_checkpoint(ModelSource(folder / "bad.pt"))
+
+
 def test_mutated_checkpoints_give_a_model_or_a_prunecli_error(seeds):
     _fuzz(seeds, 25)
 
