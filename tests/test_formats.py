@@ -29,6 +29,7 @@ from prunecli.config import ModelSource
 from prunecli.errors import CheckpointError, ExportError, OptionError
 from prunecli.io.arch import ArchSpec
 from prunecli.io.formats import FORMATS, checkpoint_format, claiming, load_model, open_checkpoint, probe
+from prunecli.io.formats.hf import HF_FOLDER
 from prunecli.io.formats.slim import SLIM
 from prunecli.io.formats.state_dict import STATE_DICT
 from prunecli.io.formats.whole_model import METADATA_ATTRIBUTE, WHOLE_MODEL, WholeModelFormat, save_whole_model
@@ -173,6 +174,7 @@ def _files(folder: Path) -> dict[str, tuple[Path, str | None]]:
     put("whole_protocol4.pt", "whole model", lambda p: torch.save(sequential(), p, pickle_protocol=4))
     put("noise.safetensors", None, lambda p: p.write_bytes(b"\x01" + bytes(range(256)) * 8))
     put("lightning.ckpt", "state dict", lambda p: torch.save(lightning_checkpoint(state), p))
+    put("hf_folder", "hugging face folder", lambda p: p.mkdir())
     # a whole model beside a stale slim sidecar is the whole model's
     put("whole_with_sidecar.pt", "whole model", lambda p: (torch.save(sequential(), p),
                                                           (folder / f"{p.name}.json").write_bytes(
@@ -185,7 +187,7 @@ def test_each_adapter_claims_its_own_files_and_refuses_the_others(tmp_path):
         found = probe(path)
         claimed = [adapter.name for adapter in FORMATS if adapter.claims(found)]
         assert claimed == ([owner] if owner else []), name
-    assert [a.name for a in FORMATS] == ["slim", "whole model", "state dict"]
+    assert [a.name for a in FORMATS] == ["hugging face folder", "slim", "whole model", "state dict"]
 
 
 def test_a_pickle_is_told_apart_by_its_first_opcodes_without_running_it(tmp_path):
@@ -214,13 +216,16 @@ def test_a_reduce_payload_is_no_whole_model_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_no_adapter_claims_noise_or_a_folder(tmp_path):
+def test_no_adapter_claims_noise_and_a_folder_without_config_json_is_refused(tmp_path):
     noise = tmp_path / "noise.pt"
     noise.write_bytes(b"\x01" * 64)
     with pytest.raises(CheckpointError, match=r"neither safetensors nor a torch.save file; give a \.safetensors"):
         claiming(probe(noise))
-    with pytest.raises(CheckpointError, match="is a directory; give the checkpoint file inside it"):
-        claiming(probe(tmp_path))
+    assert claiming(probe(tmp_path)) is HF_FOLDER  # a folder is a model only as a Hugging Face folder
+    with pytest.raises(CheckpointError) as exc:
+        open_checkpoint(ModelSource(tmp_path))
+    assert str(exc.value) == (f"{tmp_path} is a folder without config.json; give a Hugging Face save_pretrained "
+                              "folder (config.json with model.safetensors) or the checkpoint file inside it")
 
 
 def test_loaded_model_names_the_adapter_that_read_it(tmp_path):
