@@ -97,6 +97,21 @@ def test_a_folder_is_read_with_the_input_its_preprocessor_and_config_describe(fo
     assert (convnext_input.shape, convnext_input.mean) == ((3, 64, 64), None)
 
 
+def test_a_folder_reads_as_from_pretrained_reads_it_with_its_renamed_keys(tmp_path):
+    """transformers 5 saves a ViT's attention under its older checkpoint names (attention.attention.query) and
+    renames them on loading (attention.q_proj): prunecli loads the weights as from_pretrained does."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    folder = tmp_path / "vit"
+    transformers.AutoModelForImageClassification.from_config(config).save_pretrained(folder)
+    loaded = load_model(folder)
+    assert loaded.input.shape == (3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    expected = logits(transformers.AutoModelForImageClassification.from_pretrained(folder), x)
+    assert_close(loaded.model(x), expected, rtol=0, atol=0)
+
+
 def test_the_input_size_is_the_preprocessors_crop_then_its_resize_then_the_configs_image_size():
     config = {"num_channels": 1, "image_size": 32}
     assert hf_arch.input_shape(config) == (1, 32, 32)
@@ -287,6 +302,18 @@ def _truncated(root: Path, folders) -> Path:
     return folder
 
 
+def _missing_weight(root: Path, folders) -> Path:
+    from safetensors.torch import load_file
+
+    folder = root / "missing-weight"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((folders["resnet"] / "config.json").read_bytes())
+    state = load_file(str(folders["resnet"] / "model.safetensors"))
+    del state["classifier.1.bias"]
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
 def _text_model(root: Path, folders) -> Path:
     folder = root / "bert"
     folder.mkdir()
@@ -313,6 +340,9 @@ BAD_FOLDERS = {
                                         "save_pretrained folder (config.json with model.safetensors) or the checkpoint "
                                         "file inside it"),
     "truncated model.safetensors": (_truncated, "truncated/model.safetensors: tensor"),
+    "a weight missing": (_missing_weight, "missing-weight/model.safetensors: the weights do not match "
+                                          "ResNetForImageClassification as config.json describes it: 1 missing: "
+                                          "classifier.1.bias"),
     "a text model": (_text_model, "BertForMaskedLM is not an image model (its forward takes input_ids, not "
                                   "pixel_values); prunecli prunes vision models such as ResNetForImageClassification"),
     "an unknown class": (_unknown_class, f"transformers {transformers.__version__} has no model class "

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from prunecli.errors import ArchitectureError, CheckpointError
+from prunecli.errors import ArchitectureError, CheckpointError, one_line
 
 KIND = "hf"  # the spec kind: hf:ResNetForImageClassification, its config as the keyword arguments
 INSTALL = "pip install 'prunecli[hf]'"
@@ -56,7 +57,7 @@ def check_vision(cls: type) -> None:
 def build(name: str, config: Mapping[str, Any]) -> nn.Module:
     """``hf:name`` with ``config`` (the JSON of its config.json): the class built from its config, random weights."""
     cls = model_class(name)
-    return cls(cls.config_class.from_dict(dict(config))).eval()
+    return cls(config_of(cls, config)).eval()
 
 
 def hf_factory(name: str) -> Callable[..., nn.Module]:
@@ -71,10 +72,10 @@ def remote_classes(config: Mapping[str, Any]) -> list[str]:
     return sorted({str(v) for v in auto_map.values()}) if isinstance(auto_map, Mapping) else []
 
 
-def build_remote(folder: Path, config: Mapping[str, Any], name: str) -> nn.Module:
-    """The folder's own class ``name`` (``auto_map``), through transformers' loader of a folder's code
-    (``trust_remote_code=True``: the user consented). Code that lives in another repository is refused: nothing
-    is downloaded."""
+def remote_class(folder: Path, config: Mapping[str, Any], name: str) -> tuple[type, Any]:
+    """The folder's own class ``name`` (``auto_map``) and its config object, through transformers' loader of a
+    folder's code (``trust_remote_code=True``: the user consented). Code that lives in another repository is
+    refused: nothing is downloaded."""
     transformers = transformers_module()
     auto_map = config.get("auto_map") or {}
     auto = next((k for k, v in auto_map.items() if str(v).rpartition(".")[2] == name and k.startswith("AutoModel")),
@@ -86,12 +87,43 @@ def build_remote(folder: Path, config: Mapping[str, Any], name: str) -> nn.Modul
                               f"({auto_map[auto]}); prunecli downloads nothing: put the code in the folder")
     try:
         hf_config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
-        model = getattr(transformers, auto).from_config(hf_config, trust_remote_code=True)
+        cls = transformers.dynamic_module_utils.get_class_from_dynamic_module(auto_map[auto], str(folder),
+                                                                              local_files_only=True)
     except Exception as exc:
-        raise ArchitectureError(f"building {name} with the code in {folder} failed ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    check_vision(type(model))
-    return model.eval()
+        raise ArchitectureError(f"importing {name} from the code in {folder} failed ({one_line(exc)})") from exc
+    check_vision(cls)
+    return cls, hf_config
+
+
+def config_of(cls: type, config: Mapping[str, Any]) -> Any:
+    """The config object of a transformers class from the JSON of its config.json."""
+    return cls.config_class.from_dict(dict(config))
+
+
+def pretrained(cls: type, hf_config: Any, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """``cls`` with ``state`` loaded the way ``from_pretrained`` loads a folder (its renamings of older checkpoint
+    keys included: transformers 5 saves ViT's ``attention.attention.query`` for its ``attention.q_proj``), in
+    float32 and eval mode; refused, naming the keys, unless every weight is there and is used."""
+    transformers = transformers_module()
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(None, config=hf_config, state_dict=dict(state), output_loading_info=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{source}: the weights do not load into {cls.__name__} ({one_line(exc)})") from exc
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    problems = [f"{len(keys)} {label}: {', '.join(sorted(map(str, keys))[:6])}{' (+more)' if len(keys) > 6 else ''}"
+                for label, keys in (("missing", info.get("missing_keys")), ("unexpected", info.get("unexpected_keys")),
+                                    ("shape mismatch", info.get("mismatched_keys"))) if keys]
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not match {cls.__name__} as config.json describes it: "
+                              + "; ".join(problems))
+    return model.float().eval()
 
 
 def _size(value: Any) -> tuple[int, int] | None:

@@ -35,9 +35,8 @@ from prunecli.io.arch import ArchSpec, InputInfo
 from prunecli.io.files import atomic_folder, check_output_path, check_suffix
 from prunecli.io.formats.base import LoadedModel, Probe, input_info, loaded_model
 from prunecli.io.formats.slim import SlimOutput, consents
-from prunecli.io.formats.state_dict import model_from_state
 from prunecli.io.readers import read_safetensors, torch_load, unwrap_state_dict
-from prunecli.io.slim import SUFFIXES, load_strict, read_slim_metadata, rebuild
+from prunecli.io.slim import SUFFIXES, read_slim_metadata, rebuild
 from prunecli.tasks import reassemble
 
 if TYPE_CHECKING:
@@ -140,11 +139,13 @@ def read_folder(folder: Path, source: ModelSource) -> FolderModel:
                         source.import_paths)
         return FolderModel(model, arch, config, weights, document, notes)
     if hf_arch.remote_classes(config):
-        model = hf_arch.build_remote(folder, config, name)
-        load_strict(model, state)
+        cls, hf_config = hf_arch.remote_class(folder, config, name)
         notes.append(f"ran the folder's own code for {name} ({TRUST})")
-        return FolderModel(model, None, config, weights, None, notes)
-    model, arch = model_from_state(state, ArchSpec(f"{hf_arch.KIND}:{name}", config), source.import_paths, notes)
+        arch = None
+    else:
+        cls = hf_arch.model_class(name)
+        hf_config, arch = hf_arch.config_of(cls, config), ArchSpec(f"{hf_arch.KIND}:{name}", config)
+    model = hf_arch.pretrained(cls, hf_config, state, str(weights))
     return FolderModel(model, arch, config, weights, None, notes)
 
 
