@@ -59,6 +59,7 @@ from prunecli.results import (
     Totals,
 )
 from prunecli.runtime import main_process
+from prunecli.tasks import reassemble
 
 Progress = Callable[[str], None]
 
@@ -359,6 +360,7 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     total = Totals(count_params(model), sum(c.macs for c in costs))
     if main_process():
         document = finetune_metadata(job, loaded, result.record(), teacher.sha256 if teacher else None, after)
-        loaded.format.write(loaded, model, output, document, force=job.force, inputs=(job.source.path,))
+        deployed = reassemble(loaded.deployed, model)  # a transformers model, not the view of its logits trained
+        loaded.format.write(loaded, deployed, output, document, force=job.force, inputs=(job.source.path,))
     return FinetuneRunResult(summary(loaded, total), str(output) if main_process() else None, result.to_dict(),
                              before, after, train.description, len(train), val.description if val else None, notes)

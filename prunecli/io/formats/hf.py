@@ -37,7 +37,6 @@ from prunecli.io.formats.base import LoadedModel, Probe, input_info, loaded_mode
 from prunecli.io.formats.slim import SlimOutput, consents
 from prunecli.io.readers import read_safetensors, torch_load, unwrap_state_dict
 from prunecli.io.slim import SUFFIXES, read_slim_metadata, rebuild
-from prunecli.tasks import reassemble
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -216,7 +215,6 @@ class HuggingFaceFolder(SlimOutput):
         self, loaded: LoadedModel, model: nn.Module, output: Path, metadata: dict[str, Any], *, force: bool,
         inputs: tuple[Path, ...],
     ) -> Path:
-        model = reassemble(loaded.deployed, model)  # the transformers model, when given the logits prunecli works on
         self.check_output(output)
         if not is_folder_output(output):
             return super().write(loaded, model, output, metadata, force=force, inputs=inputs)
