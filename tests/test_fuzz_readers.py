@@ -1,5 +1,6 @@
 """Every checkpoint reader under mutation (issue 26 item 6): files that prunecli reads (slim safetensors, plain
-safetensors and torch.save state dicts, containers, whole-model pickles in the zip and the legacy format) with bytes
+safetensors and torch.save state dicts, containers, whole-model pickles in the zip and the legacy format, the
+config.json and model.safetensors of a Hugging Face folder) with bytes
 flipped, spliced, truncated or extended, property-based with hypothesis. Each read either gives a model or raises a
 ``PrunecliError`` (one line at the CLI), writes nothing, and never runs the code a pickle carries: a payload that
 would create a marker file is planted in one seed. A bounded number of examples runs in the default suite; the
@@ -8,8 +9,8 @@ slow marker runs many more."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ from prunecli.errors import PrunecliError
 from prunecli.io.formats import open_checkpoint
 from prunecli.io.slim import save_slim
 from prunecli.samples import resnet20
+
+HF = "hf-folder"  # the seeds' Hugging Face folder (config.json, model.safetensors)
 
 
 class Payload:
@@ -57,6 +60,12 @@ def _seeds(folder: Path) -> dict[str, bytes]:
     buffer = io.BytesIO()
     pickle.dump({"model": Payload(str(folder / "PWNED"))}, buffer)
     files["payload.pt"] = buffer.getvalue()
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_channels=1,
+                                       num_labels=3, image_size=32)
+    transformers.ResNetForImageClassification(config).save_pretrained(folder / HF)
+    for path in sorted((folder / HF).iterdir()):
+        files[f"{HF}/{path.name}"] = path.read_bytes()
     return files
 
 
@@ -88,18 +97,25 @@ def mutated(draw, seeds: dict[str, bytes]) -> tuple[str, bytes]:
     return name, bytes(data)
 
 
-def _read_one(folder: Path, name: str, data: bytes) -> None:
-    path = folder / "case" / name
-    path.parent.mkdir(exist_ok=True)
+def _read_one(folder: Path, name: str, data: bytes, seeds: dict[str, bytes]) -> None:
+    """Read ``data`` as the file ``name``; a file of a Hugging Face folder is read as that folder, its other files
+    as they were saved."""
+    case = folder / "case"
+    shutil.rmtree(case, ignore_errors=True)
+    path = case / name
+    path.parent.mkdir(parents=True)
+    for other, content in seeds.items():
+        if other != name and other.startswith(f"{HF}/") and name.startswith(f"{HF}/"):
+            (case / other).write_bytes(content)
     path.write_bytes(data)
-    before = sorted(os.listdir(path.parent))
+    model_path = case / HF if name.startswith(f"{HF}/") else path
+    before = sorted(str(p) for p in case.rglob("*"))
     try:
-        open_checkpoint(ModelSource(path))  # without --trust-pickle
+        open_checkpoint(ModelSource(model_path))  # without --trust-pickle
     except PrunecliError as exc:
         assert str(exc).strip(), "an error with nothing to say"
     finally:
-        assert sorted(os.listdir(path.parent)) == before, "a reader wrote a file"
-        path.unlink()
+        assert sorted(str(p) for p in case.rglob("*")) == before, "a reader wrote a file"
     assert not (folder / "PWNED").exists(), "a pickle ran code"
 
 
@@ -110,7 +126,7 @@ def _fuzz(seeds, examples: int) -> None:
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(case=mutated(files))
     def check(case):
-        _read_one(folder, *case)
+        _read_one(folder, *case, files)
 
     check()
 
@@ -118,14 +134,14 @@ def _fuzz(seeds, examples: int) -> None:
 def test_every_seed_reads_or_is_refused_in_one_line(seeds):
     folder, files = seeds
     for name, data in files.items():
-        _read_one(folder, name, data)
+        _read_one(folder, name, data, files)
 
 
 @pytest.mark.parametrize("data", [b"\x80", b"\x80\x02R."], ids=["protocol-only", "reduce-on-empty-stack"])
 def test_what_fuzzing_found_is_refused_in_one_line(seeds, data):
     """torch's safe unpickler raised IndexError on these (a traceback at the CLI) before it was read as damage."""
-    folder, _ = seeds
-    _read_one(folder, "legacy.pt", data)
+    folder, files = seeds
+    _read_one(folder, "legacy.pt", data, files)
     with pytest.raises(PrunecliError, match="is not a readable PyTorch checkpoint"):
         (folder / "bad.pt").write_bytes(data)
         open_checkpoint(ModelSource(folder / "bad.pt"))
