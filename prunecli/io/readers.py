@@ -62,6 +62,8 @@ def check_file(path: Path) -> None:
 def safetensors_header(path: Path) -> dict[str, Any]:
     """The header of a safetensors file (``__metadata__`` included), after checking its size, JSON and offsets."""
     size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file; the file is truncated")
     with open(path, "rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
         if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
