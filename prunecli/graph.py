@@ -112,7 +112,7 @@ def _dependency_graph_type() -> type:
             node.module.concat_sizes = sizes  # Torch-Pruning reads these before inferring any width itself
         index_mapping.update_concat_index_mapping(graph, node)
         if sizes is not None and node.module.offsets is None:  # it left the concat unmapped, as if along another dim
-            raise TypeError("its inferred width differs from its traced inputs' sum")
+            raise TypeError("the width read after it is not its inputs' sum")
 
     updates = {ops.OPTYPE.CONCAT: update_concat_index_mapping,
                ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
