@@ -607,6 +607,7 @@ TRICKY_MODELS: tuple[type[nn.Module], ...] = (
     ChunkBranches,
     ChannelSlice,
     FeatureTaps,
+    SkipConcatPReLU,
 )
 
 

@@ -228,3 +228,4 @@ def test_monai_3d_unet_zero_invariance_through_its_skip_connections():
     assert [g.reason for g in graph.groups if not g.prunable] == ["feeds the model output"]
     _, graph, plan = assert_invariant(model, x, quarter_plan)
     assert len(plan) == len(graph.groups) - 1
+    assert_cost_model_exact(model, x, graph, plan)  # a PReLU's one shared slope stays as channels go
