@@ -6,6 +6,7 @@ record; and the parent's side, which runs each worker in its own process under a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import traceback
@@ -126,6 +127,13 @@ def failure(exc: Exception, stage: str) -> dict:
     where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
     first = str(exc).splitlines()[0][:300] if str(exc) else ""
     return {"status": "crash", "error": f"{type(exc).__name__}: {first} ({where})", "prunecli_error": False}
+
+
+def existing_rows(doc: Path, row: re.Pattern) -> dict[str, str]:
+    """The rows of a coverage table already written, by the id ``row``'s first group reads off each line."""
+    if not doc.exists():
+        return {}
+    return {m.group(1): line for line in doc.read_text().splitlines() if (m := row.match(line))}
 
 
 def run_worker(command: list[str], record: dict, hard_limit: float, env: dict | None = None) -> dict:
