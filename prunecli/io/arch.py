@@ -254,7 +254,7 @@ def torchvision_input_of(model: nn.Module) -> InputInfo | None:
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
-    """'3x224x224' (or '3,224,224') -> (3, 224, 224); video: '3x16x112x112' (C x T x H x W)."""
+    """'3x224x224' (or '3,224,224') -> (3, 224, 224); volumes and video: '1x64x64x64', '3x16x112x112' (C x D x H x W)."""
     parts = text.replace(",", "x").lower().split("x")
     try:
         shape = tuple(int(p) for p in parts)
@@ -262,7 +262,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
         shape = ()
     if len(shape) not in (3, 4) or min(shape) < 1:
         raise OptionError(
-            f"--input-shape {text!r} is not CxHxW (or CxTxHxW for video) with positive integers, e.g. 3x224x224"
+            f"--input-shape {text!r} is not CxHxW (or CxDxHxW for volumes and video) with positive integers, e.g. 3x224x224"
         )
     return shape
 
