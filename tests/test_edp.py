@@ -284,7 +284,7 @@ def test_the_prune_report_shows_validation_top1_by_epoch():
 
     from rich.console import Console
 
-    from prunecli.report import render_prune
+    from prunecli.report.console import render_prune
     from prunecli.results import ModelSummary, PruneResult, Totals
 
     history = [{"epoch": 1, "val_top1": 0.5465}, {"epoch": 2, "val_top1": 0.6011}]

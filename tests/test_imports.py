@@ -26,7 +26,7 @@ LAYERS = (
      "prunecli.tasks"),
     ("prunecli.planning", "prunecli.pipeline", "prunecli.pipeline.*", "prunecli.provenance", "prunecli.training",
      "prunecli.training.*", "prunecli.methods", "prunecli.methods.*", "prunecli.export", "prunecli.export.*",
-     "prunecli.latency", "prunecli.report"),
+     "prunecli.latency", "prunecli.report", "prunecli.report.*"),
     ("prunecli.api",),
     ("prunecli.cli", "prunecli.cli.*"),
     ("prunecli", "prunecli.__main__"),
