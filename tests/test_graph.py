@@ -230,7 +230,7 @@ def test_prune_holds_the_channels_of_a_module_that_keeps_widths_in_attributes(tm
     from prunecli.api import prune_model
     from prunecli.budget import parse_budget
     from prunecli.config import ModelSource, OutputOptions, PruneConfig
-    from prunecli.graph import failing_module
+    from prunecli.graph.architectures import failing_module
     from prunecli.io.slim import load
 
     torch.manual_seed(0)
@@ -394,9 +394,9 @@ def test_a_group_that_spreads_past_the_limit_is_held(monkeypatch):
     """Reshapes that Torch-Pruning reads as flattens can spread one group over millions of positions; past
     MAX_SPREAD the group is held with the reason and its walk stops. conv's group reaches fc1's 128 inputs; fc1's
     group (16 channels into fc2) stays well under 64."""
-    import prunecli.graph as graph_module
+    from prunecli.graph import torch_pruning_graph
 
-    monkeypatch.setattr(graph_module, "MAX_SPREAD", 64)
+    monkeypatch.setattr(torch_pruning_graph, "MAX_SPREAD", 64)
     graph = DependencyGraph(M.FlattenLinear().eval(), M.example(M.FlattenLinear))
     reasons = {g.root: g.reason for g in graph.groups}
     assert reasons["conv"] == "its channels spread over 64 positions through reshapes read as flattens"
