@@ -4,7 +4,7 @@ in a fresh clone, in order, and the figures it quotes are what the commands prin
 Every indented command of README.md runs in a scratch folder that sees the clone's ``sample_models/``. A command
 that names a file the reader supplies runs once per stand-in below (the README says which it quotes); the EDP
 example (3 epochs of Fashion-MNIST, most of an hour on a CPU) runs only with ``--with-edp``. Each slim model a
-command writes is evaluated on the Fashion-MNIST test set. Needs Debian's ``dataset-fashion-mnist``.
+command writes from a sample model is evaluated on the Fashion-MNIST test set. Needs Debian's ``dataset-fashion-mnist``.
 
     python benchmarks/readme_examples.py            # a Markdown table on stdout, progress on stderr
 """
@@ -103,7 +103,8 @@ def main() -> None:
             flat = " ".join(out.replace("│", " ").split())
             summary = [f"MACs {a} → {b} ({kept} kept)" for a, b, kept in re.findall(r"MACs (\S+) (\S+) (\S+%)", flat)]
             summary += re.findall(r"measured [0-9.]+ ms → [0-9.]+ ms \([0-9.]+ of the original; target [0-9.]+", flat)
-            top1 = _top1(output, work) if rc == 0 and output and output.suffix == ".safetensors" else ""
+            fmnist = command[1].startswith(SAMPLES) or command[1] == "resnet20-slim.safetensors"  # a Fashion-MNIST model
+            top1 = _top1(output, work) if rc == 0 and output and output.suffix == ".safetensors" and fmnist else ""
             shown = " ".join(command[:2]) + (" ... " + " ".join(command[-2:]) if len(command) > 2 else "")
             print(f"| `{shown}` | {label} | {rc} | {seconds:.0f} | {'; '.join(summary) or out.strip().splitlines()[-1]} "
                   f"| {top1} |", flush=True)

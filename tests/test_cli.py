@@ -456,7 +456,7 @@ BAD_PRUNE = {
     "max layer ratio 1": (("--flops-target", "0.5", "--max-layer-ratio", "1"), 2, "--max-layer-ratio"),
     "everything ignored": (("--flops-target", "0.5", "--ignore", "*"), 1, "no prunable channel group"),
     "cuda that is not there": (("--flops-target", "0.5", "--device", "cuda:7"), 1, "--device"),
-    "unknown device": (("--flops-target", "0.5", "--device", "tpu"), 1, "--device"),
+    "unknown device": (("--flops-target", "0.5", "--device", "tpu"), 2, "--device"),
     "latency target 0": (("--latency-target", "0"), 2, "strictly between 0 and 1"),
     "latency target 1.5": (("--latency-target", "1.5"), 2, "strictly between 0 and 1"),
     "latency target abc": (("--latency-target", "abc"), 2, "is not a latency"),

@@ -281,7 +281,7 @@ UNKNOWN_CASES = [
     Case("finetune", "unknown --amp", _extra("finetune", "--amp", "maybe"), 2,
          ("Invalid value for '--amp'", "'maybe' is not one of 'auto', 'on', 'off'")),
     *for_commands("unknown device", ("score", "prune", "evaluate", "finetune"),
-                  lambda c, w: args_for(c, w, extra=("--device", "tpu")), 1, ("--device 'tpu' is not a device",)),
+                  lambda c, w: args_for(c, w, extra=("--device", "tpu")), 2, ("--device 'tpu' is not a device",)),
 ]
 
 
@@ -414,9 +414,9 @@ DATA_CASES = [
                   lambda c, w: args_for(c, w, extra=("-m", "hrank", "--data", str(w.root / "nothere.safetensors"))), 1,
                   ("no such file or directory", "give an image folder")),
     *for_commands("data-driven method without --data", ("score", "prune"),
-                  lambda c, w: args_for(c, w, extra=("-m", "hrank")), 1, ("needs calibration data", "pass --data")),
+                  lambda c, w: args_for(c, w, extra=("-m", "hrank")), 2, ("needs calibration data", "pass --data")),
     *for_commands("icie feature capacity without --data", ("score", "prune"),
-                  lambda c, w: args_for(c, w, extra=("-m", "icie", "--icie-capacity", "feature")), 1,
+                  lambda c, w: args_for(c, w, extra=("-m", "icie", "--icie-capacity", "feature")), 2,
                   ("method icie scores feature maps and needs calibration data", "pass --data")),
     Case("score", "unknown --icie-capacity", _extra("score", "-m", "icie", "--icie-capacity", "pixels"), 2,
          ("Invalid value for '--icie-capacity'", "'pixels' is not one of 'weight', 'feature'")),

@@ -160,9 +160,9 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as inner:
                 raise CheckpointError(f"{path}: cannot read the pickled model safely ({inner})") from inner
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # the safe loader runs no code: whatever it trips on (IndexError, KeyError...) is the file
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({first_line(exc, 120)}); "
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {first_line(exc, 120)}); "
             "the file is truncated or not a model"
         ) from exc
 
