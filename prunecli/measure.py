@@ -113,6 +113,7 @@ class CostModel:
         self._out_loss = np.zeros((n_layers, n_groups))
         self._in_loss = np.zeros((n_layers, n_groups))
         other_loss: dict[str, np.ndarray] = {}
+        modules = dict(model.named_modules())
         # (dimension kind, row, group, {layer channel: the group position it goes with}) of every layer in a group
         self._coverage: list[tuple[str, int, int, dict[int, int]]] = []
         for g, group in enumerate(groups):
@@ -122,7 +123,7 @@ class CostModel:
                     target = self._out_loss if dim == "out" else self._in_loss
                     target[index[layer], g] = share
                     self._coverage.append((dim, index[layer], g, channels))
-                elif dim == "out":
+                elif dim == "out" and _channels_of(modules[layer]) > 1:  # not one weight shared by all (PReLU's)
                     other_loss.setdefault(layer, np.zeros(n_groups))[g] = share
                     self._coverage.append(("other", list(other_loss).index(layer), g, channels))
         self._exact: list[tuple[str, int, int, np.ndarray]] = []  # see removing_in_order
@@ -141,7 +142,6 @@ class CostModel:
         self._kernel = kernel
         self._bias_per_out = np.where(self._out0 > 0, bias / self._out0, 0.0)
         # parameters of other channel-sized layers (norms, PReLU, ...) scale with their channel count
-        modules = dict(model.named_modules())
         self._other_params = np.array(
             [sum(p.numel() for p in modules[name].parameters(recurse=False)) for name in other_loss], dtype=float
         )

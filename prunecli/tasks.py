@@ -4,7 +4,9 @@ Classifiers, segmentation and video models are pruned whole: their forward takes
 tensors. A torchvision detector takes a list of images, resizes them and ends in box decoding and NMS, which
 neither the tracer nor a MACs count should see; prunecli works on its feature path (the backbone with its FPN
 or SSD extras), keeps the width of every feature map the heads read (the heads, their per-anchor outputs and
-the number of classes stay as they are) and puts the pruned feature path back into the detector.
+the number of classes stay as they are) and puts the pruned feature path back into the detector. A Hugging Face
+transformers model returns a ``ModelOutput``; prunecli works on its logits (:class:`Logits`), and writes the
+transformers model itself.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import torch
 from torch import nn
 
+from prunecli.errors import ArchitectureError
 from prunecli.outputs import output_tensors
 
 
@@ -36,6 +39,11 @@ class FeaturePath(nn.Module):
     It holds the detector's own backbone (no copy), so its layer names (``backbone.body.conv1``) are the
     detector's and a state dict of it is part of the detector's."""
 
+    note = ("a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and counted; the heads "
+            "keep the widths they read")
+    export_note = ("a detector exports its feature path (backbone with FPN or SSD extras, one output per feature "
+                   "map); its heads, box decoding and NMS are not in the file")
+
     def __init__(self, detector: nn.Module):
         super().__init__()
         self.backbone = detector.backbone
@@ -44,13 +52,54 @@ class FeaturePath(nn.Module):
         return self.backbone(images)
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face transformers model (one of the package's classes or a folder's own code), told by its base
+    class without importing transformers."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+class Logits(nn.Module):
+    """A transformers model as prunecli works on it: images in, the ``logits`` of its ``ModelOutput`` out (the
+    output as it is for a model without logits: a mapping of tensors).
+
+    It holds the model's own submodules under their own names (no copy, no prefix), so its layer names and state
+    dict are the model's; the model itself is kept outside the module tree, and a deep copy of this view copies it
+    with its submodules shared."""
+
+    note = None
+    export_note = None
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if next(model.parameters(recurse=False), None) is not None or next(model.buffers(recurse=False), None) is not None:
+            raise ArchitectureError(f"{type(model).__name__} holds tensors outside its submodules, which prunecli "
+                                    "does not prune")
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        self.__dict__["model"] = model  # not a submodule: its submodules are this view's
+        self.training = model.training
+
+    def train(self, mode: bool = True) -> Logits:
+        self.model.training = mode
+        return super().train(mode)
+
+    def forward(self, images: torch.Tensor):
+        output = self.model(images)
+        logits = output.get("logits") if hasattr(output, "get") else None
+        return logits if isinstance(logits, torch.Tensor) else output
+
+
 def prunable_part(model: nn.Module) -> nn.Module:
-    """What prunecli works on: the model itself, or a detector's feature path."""
-    return FeaturePath(model) if is_detector(model) else model
+    """What prunecli works on: the model itself, a detector's feature path, or a transformers model's logits."""
+    if is_detector(model):
+        return FeaturePath(model)
+    return Logits(model) if is_transformers_model(model) else model
 
 
 def reassemble(whole: nn.Module, part: nn.Module) -> nn.Module:
     """``whole`` with ``part`` (a pruned copy of its prunable part) in place of the original; ``whole`` is left as it was."""
+    if isinstance(part, Logits):
+        return part.model
     if not isinstance(part, FeaturePath):
         return part
     return copy.deepcopy(whole, memo={id(whole.backbone): part.backbone})

@@ -1,20 +1,23 @@
 """What a coverage walk's worker does for one model, whatever zoo it comes from: prune a saved state dict to half its
 MACs, reload the slim file without pickle, compare it with the model pruned in memory (every output tensor, and a
-detector's detections end to end), and turn what happened into a JSON record; and the parent's side, which runs
-each worker in its own process under a hard limit."""
+detector's detections end to end), export it to ONNX where the walk asks, and turn what happened into a JSON
+record; and the parent's side, which runs each worker in its own process under a hard limit."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import traceback
 from pathlib import Path
 
 
-def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, record: dict) -> None:
+def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, record: dict,
+                     trust_code: bool = False) -> None:
     """Run ``prune_model(config)`` and check the artifact against the model pruned in memory and the original's
     output shapes (``reference_shapes``, of its prunable part); the numbers, shapes and rebuild go into ``record``.
+    ``trust_code``: the slim file names an architecture other than torchvision's or timm's (``--arch`` on reload).
 
     Raises what pruning or reloading raised; ``record["stage"]`` says which it was."""
     import torch
@@ -45,7 +48,7 @@ def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, re
     )
     record["stage"] = "reload"
     config.source.path.unlink()  # the slim file must rebuild on its own
-    loaded = prunecli.load(config.output)
+    loaded = prunecli.load(config.output.path, trust_code=trust_code)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
     (pruned,) = captured
     pruned.eval()
@@ -69,6 +72,18 @@ def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, re
     record["status"] = "ok"
 
 
+def export_onnx(slim: Path, arch: str, output: Path, record: dict) -> None:
+    """Export the slim file as ``prunecli export SLIM --arch ARCH -o OUTPUT.onnx`` does (verified against
+    onnxruntime); ``record["onnx"]`` says whether it was written."""
+    from prunecli.api import export_artifact
+    from prunecli.config import ExportJob, ModelSource
+    from prunecli.export.config import ExportConfig
+
+    record.update(stage="export", onnx="failed")
+    export_artifact(ExportJob(ModelSource(slim, arch=arch), ExportConfig(format="onnx", output=output)))
+    record["onnx"] = "ok"
+
+
 TOLERANCE = 0.005  # achieved MACs share within half a percentage point of the 0.5 asked for
 
 
@@ -82,7 +97,7 @@ def verdict(record: dict) -> tuple[str, str, str]:
     note = f"rebuild {record['rebuild']}"
     if abs(kept - 0.5) > TOLERANCE:
         note += f"; budget missed by {100 * (kept - 0.5):+.2f} pp"
-    good = record["rebuild"] == "exact" and abs(kept - 0.5) <= TOLERANCE
+    good = record["rebuild"] == "exact" and abs(kept - 0.5) <= TOLERANCE and record.get("onnx", "ok") == "ok"
     return "ok" if good else "**FAIL**", f"{100 * kept:.2f}%", note
 
 
@@ -98,6 +113,7 @@ def check(name: str, record: dict) -> None:
     assert record["shapes_kept"], record["output_shapes"]
     assert record["rebuild"] == "exact", record["max_abs_diff"]
     assert abs(record["macs_kept"] - 0.5) <= TOLERANCE, record["macs_kept"]
+    assert record.get("onnx", "ok") == "ok"  # a walk that exports
 
 
 def failure(exc: Exception, stage: str) -> dict:
@@ -111,6 +127,13 @@ def failure(exc: Exception, stage: str) -> dict:
     where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
     first = str(exc).splitlines()[0][:300] if str(exc) else ""
     return {"status": "crash", "error": f"{type(exc).__name__}: {first} ({where})", "prunecli_error": False}
+
+
+def existing_rows(doc: Path, row: re.Pattern) -> dict[str, str]:
+    """The rows of a coverage table already written, by the id ``row``'s first group reads off each line."""
+    if not doc.exists():
+        return {}
+    return {m.group(1): line for line in doc.read_text().splitlines() if (m := row.match(line))}
 
 
 def run_worker(command: list[str], record: dict, hard_limit: float, env: dict | None = None) -> dict:

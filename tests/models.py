@@ -537,6 +537,64 @@ class GhostModule(nn.Module):
         return self.fc(torch.relu(self.pw(torch.relu(self.conv_dw(y)))).mean((2, 3)))
 
 
+class SkipConcatPReLU(nn.Module):
+    """MONAI's UNet skip: stem -> bn0 -> PReLU (one shared slope) = skip; inner -> bn1 -> PReLU = deeper;
+    cat([skip, deeper]) (8 + 12) -> merge -> fc. Torch-Pruning inferred no width for a PReLU's output (its last
+    autograd input is the reshaped slope), so the concat had no offsets; merge sees inner's channels at offset 8."""
+
+    INPUT_SHAPE = (3, 16, 16)
+    EXPECTED_GROUPS: ClassVar = {
+        "stem": expect(8, "stem bn0 act0", "inner merge"),
+        "inner": expect(12, "inner bn1 act1", "merge"),
+        "merge": expect(16, "merge bn_m", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    EXPECTED_IN_INDICES: ClassVar = {
+        ("stem", "merge"): tuple(range(8)),
+        ("inner", "merge"): tuple(range(8, 20)),
+    }
+    PLAN: ClassVar = {"stem": 2, "inner": 3, "merge": 4}
+    EXPECTED_SHAPES: ClassVar = {
+        "stem": (6, 3, 3, 3), "bn0": (6,), "act0": (1,), "inner": (9, 6, 3, 3), "bn1": (9,), "act1": (1,),
+        "merge": (12, 15, 3, 3), "bn_m": (12,), "fc": (5, 12),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.act0 = nn.PReLU()
+        self.inner = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.act1 = nn.PReLU()
+        self.merge = nn.Conv2d(20, 16, 3, padding=1, bias=False)
+        self.bn_m = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip = self.act0(self.bn0(self.stem(x)))
+        deeper = self.act1(self.bn1(self.inner(skip)))
+        x = torch.relu(self.bn_m(self.merge(torch.cat([skip, deeper], dim=1))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class InputConcat(nn.Module):
+    """cat([x, conv(x)]) -> merge -> head: the model's input (no node of the traced graph) comes first, so conv's
+    channels sit at offset 3 of merge's input, where Torch-Pruning's offsets (of traced operands only) put them at 0."""
+
+    INPUT_SHAPE = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.merge = nn.Conv2d(11, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.merge(torch.cat([x, torch.relu(self.conv(x))], 1))))
+
+
 TRICKY_MODELS: tuple[type[nn.Module], ...] = (
     ResidualAdd,
     ConcatBranches,
@@ -549,6 +607,7 @@ TRICKY_MODELS: tuple[type[nn.Module], ...] = (
     ChunkBranches,
     ChannelSlice,
     FeatureTaps,
+    SkipConcatPReLU,
 )
 
 
@@ -608,8 +667,8 @@ def kill_channels(model: nn.Module, group, positions) -> None:
     """Make the group's root channels ``positions`` exactly 0 wherever they are consumed.
 
     Zero the producing conv/linear filters and biases, and the following norm's gamma, beta and running
-    mean, so the channel is 0 after its norm, stays 0 through ReLU, adds 0 in a residual and multiplies
-    to 0 through a gate.
+    mean (an instance norm's beta), so the channel is 0 after its norm, stays 0 through ReLU and PReLU, adds 0 in
+    a residual and multiplies to 0 through a gate.
     """
     chosen = set(positions)
     for member in group.members:
@@ -624,6 +683,11 @@ def kill_channels(model: nn.Module, group, positions) -> None:
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.weight[rows] = 0
             module.running_mean[rows] = 0
+        elif isinstance(module, nn.modules.instancenorm._InstanceNorm):  # a channel of zeros normalises to zeros
+            if module.affine:
+                module.bias[rows] = 0
+        elif isinstance(module, nn.PReLU):  # zero stays zero, whatever the slope
+            pass
         else:
             raise TypeError(f"do not know how to silence {type(module).__name__} {member.layer}")
         if getattr(module, "bias", None) is not None:

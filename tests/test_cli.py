@@ -396,7 +396,7 @@ def _mkdir(path):
 BAD = {
     # name: (setup(tmp_path, r20) -> model path, extra args, words in the message)
     "missing file": (lambda d, m: d / "nope.pt", ("--arch", "sample:resnet20"), "no such file"),
-    "directory": (lambda d, m: _mkdir(d / "weights"), ("--arch", "sample:resnet20"), "directory"),
+    "directory": (lambda d, m: _mkdir(d / "weights"), ("--arch", "sample:resnet20"), "folder without config.json"),
     "empty file": (lambda d, m: _write(d / "e.pt", b""), ("--arch", "sample:resnet20"), "empty"),
     "random bytes": (
         lambda d, m: _write(d / "r.pt", b"\x01" + _random_bytes()),

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from coverage_walk import TOLERANCE, check, failure, prune_and_reload, run_worker, verdict
+from coverage_walk import TOLERANCE, check, existing_rows, failure, prune_and_reload, run_worker, verdict
 from test_coverage_slow import _cell, _human
 
 pytest.importorskip("timm")
@@ -194,12 +194,6 @@ def table_row(record: dict) -> str:
     )
 
 
-def _existing_rows() -> dict[str, str]:
-    if not DOC.exists():
-        return {}
-    return {m.group(1): line for line in DOC.read_text().splitlines() if (m := _ROW.match(line))}
-
-
 def write_doc() -> None:
     import timm
     import torch
@@ -207,7 +201,7 @@ def write_doc() -> None:
 
     import prunecli
 
-    rows = _existing_rows()
+    rows = existing_rows(DOC, _ROW)
     rows.update({family: row for family, (_, row) in RESULTS.items()})
     ordered = [rows[f] for f in sorted(rows)]
     not_run = [f for f in families() if f not in rows]

@@ -1,5 +1,6 @@
 """Every checkpoint reader under mutation (issue 26 item 6): files that prunecli reads (slim safetensors, plain
-safetensors and torch.save state dicts, containers, whole-model pickles in the zip and the legacy format) with bytes
+safetensors and torch.save state dicts, containers, whole-model pickles in the zip and the legacy format, the
+config.json and model.safetensors of a Hugging Face folder) with bytes
 flipped, spliced, truncated or extended, property-based with hypothesis. Each read either gives a model or raises a
 ``PrunecliError`` (one line at the CLI), writes nothing, and never runs the code a pickle carries: a payload that
 would create a marker file is planted in one seed. A bounded number of examples runs in the default suite; the
@@ -8,8 +9,8 @@ slow marker runs many more."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ from prunecli.errors import PrunecliError
 from prunecli.io.formats import open_checkpoint
 from prunecli.io.slim import save_slim
 from prunecli.samples import resnet20
+
+HF = "hf-folder"  # the seeds' Hugging Face folder (config.json, model.safetensors)
 
 
 class Payload:
@@ -57,6 +60,12 @@ def _seeds(folder: Path) -> dict[str, bytes]:
     buffer = io.BytesIO()
     pickle.dump({"model": Payload(str(folder / "PWNED"))}, buffer)
     files["payload.pt"] = buffer.getvalue()
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_channels=1,
+                                       num_labels=3, image_size=32)
+    transformers.ResNetForImageClassification(config).save_pretrained(folder / HF)
+    for path in sorted((folder / HF).iterdir()):
+        files[f"{HF}/{path.name}"] = path.read_bytes()
     return files
 
 
@@ -88,18 +97,27 @@ def mutated(draw, seeds: dict[str, bytes]) -> tuple[str, bytes]:
     return name, bytes(data)
 
 
-def _read_one(folder: Path, name: str, data: bytes) -> None:
-    path = folder / "case" / name
-    path.parent.mkdir(exist_ok=True)
+def _read_one(folder: Path, name: str, data: bytes, seeds: dict[str, bytes], strict: bool = False) -> None:
+    """Read ``data`` as the file ``name``; a file of a Hugging Face folder is read as that folder, its other files
+    as they were saved. ``strict``: the PrunecliError is raised on, not checked and dropped."""
+    case = folder / "case"
+    shutil.rmtree(case, ignore_errors=True)
+    path = case / name
+    path.parent.mkdir(parents=True)
+    for other, content in seeds.items():
+        if other != name and other.startswith(f"{HF}/") and name.startswith(f"{HF}/"):
+            (case / other).write_bytes(content)
     path.write_bytes(data)
-    before = sorted(os.listdir(path.parent))
+    model_path = case / HF if name.startswith(f"{HF}/") else path
+    before = sorted(str(p) for p in case.rglob("*"))
     try:
-        open_checkpoint(ModelSource(path))  # without --trust-pickle
+        open_checkpoint(ModelSource(model_path))  # without --trust-pickle
     except PrunecliError as exc:
         assert str(exc).strip(), "an error with nothing to say"
+        if strict:
+            raise
     finally:
-        assert sorted(os.listdir(path.parent)) == before, "a reader wrote a file"
-        path.unlink()
+        assert sorted(str(p) for p in case.rglob("*")) == before, "a reader wrote a file"
     assert not (folder / "PWNED").exists(), "a pickle ran code"
 
 
@@ -110,7 +128,7 @@ def _fuzz(seeds, examples: int) -> None:
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(case=mutated(files))
     def check(case):
-        _read_one(folder, *case)
+        _read_one(folder, *case, files)
 
     check()
 
@@ -118,17 +136,19 @@ def _fuzz(seeds, examples: int) -> None:
 def test_every_seed_reads_or_is_refused_in_one_line(seeds):
     folder, files = seeds
     for name, data in files.items():
-        _read_one(folder, name, data)
+        _read_one(folder, name, data, files)
 
 
-@pytest.mark.parametrize("data", [b"\x80", b"\x80\x02R."], ids=["protocol-only", "reduce-on-empty-stack"])
-def test_what_fuzzing_found_is_refused_in_one_line(seeds, data):
-    """torch's safe unpickler raised IndexError on these (a traceback at the CLI) before it was read as damage."""
-    folder, _ = seeds
-    _read_one(folder, "legacy.pt", data)
-    with pytest.raises(PrunecliError, match="is not a readable PyTorch checkpoint"):
-        (folder / "bad.pt").write_bytes(data)
-        open_checkpoint(ModelSource(folder / "bad.pt"))
+@pytest.mark.parametrize(("name", "data", "words"), [
+    ("legacy.pt", b"\x80", "is not a readable PyTorch checkpoint"),  # torch's safe unpickler: IndexError
+    ("legacy.pt", b"\x80\x02R.", "is not a readable PyTorch checkpoint"),  # REDUCE on an empty stack: IndexError
+    (f"{HF}/model.safetensors", b"", "too short for a safetensors file"),  # struct.error
+], ids=["protocol-only", "reduce-on-empty-stack", "empty-folder-weights"])
+def test_what_fuzzing_found_is_refused_in_one_line(seeds, name, data, words):
+    """These raised other errors than prunecli's (a traceback at the CLI) before they were read as damage."""
+    folder, files = seeds
+    with pytest.raises(PrunecliError, match=words):
+        _read_one(folder, name, data, files, strict=True)
 
 
 def test_mutated_checkpoints_give_a_model_or_a_prunecli_error(seeds):

@@ -369,10 +369,14 @@ def test_a_long_chain_of_widening_blocks_traces():
 
 def test_an_op_whose_mapping_cannot_be_inferred_holds_only_the_groups_through_it(monkeypatch):
     """A concat whose input widths Torch-Pruning cannot infer (it summed None and raised, failing the whole trace:
-    timm's CoaT, CSPNet): the branches it joins stay, the layers elsewhere prune."""
+    timm's CoaT, CSPNet) and the trace does not record (a torch without autograd's input metadata): the branches
+    it joins stay, the layers elsewhere prune."""
     from torch_pruning.dependency import shape_infer
 
+    from prunecli.graph import torch_pruning_graph
+
     monkeypatch.setattr(shape_infer, "infer_channels_between", lambda graph, a, b: None)
+    monkeypatch.setattr(torch_pruning_graph, "_traced_concat_sizes", lambda node, unwrapped: None)
     graph = DependencyGraph(M.ConcatBranches().eval(), M.example(M.ConcatBranches))
     held = {g.root: g for g in graph.groups if not g.prunable}
     assert set(held) == {"branch_b", "fc"}  # unmapped, the concat couples the branches index by index: one group
@@ -388,6 +392,39 @@ def test_an_op_whose_mapping_cannot_be_inferred_holds_only_the_groups_through_it
 
     with pytest.raises(TypeError):  # Torch-Pruning's own graphs (its pruners build them) behave as they did
         tp.DependencyGraph().build_dependency(M.ConcatBranches().eval(), M.example(M.ConcatBranches))
+
+
+def test_a_skip_concat_behind_shared_prelus_is_mapped_from_the_traced_widths():
+    """MONAI's UNet (issue 26): Torch-Pruning inferred no width for a one-slope PReLU's output and held every skip;
+    the traced widths place inner's channels at merge's inputs 8..19, and removal keeps the forward exact."""
+    cls = M.SkipConcatPReLU
+    model, graph = build(cls)
+    for key, want in cls.EXPECTED_GROUPS.items():
+        group = M.find_group(graph.groups, key)
+        assert (set(group.layers("out")), set(group.layers("in")), group.reason) == (want.out, want.ins, want.reason)
+    for (key, consumer), indices in cls.EXPECTED_IN_INDICES.items():
+        member = next(m for m in M.find_group(graph.groups, key).members if m.layer == consumer)
+        assert member.indices == indices
+    model = M.randomise_norms(model).to(torch.float64)
+    x = M.example(cls, dtype=torch.float64)
+    graph = DependencyGraph(copy.deepcopy(model), x)
+    plan = {M.find_group(graph.groups, key).index: M.spread_positions(M.find_group(graph.groups, key).channels, 1, n)
+            for key, n in cls.PLAN.items()}
+    dead = M.kill_and_prune(model, graph, plan)
+    shapes = {name: tuple(p.shape) for name, p in graph.model.named_parameters() if name.endswith("weight")}
+    assert shapes == {f"{name}.weight": shape for name, shape in cls.EXPECTED_SHAPES.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(graph.model.eval()(x), dead.eval()(x))
+
+
+def test_a_concat_whose_first_operand_is_not_traced_is_held():
+    """cat([input, conv(x)]): Torch-Pruning's offsets count traced operands only and put conv's channels at merge's
+    inputs 0..7 (they are 3..10); such a concat is held, with the reason, and the layers after it still prune."""
+    _, graph = build(M.InputConcat)
+    reasons = {g.root: g.reason for g in graph.groups}
+    assert reasons == {"head": "feeds the model output", "merge": "",
+                       "conv": "passes through a concat whose channel mapping cannot be inferred "
+                               "(TypeError: an untraced operand (input, constant) precedes a traced one)"}
 
 
 def test_a_group_that_spreads_past_the_limit_is_held(monkeypatch):

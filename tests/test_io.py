@@ -302,7 +302,7 @@ def _broken(tmp_path, kind, r20):
         return tmp_path / "nope.pt", "no such file"
     if kind == "directory":
         (tmp_path / "ckpt").mkdir()
-        return tmp_path / "ckpt", "is a directory"
+        return tmp_path / "ckpt", "is a folder without config.json"
     if kind == "empty":
         (tmp_path / "empty.pt").write_bytes(b"")
         return tmp_path / "empty.pt", "empty (0 bytes)"
@@ -600,7 +600,7 @@ def test_budget_targets():
     ("kind", "expected"),
     [
         ("missing", "no such file"),
-        ("directory", "is a directory"),
+        ("directory", "is a folder without config.json"),
         ("empty", "empty (0 bytes)"),
         ("truncated safetensors", "truncated"),
         ("header longer than the file", "exceeds the file"),
@@ -671,3 +671,18 @@ def test_state_dict_without_version_metadata_loads_into_mnasnet(tmp_path, form):
     loaded = load_model(path, arch=ArchSpec("torchvision:mnasnet0_5", {"num_classes": 10}), input_shape=(3, 64, 64))
     x = torch.randn(2, 3, 64, 64)
     assert_close(run(loaded.model, x), run(model, x), rtol=0, atol=0)
+
+
+def test_a_tensor_file_of_volumes_reads_as_5d_images_and_6d_is_refused(tmp_path):
+    """3-D models (MONAI, torchvision's video) take [N, C, D, H, W]; their data comes as such a tensor file."""
+    from prunecli.errors import DataError
+    from prunecli.io.data import DataSpec, open_images
+
+    volumes = torch.randn(6, 1, 4, 8, 8)
+    save_file({"images": volumes, "labels": torch.arange(6) % 2}, str(tmp_path / "volumes.safetensors"))
+    data = open_images(DataSpec(str(tmp_path / "volumes.safetensors"), input_shape=(1, 4, 8, 8)), limit=4)
+    assert data.images.shape == (4, 1, 4, 8, 8) and data.labels.shape == (4,)
+    assert all(any(torch.equal(image, v) for v in volumes) for image in data.images)
+    save_file({"images": torch.randn(2, 1, 2, 4, 8, 8)}, str(tmp_path / "six.safetensors"))
+    with pytest.raises(DataError, match=r"'images' must be a 4-D tensor \[N, C, H, W\] or a 5-D one"):
+        open_images(DataSpec(str(tmp_path / "six.safetensors")))

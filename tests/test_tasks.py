@@ -204,7 +204,7 @@ def test_default_inputs_follow_each_task(name, shape, mean):
 
 def test_video_shapes_parse_and_bad_ones_say_both_forms():
     assert parse_input_shape("3x16x112x112") == (3, 16, 112, 112)
-    with pytest.raises(OptionError, match=r"not CxHxW \(or CxTxHxW for video\)"):
+    with pytest.raises(OptionError, match=r"not CxHxW \(or CxDxHxW for volumes and video\)"):
         parse_input_shape("3x1x2x3x4")
 
 

@@ -213,3 +213,19 @@ def test_more_torchvision_models_zero_invariance_and_costs(name):
     model, x = torchvision_model(name, **MORE_MODELS[name])()
     _, graph, plan = assert_invariant(model, x, quarter_plan)
     assert_cost_model_exact(model, x, graph, plan)
+
+
+def test_monai_3d_unet_zero_invariance_through_its_skip_connections():
+    """MONAI's UNet joins every level to its decoder by ``torch.cat([x, submodule(x)], dim=1)`` behind PReLUs with
+    one shared weight, where Torch-Pruning's width inference gave up (issue 26): every group prunes, and removing
+    dead channels from all of them (the skips' offsets included) leaves the 3-D output as it was."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    model = nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64), strides=(2, 2, 2),
+                      num_res_units=2).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    graph = DependencyGraph(copy.deepcopy(model), x)
+    assert [g.reason for g in graph.groups if not g.prunable] == ["feeds the model output"]
+    _, graph, plan = assert_invariant(model, x, quarter_plan)
+    assert len(plan) == len(graph.groups) - 1
+    assert_cost_model_exact(model, x, graph, plan)  # a PReLU's one shared slope stays as channels go

@@ -39,12 +39,24 @@ def dependency_graph_type() -> type:
 
     import torch_pruning as tp
     from torch_pruning import _helpers, ops
-    from torch_pruning.dependency import index_mapping
+    from torch_pruning.dependency import index_mapping, shape_infer
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.dependency.group import Group
     from torch_pruning.pruner import function
 
-    updates = {ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
+    def update_concat_index_mapping(graph, node) -> None:
+        sizes = None
+        if node.module.concat_sizes is None:  # once: its pruner keeps them as channels go, and we prune group by group
+            sizes = _traced_concat_sizes(node, {id(p) for p, _ in graph.unwrapped_parameters})
+            if sizes is not None:  # a split's part keeps the width its split's mapping was given (one walk agrees)
+                sizes = [shape_infer.infer_channels_between(graph, i, node) if i.type == ops.OPTYPE.SPLIT else size
+                         for i, size in zip(node.inputs, sizes, strict=True)]
+            node.module.concat_sizes = sizes  # Torch-Pruning reads these before inferring any width itself
+        index_mapping.update_concat_index_mapping(graph, node)
+        if sizes is not None and node.module.offsets is None:  # it left the concat unmapped, as if along another dim
+            raise TypeError("the width read after it is not its inputs' sum")
+
+    updates = {ops.OPTYPE.CONCAT: update_concat_index_mapping,
                ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
                ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
                ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
@@ -171,6 +183,33 @@ def dependency_graph_type() -> type:
             return group
 
     return OnceEachDependencyGraph
+
+
+def _traced_concat_sizes(node, unwrapped: set[int]) -> list[int] | None:
+    """The widths of a channel concat's inputs as the trace saw them, in the order of the node's inputs; None where
+    the concat is not along dim 1 of a feature map or of flat features (tokens (B, N, C) are left to Torch-Pruning).
+
+    Torch-Pruning infers each width by walking back from the input to a layer that declares it, and takes the last
+    input's answer at every op it passes: a PReLU with one shared weight (MONAI's default activation) answers with its
+    reshaped weight, which declares no width, so the walk gives None and the concat's offsets sum an int and None
+    (every skip connection of MONAI's UNet). Autograd records the real shape of every operand. An operand that is no
+    node of the graph (the model's input, a constant) is left out of Torch-Pruning's offsets: before a traced operand
+    it would shift that operand's channels onto its own, so such a concat is reported unmappable (TypeError)."""
+    fn = node.grad_fn
+    operands = getattr(fn, "next_functions", ())
+    if not operands or not hasattr(fn, "_saved_dim") or not hasattr(fn, "_input_metadata"):
+        return None
+    ndim = len(fn._input_metadata[0].shape)
+    dim = fn._saved_dim if fn._saved_dim < 2**63 else fn._saved_dim - 2**64  # a negative dim is saved as unsigned
+    if ndim == 3 or (dim if dim >= 0 else dim + ndim) != 1:
+        return None
+    traced = [operand is not None and (not hasattr(operand, "variable") or id(operand.variable) in unwrapped)
+              for operand, _ in operands]
+    if False in traced and True in traced[traced.index(False):]:
+        raise TypeError("an untraced operand (input, constant) precedes a traced one")
+    sizes = [int(operand._input_metadata[position].shape[1])
+             for (operand, position), node_of_graph in zip(operands, traced, strict=True) if node_of_graph]
+    return sizes if len(sizes) == len(node.inputs) else None
 
 
 def _shared_indices(pairs, channels: int) -> int | None:

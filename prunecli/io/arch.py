@@ -1,7 +1,7 @@
 """Architecture specs -> freshly initialised ``nn.Module`` (never downloads weights).
 
-Spec forms: ``torchvision:<model>``, ``timm:<model>``, ``sample:<name>``, ``pkg.module:factory``,
-``path/to/file.py:factory``.
+Spec forms: ``torchvision:<model>``, ``timm:<model>``, ``sample:<name>``, ``hf:<transformers class>`` (its config as
+the keyword arguments), ``pkg.module:factory``, ``path/to/file.py:factory``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from prunecli.errors import ArchitectureError, OptionError
+from prunecli.io import hf_arch
 from prunecli.io.timm_arch import timm_factory, timm_input, timm_matches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,6 +115,8 @@ def _resolve_factory(spec: str, import_paths: tuple[Path, ...] = ()) -> Callable
         return _torchvision_builder(name)
     if kind == "timm":
         return timm_factory(name)
+    if kind == hf_arch.KIND:
+        return hf_arch.hf_factory(name)
     if kind == "sample":
         from prunecli.samples import SAMPLE_ARCHITECTURES
 
@@ -205,6 +208,9 @@ def default_input(arch: ArchSpec) -> InputInfo | None:
         return _torchvision_input(arch)
     if kind == "timm":
         return InputInfo(*timm_input(name, arch.kwargs))
+    if kind == hf_arch.KIND:
+        shape = hf_arch.input_shape(arch.kwargs)
+        return InputInfo(shape) if shape else None
     return None
 
 
@@ -248,7 +254,7 @@ def torchvision_input_of(model: nn.Module) -> InputInfo | None:
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
-    """'3x224x224' (or '3,224,224') -> (3, 224, 224); video: '3x16x112x112' (C x T x H x W)."""
+    """'3x224x224' (or '3,224,224') -> (3, 224, 224); volumes and video: '1x64x64x64', '3x16x112x112' (C x D x H x W)."""
     parts = text.replace(",", "x").lower().split("x")
     try:
         shape = tuple(int(p) for p in parts)
@@ -256,7 +262,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
         shape = ()
     if len(shape) not in (3, 4) or min(shape) < 1:
         raise OptionError(
-            f"--input-shape {text!r} is not CxHxW (or CxTxHxW for video) with positive integers, e.g. 3x224x224"
+            f"--input-shape {text!r} is not CxHxW (or CxDxHxW for volumes and video) with positive integers, e.g. 3x224x224"
         )
     return shape
 

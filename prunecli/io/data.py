@@ -212,7 +212,8 @@ def _subset(total: int, limit: int | None, seed: int) -> Tensor:
 
 
 def _read_tensor_file(path: Path, limit: int | None, seed: int) -> ImageSet:
-    """A .safetensors/.pt/.npz file holding ``images`` [N, C, H, W] and optionally ``labels`` [N]."""
+    """A .safetensors/.pt/.npz file holding ``images`` [N, C, H, W] (or [N, C, D, H, W]: volumes, video clips) and
+    optionally ``labels`` [N]."""
     if path.suffix not in TENSOR_SUFFIXES:
         raise DataError(
             f"--data {path}: unknown file type; give {', '.join(TENSOR_SUFFIXES)}, an image folder or fashion-mnist"
@@ -230,10 +231,11 @@ def _read_tensor_file(path: Path, limit: int | None, seed: int) -> ImageSet:
     except Exception as exc:
         raise DataError(f"--data {path} is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from exc
     if not isinstance(content, dict) or "images" not in content:
-        raise DataError(f"--data {path} must hold a tensor named 'images' [N, C, H, W] (and optionally 'labels')")
+        raise DataError(f"--data {path} must hold a tensor named 'images' [N, C, H, W] or [N, C, D, H, W] "
+                        "(and optionally 'labels')")
     images, labels = content["images"], content.get("labels")
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise DataError(f"--data {path}: 'images' must be a 4-D tensor [N, C, H, W]")
+    if not isinstance(images, Tensor) or images.dim() not in (4, 5):
+        raise DataError(f"--data {path}: 'images' must be a 4-D tensor [N, C, H, W] or a 5-D one [N, C, D, H, W]")
     if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
         raise DataError(f"--data {path}: 'labels' must be 1-D with one label per image")
     chosen = _subset(len(images), limit, seed)
