@@ -330,7 +330,7 @@ def _check_finetune_outputs(job: FinetuneJob, output: Path) -> None:
 
 def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> FinetuneRunResult:
     """Fine-tune (optionally distilling from a teacher) and write the best model as a slim artifact."""
-    from prunecli.report import messages_to
+    from prunecli.report.events import messages_to
     from prunecli.training import evaluate, finetune
 
     say = progress or _silent

@@ -1,4 +1,4 @@
-"""EDP (prunecli/edp.py): exact swap and merge, the proximal step, the merge-aware budget, exact Pruning &
+"""EDP (prunecli/methods/edp/): exact swap and merge, the proximal step, the merge-aware budget, exact Pruning &
 Merging, a short training run that reaches the budget, the slim round trip and the refusals."""
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ from prunecli.io.data import ImageSet
 from prunecli.io.slim import load, save_slim
 from prunecli.layers import DecomposedConv, decomposed_layers
 from prunecli.measure import CostModel, layer_costs, totals
-from prunecli.methods.edp import (
+from prunecli.methods.edp import edp_prune
+from prunecli.methods.edp.blocks import (
     MergeAwareCost,
     decomposable,
     decompose,
-    edp_prune,
     eligible_groups,
     group_slices,
     merge_unprofitable,
-    proximal_group_lasso,
-    prune_and_merge,
 )
+from prunecli.methods.edp.group_lasso import proximal_group_lasso
+from prunecli.methods.edp.prune_merge import prune_and_merge
 from prunecli.planning import Selection
 from prunecli.samples import resnet20
 
@@ -284,7 +284,7 @@ def test_the_prune_report_shows_validation_top1_by_epoch():
 
     from rich.console import Console
 
-    from prunecli.report import render_prune
+    from prunecli.report.console import render_prune
     from prunecli.results import ModelSummary, PruneResult, Totals
 
     history = [{"epoch": 1, "val_top1": 0.5465}, {"epoch": 2, "val_top1": 0.6011}]

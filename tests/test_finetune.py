@@ -477,7 +477,7 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path):
 
 
 def test_training_events_read_as_one_line_each():
-    from prunecli.report import event_message, messages_to
+    from prunecli.report.events import event_message, messages_to
 
     assert event_message({"event": "epoch", "epoch": 2, "train_loss": 0.51234, "val_top1": None}) == (
         "epoch 2: train loss 0.512, val top-1 -")

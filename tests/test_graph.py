@@ -230,7 +230,7 @@ def test_prune_holds_the_channels_of_a_module_that_keeps_widths_in_attributes(tm
     from prunecli.api import prune_model
     from prunecli.budget import parse_budget
     from prunecli.config import ModelSource, OutputOptions, PruneConfig
-    from prunecli.graph import failing_module
+    from prunecli.graph.architectures import failing_module
     from prunecli.io.slim import load
 
     torch.manual_seed(0)
@@ -373,10 +373,10 @@ def test_an_op_whose_mapping_cannot_be_inferred_holds_only_the_groups_through_it
     it joins stay, the layers elsewhere prune."""
     from torch_pruning.dependency import shape_infer
 
-    import prunecli.graph as graph_module
+    from prunecli.graph import torch_pruning_graph
 
     monkeypatch.setattr(shape_infer, "infer_channels_between", lambda graph, a, b: None)
-    monkeypatch.setattr(graph_module, "_traced_concat_sizes", lambda node, unwrapped: None)
+    monkeypatch.setattr(torch_pruning_graph, "_traced_concat_sizes", lambda node, unwrapped: None)
     graph = DependencyGraph(M.ConcatBranches().eval(), M.example(M.ConcatBranches))
     held = {g.root: g for g in graph.groups if not g.prunable}
     assert set(held) == {"branch_b", "fc"}  # unmapped, the concat couples the branches index by index: one group
@@ -431,9 +431,9 @@ def test_a_group_that_spreads_past_the_limit_is_held(monkeypatch):
     """Reshapes that Torch-Pruning reads as flattens can spread one group over millions of positions; past
     MAX_SPREAD the group is held with the reason and its walk stops. conv's group reaches fc1's 128 inputs; fc1's
     group (16 channels into fc2) stays well under 64."""
-    import prunecli.graph as graph_module
+    from prunecli.graph import torch_pruning_graph
 
-    monkeypatch.setattr(graph_module, "MAX_SPREAD", 64)
+    monkeypatch.setattr(torch_pruning_graph, "MAX_SPREAD", 64)
     graph = DependencyGraph(M.FlattenLinear().eval(), M.example(M.FlattenLinear))
     reasons = {g.root: g.reason for g in graph.groups}
     assert reasons["conv"] == "its channels spread over 64 positions through reshapes read as flattens"

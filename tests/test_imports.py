@@ -20,13 +20,14 @@ LAYERS = (
     ("prunecli._version", "prunecli.errors", "prunecli.humanize", "prunecli.budget", "prunecli.config",
      "prunecli.config.*", "prunecli.results", "prunecli.runtime", "prunecli.outputs"),
     ("prunecli.samples", "prunecli.io", "prunecli.io.*", "prunecli.io.formats", "prunecli.io.formats.*",
-     "prunecli.layers", "prunecli.graph", "prunecli.allocate",
-     "prunecli.measure", "prunecli.latency_model", "prunecli.reconstruct", "prunecli.sensitivity",
+     "prunecli.layers", "prunecli.graph", "prunecli.graph.*", "prunecli.allocate",
+     "prunecli.measure", "prunecli.latency_model", "prunecli.reconstruct", "prunecli.reconstruct.*",
+     "prunecli.sensitivity",
      "prunecli.criteria", "prunecli.criteria.*",
      "prunecli.tasks"),
     ("prunecli.planning", "prunecli.pipeline", "prunecli.pipeline.*", "prunecli.provenance", "prunecli.training",
      "prunecli.training.*", "prunecli.methods", "prunecli.methods.*", "prunecli.export", "prunecli.export.*",
-     "prunecli.latency", "prunecli.report"),
+     "prunecli.latency", "prunecli.report", "prunecli.report.*"),
     ("prunecli.api",),
     ("prunecli.cli", "prunecli.cli.*"),
     ("prunecli", "prunecli.__main__"),
@@ -130,6 +131,17 @@ def test_imports_go_one_way_down_the_layers():
         if _layer(target) > _layer(module)
     ]
     assert not offences, "\n".join(sorted(offences))
+
+
+def test_only_the_graph_package_imports_torch_pruning():
+    importers = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(name.split(".")[0] == "torch_pruning" for name in names):
+                importers.add(module)
+    assert importers and all(m.startswith("prunecli.graph.") for m in importers), sorted(importers)
 
 
 def test_nothing_below_the_package_entry_imports_from_it():

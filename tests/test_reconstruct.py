@@ -23,7 +23,8 @@ from prunecli.errors import OptionError
 from prunecli.graph import DependencyGraph
 from prunecli.io.slim import load, read_slim_metadata, save_slim
 from prunecli.outputs import output_tensors
-from prunecli.reconstruct import GramStatistics, LayerView, reconstruct, removal_errors, ridge_fit
+from prunecli.reconstruct import reconstruct
+from prunecli.reconstruct.least_squares import GramStatistics, LayerView, removal_errors, ridge_fit
 
 runner = CliRunner()
 SAMPLE = "sample_models/resnet20_fmnist.safetensors"

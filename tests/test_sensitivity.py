@@ -19,7 +19,7 @@ from prunecli.errors import BudgetError
 from prunecli.graph import DependencyGraph
 from prunecli.io.slim import read_slim_metadata
 from prunecli.outputs import output_tensors
-from prunecli.report import render_sensitivity
+from prunecli.report.console import render_sensitivity
 from prunecli.sensitivity import group_sensitivity, sensitivity_widths
 
 runner = CliRunner()

@@ -23,7 +23,8 @@ from prunecli.cli import app
 from prunecli.config import ModelSource, OutputOptions, PruneConfig
 from prunecli.errors import ArchitectureError, OptionError
 from prunecli.export import ExportConfig, export_model
-from prunecli.graph import SHUFFLE, DependencyGraph
+from prunecli.graph import DependencyGraph
+from prunecli.graph.tracing import SHUFFLE
 from prunecli.io.arch import ArchSpec, build_model, default_input, detect_torchvision_arch, parse_input_shape
 from prunecli.measure import totals
 from prunecli.outputs import describe_shapes, output_shapes, output_tensors

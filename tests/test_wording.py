@@ -11,10 +11,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from prunecli import report
 from prunecli.budget import parse_budget
 from prunecli.cli import app
 from prunecli.humanize import human, plural
+from prunecli.report import console, file
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "resnet20_fmnist.safetensors"
 COMMANDS = ("analyze", "score", "prune", "evaluate", "finetune", "export")
@@ -36,7 +36,7 @@ def test_human_writes_counts_with_the_suffixes_budgets_accept(number, text):
 
 
 def test_the_report_formats_counts_with_the_same_function():
-    assert report.human is human
+    assert console.human is human and file.human is human
 
 
 def test_plural_counts_one_and_many():
@@ -88,14 +88,14 @@ def _latency_record(threads: int, iterations: int, path: str) -> dict:
 def test_latency_target_words_and_a_cache_path_that_stays_whole_at_80_columns():
     path = "/home/someone/.cache/prunecli/latency/onnxruntime-1.20.1-cpu-batch1-threads1-a-rather-long-name.json"
     out = io.StringIO()
-    report.render_latency_target(_latency_record(1, 1, path), Console(file=out, width=80))
+    console.render_latency_target(_latency_record(1, 1, path), Console(file=out, width=80))
     text = out.getvalue()
     assert "latency target (onnxruntime, batch 1, 1 thread)" in text
     assert ("after 1 slim model (* the one kept, all timed again side by side) · table of 1 layer at 5 channel counts"
             in " ".join(text.split()))
     assert path in text.splitlines()[-1]  # on one line, as it can be copied
     many = io.StringIO()
-    report.render_latency_target(_latency_record(4, 3, path), Console(file=many, width=200))
+    console.render_latency_target(_latency_record(4, 3, path), Console(file=many, width=200))
     assert "batch 1, 4 threads)" in many.getvalue() and "after 3 slim models" in many.getvalue()
 
 

@@ -99,7 +99,7 @@ def analyze(
     and the prunable channel groups of a model."""
     from prunecli.api import analyze_model
     from prunecli.config import AnalyzeConfig
-    from prunecli.report import print_json, render, stdout_console
+    from prunecli.report.console import print_json, render, stdout_console
 
     config = AnalyzeConfig(source, tuple(ignore or ()), timeout, latency, latency_batch,
                            companion_source(compare, compare_arch, source))
@@ -136,7 +136,7 @@ def score(
     from prunecli.api import score_model
     from prunecli.budget import parse_budget
     from prunecli.config import ScoreConfig, ScoringOptions
-    from prunecli.report import print_json, render, stdout_console
+    from prunecli.report.console import print_json, render, stdout_console
 
     config = ScoreConfig(
         source=source, scoring=ScoringOptions(method.value, **criterion),
@@ -227,7 +227,8 @@ def prune(
         ScoringOptions,
         SoftOptions,
     )
-    from prunecli.report import check_report_path, print_json, render, stdout_console, write_report
+    from prunecli.report.console import print_json, render, stdout_console
+    from prunecli.report.file import check_report_path, write_report
 
     budgets = [(k, v) for k, v in (("macs", flops_target), ("params", params_target), ("latency", latency_target),
                                    ("ratio", ratio)) if v is not None]
@@ -288,7 +289,7 @@ def evaluate(
     """Top-1/top-5 accuracy, loss and images/s on labelled data; with --compare, the original beside it."""
     from prunecli.api import evaluate_model
     from prunecli.config import EvaluateConfig
-    from prunecli.report import print_json, render, stdout_console
+    from prunecli.report.console import print_json, render, stdout_console
 
     config = EvaluateConfig(source, images.labelled(data, batch_size),
                             either(eval_limit, limit, "--eval-limit", "--limit"), run.device,
@@ -336,7 +337,7 @@ def finetune(
     write a slim model whose metadata records the run. Runs under torchrun with DDP."""
     from prunecli.api import finetune_model
     from prunecli.config import FinetuneConfig, FinetuneJob
-    from prunecli.report import print_json, render, stdout_console
+    from prunecli.report.console import print_json, render, stdout_console
 
     training = FinetuneConfig(
         epochs=epochs, steps=steps, lr=lr, optimizer=optimizer.value, weight_decay=weight_decay,
@@ -380,7 +381,7 @@ def export(
     from prunecli.api import export_artifact
     from prunecli.config import ExportJob
     from prunecli.export import ExportConfig
-    from prunecli.report import print_json, render, stdout_console
+    from prunecli.report.console import print_json, render, stdout_console
 
     config = ExportConfig(format=format.value if format else None, output=output, opset=opset, dynamic_batch=dynamic_batch,
                           exporter=exporter.value, verify=verify, atol=atol, dtype=dtype.value, force=force)

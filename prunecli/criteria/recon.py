@@ -23,7 +23,7 @@ from torch import Tensor
 from prunecli.criteria import register_criterion
 from prunecli.criteria.base import Criterion, scatter
 from prunecli.graph import ChannelGroup, DependencyGraph
-from prunecli.reconstruct import REFIT_TYPES, LayerView, input_grams, removal_errors
+from prunecli.reconstruct.least_squares import REFIT_TYPES, LayerView, input_grams, removal_errors
 
 RIDGE = 1e-3  # as --reconstruct's default: the scores describe the fit it will make
 

@@ -10,7 +10,7 @@ import torch
 
 from prunecli.config import DataOptions, ModelSource
 from prunecli.errors import ArchitectureError, DataError, OptionError, first_line
-from prunecli.graph import refuse_unsupported
+from prunecli.graph.architectures import refuse_unsupported
 from prunecli.io.data import DataSpec, ImageSet, open_images
 from prunecli.io.formats import LoadedModel, open_checkpoint
 from prunecli.measure import LayerCost, costs_and_output, count_params

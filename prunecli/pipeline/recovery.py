@@ -20,7 +20,7 @@ from prunecli.io.formats import LoadedModel
 from prunecli.pipeline.removal import Removed, remove
 from prunecli.planning import Selection
 from prunecli.reconstruct import ReconstructReport, reconstruct
-from prunecli.report import messages_to
+from prunecli.report.events import messages_to
 from prunecli.runtime import time_limit
 
 Say = Callable[[str], None]

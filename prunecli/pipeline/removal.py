@@ -16,7 +16,8 @@ from prunecli.allocate import Plan
 from prunecli.budget import Budget
 from prunecli.config import PlanOptions, RunOptions
 from prunecli.errors import first_line
-from prunecli.graph import DependencyGraph, failing_module
+from prunecli.graph import DependencyGraph
+from prunecli.graph.architectures import failing_module
 from prunecli.io.data import ImageSet
 from prunecli.latency_model import LatencyModel
 from prunecli.measure import CostModel, LayerCost

@@ -4,7 +4,7 @@ resumable checkpoints. Training-aware pruning methods (``prunecli.methods``) plu
 
 Everything here is library code: functions take models, :class:`~prunecli.io.data.ImageSet` data and frozen
 configs, and return dataclasses. Progress goes to an optional callback ``progress(dict)`` (rank 0 only), so the
-caller decides how to show it (``prunecli.report.messages_to`` turns the events into lines of text).
+caller decides how to show it (``prunecli.report.events.messages_to`` turns the events into lines of text).
 
 Reproducibility. Every random stream (the shuffling permutation, augmentation, dropout) is re-derived from
 ``(seed, epoch, rank)`` at the start of each epoch instead of being carried along, and the learning rate and
