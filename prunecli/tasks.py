@@ -39,6 +39,7 @@ class FeaturePath(nn.Module):
     def __init__(self, detector: nn.Module):
         super().__init__()
         self.backbone = detector.backbone
+        self.train(detector.training)  # not a new module's training mode, which a caller restoring modes would set
 
     def forward(self, images: torch.Tensor):
         return self.backbone(images)
