@@ -4,7 +4,9 @@ Classifiers, segmentation and video models are pruned whole: their forward takes
 tensors. A torchvision detector takes a list of images, resizes them and ends in box decoding and NMS, which
 neither the tracer nor a MACs count should see; prunecli works on its feature path (the backbone with its FPN
 or SSD extras), keeps the width of every feature map the heads read (the heads, their per-anchor outputs and
-the number of classes stay as they are) and puts the pruned feature path back into the detector.
+the number of classes stay as they are) and puts the pruned feature path back into the detector. An Ultralytics
+YOLO model is pruned from its input to its head's raw outputs (``prunecli.yolo``): backbone, neck and the head's
+inner layers, every raw output at its width, box decoding left alone.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from prunecli.outputs import output_tensors
+from prunecli.yolo import YoloPath, is_ultralytics, reassemble_yolo, yolo_outputs
 
 
 def _detector_types() -> tuple[type, ...]:
@@ -46,12 +49,28 @@ class FeaturePath(nn.Module):
 
 
 def prunable_part(model: nn.Module) -> nn.Module:
-    """What prunecli works on: the model itself, or a detector's feature path."""
+    """What prunecli works on: the model itself, a detector's feature path, or a YOLO model's path to its raw
+    outputs."""
+    if is_ultralytics(model):
+        return YoloPath(model)
     return FeaturePath(model) if is_detector(model) else model
+
+
+def part_note(part: nn.Module) -> str | None:
+    """What a note says about the part of a model prunecli works on, when it is not the whole model."""
+    if isinstance(part, YoloPath):
+        return ("an Ultralytics model: backbone, neck and the head's inner layers are traced, pruned and counted up "
+                "to the head's raw outputs, which keep their widths; box decoding (DFL, anchors, strides) is left alone")
+    if isinstance(part, FeaturePath):
+        return ("a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and counted; "
+                "the heads keep the widths they read")
+    return None
 
 
 def reassemble(whole: nn.Module, part: nn.Module) -> nn.Module:
     """``whole`` with ``part`` (a pruned copy of its prunable part) in place of the original; ``whole`` is left as it was."""
+    if isinstance(part, YoloPath):
+        return reassemble_yolo(whole, part)
     if not isinstance(part, FeaturePath):
         return part
     return copy.deepcopy(whole, memo={id(whole.backbone): part.backbone})
@@ -68,7 +87,10 @@ def end_to_end_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> list[t
     a flat tensor list to compare; None for other models, whose feature path is the whole model.
 
     The score cut-off is 0 for the check, so that a detector with untrained heads (whose class scores all fall
-    below the usual 0.05) still returns a full set of boxes to compare; it is restored afterwards."""
+    below the usual 0.05) still returns a full set of boxes to compare; it is restored afterwards. An Ultralytics
+    model runs its own forward (decoding included) on a batch of two such images."""
+    if is_ultralytics(model):
+        return yolo_outputs(model, input_shape)
     if not is_detector(model):
         return None
     generator = torch.Generator().manual_seed(0)

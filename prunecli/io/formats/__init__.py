@@ -8,12 +8,13 @@ allowlisted ``weights_only`` path (torch.nn and torchvision classes) needs neith
 Adapters today, in the order they are asked:
 
 - ``slim``: prunecli's slim safetensors, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar;
+- ``Ultralytics checkpoint``: the dict Ultralytics' trainer and ``YOLO.save`` write (``--trust-pickle``), written
+  back as one (``prunecli.io.formats.ultralytics``);
 - ``whole model``: ``torch.save(model)``, written back as a whole-model ``.pt``;
 - ``state dict``: plain weights with ``--arch`` or a recognised torchvision/timm model, written back as a slim file.
 
-An Ultralytics checkpoint (a dict whose ``model`` is a pickled module, with its training context) will come before
-``whole model``; a Hugging Face folder (``config.json`` + weights; a directory, which :func:`probe` already lets
-through) first of all.
+A Hugging Face folder (``config.json`` + weights; a directory, which :func:`probe` already lets through) will come
+first of all.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from prunecli.io.arch import ArchSpec
 from prunecli.io.formats.base import CheckpointFormat, LoadedModel, Probe, probe
 from prunecli.io.formats.slim import SLIM
 from prunecli.io.formats.state_dict import STATE_DICT
+from prunecli.io.formats.ultralytics import ULTRALYTICS
 from prunecli.io.formats.whole_model import WHOLE_MODEL
 
 __all__ = [
@@ -43,7 +45,7 @@ __all__ = [
     "probe",
 ]
 
-FORMATS: tuple[CheckpointFormat, ...] = (SLIM, WHOLE_MODEL, STATE_DICT)
+FORMATS: tuple[CheckpointFormat, ...] = (SLIM, ULTRALYTICS, WHOLE_MODEL, STATE_DICT)
 
 
 def claiming(found: Probe) -> CheckpointFormat:

@@ -21,7 +21,7 @@ from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, InputInfo, default_input
 from prunecli.io.files import sha256_file
 from prunecli.io.readers import check_file, pickled_class, sniff
-from prunecli.tasks import prunable_part
+from prunecli.tasks import part_note, prunable_part
 
 if TYPE_CHECKING:
     from prunecli.config import ModelSource
@@ -161,8 +161,7 @@ def loaded_model(
     model = model.eval()
     part = prunable_part(model)
     if part is not model:
-        notes.append("a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and counted; "
-                     "the heads keep the widths they read")
+        notes.append(part_note(part))
     return LoadedModel(part, arch, info, probe.path, sha256_file(probe.path), document, notes,
                        None if part is model else model, format=adapter)
 
