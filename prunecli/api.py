@@ -59,6 +59,7 @@ from prunecli.results import (
     Totals,
 )
 from prunecli.runtime import main_process
+from prunecli.yolo import is_ultralytics
 
 Progress = Callable[[str], None]
 
@@ -336,6 +337,10 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     _check_finetune_outputs(job, output)
     loaded = open_model(job.source)
     loaded.format.check_output(output)  # again, knowing now whether the base architecture is known
+    if is_ultralytics(loaded.deployed):  # Ultralytics' own trainer, at the pruned widths
+        from prunecli.pipeline.yolo import finetune_yolo
+
+        return finetune_yolo(job, loaded, output, say)
     chosen = data_for_model(job.train, loaded, "train", "trained")
     job = dataclasses.replace(job, train=chosen.options)  # the metadata records the data actually trained on
     x = profile(loaded).example

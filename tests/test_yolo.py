@@ -1,6 +1,7 @@
 """Ultralytics YOLO checkpoints (issue 27): read with --trust-pickle (the EMA preferred, fp16 pruned in fp32), pruned
 on backbone, neck and the head's inner layers with every head output at its width, written back as an Ultralytics
-checkpoint that ``YOLO()`` loads, predicts with and exports. Skipped without ultralytics (``pip install 'prunecli[yolo]'``).
+checkpoint that ``YOLO()`` loads, predicts with and exports, and fine-tuned by Ultralytics' own trainer at the pruned
+widths. Skipped without ultralytics (``pip install 'prunecli[yolo]'``).
 
 The models are built from Ultralytics' yaml files (nothing is downloaded) and run at 64-128 pixels."""
 
@@ -250,3 +251,76 @@ def test_zero_filters_pruned_leave_every_output_of_the_whole_model_unchanged(zoo
         assert_close(removed, killed)
         # the decoded outputs (the feature maps that come with them have the pruned widths)
         assert_close(output_tensors(pruned(x)[0]), output_tensors(dead(x)[0]))
+
+
+def test_yolo26_head_layers_only_training_runs_are_pruned_alike_so_the_model_still_trains(zoo, tmp_path):
+    """YOLO26's prototype module reads a neck output in a semantic branch only training runs: traced too, the neck's
+    channels go from it as well, and a training forward of the pruned model runs."""
+    out = tmp_path / "slim.pt"
+    result = invoke("prune", zoo["yolo26n-seg"], "--trust-pickle", "--flops-target", "0.5", "--input-shape", "3x64x64",
+                    "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    model = torch.load(out, weights_only=False)["model"].float().train()
+    semantic = model.model[-1].proto.semseg[0].conv
+    assert semantic.in_channels < torch.load(zoo["yolo26n-seg"], weights_only=False)["model"].model[-1].proto.semseg[
+        0].conv.in_channels
+    predictions = model(torch.rand(2, 3, 64, 64))
+    assert isinstance(predictions, dict) and "one2many" in predictions
+
+
+def write_dataset(root: Path, classes: int = 80, images: int = 6, size: int = 64) -> Path:
+    """A tiny detection set in Ultralytics' layout: coloured boxes on grey, YOLO labels, train and val splits."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(images):
+            image, lines = np.full((size, size, 3), 114, np.uint8), []
+            for _ in range(2):
+                w, h = rng.integers(12, 30, 2)
+                x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+                label = int(rng.integers(0, 2))
+                image[y:y + h, x:x + w] = (255, 0, 0) if label else (0, 0, 255)
+                lines.append(f"{label} {(x + w / 2) / size:.4f} {(y + h / 2) / size:.4f} {w / size:.4f} {h / size:.4f}")
+            cv2.imwrite(str(root / "images" / split / f"{i}.png"), image)
+            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines))
+    names = ", ".join(f"c{i}" for i in range(classes))
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: [{names}]\n")
+    return root / "data.yaml"
+
+
+def test_finetune_trains_the_pruned_model_at_its_widths_with_ultralytics_trainer(zoo, tmp_path):
+    slim = tmp_path / "slim.pt"
+    assert invoke("prune", zoo["yolov8n"], "--trust-pickle", "--flops-target", "0.5", "--input-shape", "3x64x64",
+                  "-o", slim, "-q").exit_code == 0
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "slim-ft.pt"
+    result = invoke("finetune", slim, "--trust-pickle", "--data", data, "--epochs", "1", "--batch-size", "4",
+                    "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["training"]["trainer"] == "ultralytics" and "mAP50-95" in report["after"]
+    pruned = torch.load(slim, weights_only=False)["model"].state_dict()
+    tuned = torch.load(out, weights_only=False)
+    assert {k: v.shape for k, v in tuned["model"].state_dict().items()} == {k: v.shape for k, v in pruned.items()}
+    assert any(not torch.equal(tuned["model"].state_dict()[k], v) for k, v in pruned.items() if k.endswith("weight"))
+    assert {p.dtype for p in tuned["model"].parameters()} == {torch.float16}
+    assert json.loads(tuned["prunecli"])["finetune_history"][-1]["trainer"] == "ultralytics"
+    assert YOLO(out).predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)
+
+
+def test_finetune_refuses_a_missing_yaml_and_other_classes_in_one_line_writing_nothing(zoo, tmp_path):
+    out = tmp_path / "ft.pt"
+    message = one_line_error(invoke("finetune", zoo["yolov8n"], "--trust-pickle", "--data", tmp_path / "none.yaml",
+                                    "-o", out))
+    assert "none.yaml" in message and "no such file" in message
+    data = write_dataset(tmp_path / "two", classes=2, images=2)
+    message = one_line_error(invoke("finetune", zoo["yolov8n"], "--trust-pickle", "--data", data, "--input-shape",
+                                    "3x64x64", "--batch-size", "2", "-o", out))
+    assert "2 classes" in message and "80" in message
+    message = one_line_error(invoke("finetune", zoo["yolov8n"], "--trust-pickle", "--data", data, "--steps", "3",
+                                    "-o", out), code=2)
+    assert "--steps" in message
+    assert not out.exists()
