@@ -281,6 +281,10 @@ def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     from prunecli.training import evaluate
 
     loaded = open_model(config.source)
+    if is_ultralytics(loaded.deployed):  # mAP from Ultralytics' validator on the dataset yaml
+        from prunecli.pipeline.yolo import evaluate_yolo
+
+        return evaluate_yolo(config, loaded)
     chosen = data_for_model(config.data, loaded, "test", "evaluated")
     notes = list(chosen.notes)
 

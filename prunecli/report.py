@@ -93,7 +93,7 @@ def summary_line(result: Any) -> str:
                 f"{human(result.after.macs)} ({100 * result.macs_kept:.2f}% kept), params {human(result.before.params)}"
                 f" -> {human(result.after.params)} ({100 * result.params_kept:.2f}% kept)")
     if isinstance(result, EvaluateResult):
-        return f"{result.model.source}: top-1 {100 * result.metrics['top1']:.2f}% on {result.data}"
+        return f"{result.model.source}: {_headline(result.metrics)} on {result.data}"
     if isinstance(result, FinetuneRunResult):
         after = f", validation {_headline(result.after)}" if result.after else ""
         trained = f" on {result.data}" if result.data else ""
@@ -308,7 +308,27 @@ def _metrics_row(label: str, summary: dict[str, Any] | Any, metrics: dict[str, A
             f"{metrics['images_per_second']:.0f}", human(macs), human(params)]
 
 
+def render_ultralytics_evaluate(result: EvaluateResult, console: Console) -> None:
+    """Ultralytics' validator ran: its metrics, with the original beside them under ``--compare``."""
+    table = Table(title=f"validation on {result.data}", title_justify="left")
+    rows = [(result.model.source, result.model, result.metrics)]
+    if result.compare:
+        rows.append((result.compare["model"]["source"], result.compare["model"], result.compare["metrics"]))
+    names = list(result.metrics)
+    for column in ("model", *names, "MACs", "params"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, model, metrics in rows:
+        macs, params = (model["macs"], model["params"]) if isinstance(model, dict) else (model.macs, model.params)
+        table.add_row(label, *(f"{100 * metrics[n]:.2f}%" if n in metrics else "-" for n in names), human(macs),
+                      human(params))
+    console.print(table)
+    render_notes(result.notes, console)
+
+
 def render_evaluate(result: EvaluateResult, console: Console) -> None:
+    if "top1" not in result.metrics:
+        render_ultralytics_evaluate(result, console)
+        return
     table = Table(title=f"evaluation on {result.data} ({result.metrics['images']} images)", title_justify="left")
     for column in ("model", "top-1 %", "top-5 %", "loss", "images/s", "MACs", "params"):
         table.add_column(column, justify="left" if column == "model" else "right")

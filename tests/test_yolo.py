@@ -324,3 +324,54 @@ def test_finetune_refuses_a_missing_yaml_and_other_classes_in_one_line_writing_n
                                     "-o", out), code=2)
     assert "--steps" in message
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    """The dataset yaml of a tiny detection set (80 class names, as the models' heads have)."""
+    return write_dataset(tmp_path_factory.mktemp("data") / "set")
+
+
+def test_bn_recalibration_and_reconstruction_run_on_an_unlabelled_image_folder(zoo, tiny_set, tmp_path):
+    out = tmp_path / "slim.pt"
+    result = invoke("prune", zoo["yolov8n"], "--trust-pickle", "--flops-target", "0.5", "--input-shape", "3x64x64",
+                    "--data", tiny_set.parent / "images" / "train", "--calib-images", "6", "--batch-size", "3",
+                    "--recalibrate-bn", "2", "--reconstruct", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert abs(report["macs_kept"] - 0.5) <= 0.005
+    assert report["recalibration"] == {"batches": 2, "images": 6, "data": str(tiny_set.parent / "images" / "train")}
+    reconstruction = report["reconstruction"]
+    assert reconstruction["layers_refit"] > 0 and reconstruction["mean_error_after"] < reconstruction["mean_error_before"]
+    assert YOLO(out).predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)
+
+
+@pytest.mark.slow
+def test_sensitivity_allocation_runs_on_an_unlabelled_image_folder(zoo, tiny_set, tmp_path):
+    out = tmp_path / "slim.pt"
+    result = invoke("prune", zoo["yolov8n"], "--trust-pickle", "--flops-target", "0.5", "--input-shape", "3x64x64",
+                    "--data", tiny_set.parent / "images" / "train", "--calib-images", "6", "--batch-size", "6",
+                    "--allocation", "sensitivity", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["allocation"] == "sensitivity" and abs(report["macs_kept"] - 0.5) <= 0.005
+    assert YOLO(out).predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)
+
+
+def test_evaluate_reports_map_from_ultralytics_validator_beside_the_original(zoo, tiny_set, tmp_path):
+    slim = tmp_path / "slim.pt"
+    assert invoke("prune", zoo["yolov8n"], "--trust-pickle", "--flops-target", "0.5", "--input-shape", "3x64x64",
+                  "-o", slim, "-q").exit_code == 0
+    result = invoke("evaluate", slim, "--trust-pickle", "--data", tiny_set, "--compare", zoo["yolov8n"],
+                    "--batch-size", "6", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for metrics in (report["metrics"], report["compare"]["metrics"]):
+        assert {"mAP50-95", "mAP50", "precision", "recall"} <= set(metrics)
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert report["compare"]["macs_ratio"] == pytest.approx(2.0, rel=0.01)  # both costed at the slim model's 64x64
+    assert "(val split, 64 pixels)" in report["data"]
+    message = one_line_error(invoke("evaluate", slim, "--trust-pickle", "--data", tmp_path / "none.yaml"))
+    assert "none.yaml" in message
+    assert "--eval-limit" in one_line_error(invoke("evaluate", slim, "--trust-pickle", "--data", tiny_set,
+                                                   "--eval-limit", "3"), code=2)

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from prunecli.errors import DataError, OptionError, first_line
+from prunecli.errors import DataError, OptionError, PrunecliError, first_line
 
 TASKS = ("detect", "segment", "pose", "obb", "classify")
 
@@ -172,5 +172,12 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def failure(exc: Exception) -> str:
-    return f"Ultralytics' trainer failed ({type(exc).__name__}: {first_line(exc, 200)})"
+@contextlib.contextmanager
+def reported(what: str) -> Iterator[None]:
+    """What Ultralytics raises while ``what`` (its dataset checks, loaders, losses) as a one-line DataError."""
+    try:
+        yield
+    except PrunecliError:
+        raise
+    except Exception as exc:
+        raise DataError(f"Ultralytics' {what} failed ({type(exc).__name__}: {first_line(exc, 200)})") from exc
