@@ -59,6 +59,7 @@ from prunecli.results import (
     Totals,
 )
 from prunecli.runtime import main_process
+from prunecli.tasks import export_note
 from prunecli.yolo import is_ultralytics
 
 Progress = Callable[[str], None]
@@ -264,9 +265,9 @@ def export_artifact(job: ExportJob) -> Any:
                           inputs=(job.source.path,), import_paths=job.source.import_paths)
     if real is not None and job.export.verify:
         result.notes.extend(fewer_than_asked("--verify-images", job.data.calib_images, "--data", real, "verified"))
-    if loaded.whole is not None and not whole:
-        result.notes.append("a detector exports its feature path (backbone with FPN or SSD extras, one output per "
-                            "feature map); its heads, box decoding and NMS are not in the file")
+    note = export_note(loaded.model) if not whole else None
+    if note:
+        result.notes.append(note)
     return result
 
 

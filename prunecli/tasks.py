@@ -67,6 +67,18 @@ def part_note(part: nn.Module) -> str | None:
     return None
 
 
+def export_note(part: nn.Module) -> str | None:
+    """What an ONNX or TorchScript export of ``part`` (the traced part of a model) leaves out, when it is not the
+    whole model."""
+    if isinstance(part, YoloPath):
+        return ("an Ultralytics model exports its path to the head's raw outputs (box distributions, class scores, "
+                "...): no box decoding or NMS; for those, export with Ultralytics: YOLO(MODEL).export(format='onnx')")
+    if isinstance(part, FeaturePath):
+        return ("a detector exports its feature path (backbone with FPN or SSD extras, one output per feature map); "
+                "its heads, box decoding and NMS are not in the file")
+    return None
+
+
 def reassemble(whole: nn.Module, part: nn.Module) -> nn.Module:
     """``whole`` with ``part`` (a pruned copy of its prunable part) in place of the original; ``whole`` is left as it was."""
     if isinstance(part, YoloPath):

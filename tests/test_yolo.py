@@ -200,6 +200,15 @@ def test_the_head_outputs_dfl_and_strides_are_untouched_and_the_file_is_the_same
     assert out.read_bytes() == first
 
 
+def test_prunecli_export_writes_the_raw_outputs_and_says_where_decoding_is(pruned_yolov8n, tmp_path):
+    out, _ = pruned_yolov8n
+    result = invoke("export", out, "--trust-pickle", "-o", tmp_path / "raw.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verification"]["passed"]
+    assert any("raw outputs" in note and "YOLO(MODEL).export" in note for note in report["notes"])
+
+
 def test_a_trainer_checkpoint_is_written_back_as_ultralytics_finalises_one(zoo, tmp_path):
     path = trained_checkpoint(zoo, tmp_path)
     out = tmp_path / "slim.pt"
