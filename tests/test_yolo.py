@@ -384,3 +384,56 @@ def test_evaluate_reports_map_from_ultralytics_validator_beside_the_original(zoo
     assert "none.yaml" in message
     assert "--eval-limit" in one_line_error(invoke("evaluate", slim, "--trust-pickle", "--data", tiny_set,
                                                    "--eval-limit", "3"), code=2)
+
+
+# ----------------------------------------------------------------------------- the sample detector (issue 27 item 5)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+SAMPLE_DETECTOR = SAMPLES / "yolov8n_fmnist_det.pt"
+
+
+@pytest.fixture(scope="module")
+def fmnist_detection():
+    """``sample_models/fmnist_detection.py`` (no package: loaded by path); skipped without Fashion-MNIST."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fmnist_detection", SAMPLES / "fmnist_detection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not (module.FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST (Debian's dataset-fashion-mnist) is not installed")
+    return module
+
+
+def test_the_detection_set_generator_writes_the_same_labelled_set_for_a_seed(fmnist_detection, tmp_path):
+    first = fmnist_detection.make_dataset(tmp_path / "a", train=4, val=2, size=160)
+    second = fmnist_detection.make_dataset(tmp_path / "b", train=4, val=2, size=160)
+    files = sorted(p.relative_to(first.parent) for p in first.parent.rglob("*") if p.is_file() and p.name != "data.yaml")
+    assert len(files) == 12
+    assert all((first.parent / f).read_bytes() == (second.parent / f).read_bytes() for f in files)
+    lines = [line.split() for f in files if f.suffix == ".txt" for line in (first.parent / f).read_text().splitlines()]
+    assert lines and all(0 <= int(c) <= 9 and all(0 < float(v) <= 1 for v in box) for c, *box in lines)
+    assert "9: ankle-boot" in first.read_text()
+
+
+@pytest.fixture(scope="module")
+def sample_set(fmnist_detection, tmp_path_factory) -> Path:
+    return fmnist_detection.make_dataset(tmp_path_factory.mktemp("fmnist-det"), train=64, val=48)
+
+
+def test_the_sample_detector_detects_fashion_mnist_items(sample_set):
+    result = invoke("evaluate", SAMPLE_DETECTOR, "--trust-pickle", "--data", sample_set, "--batch-size", "16", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["mAP50"] > 0.5 and metrics["mAP50-95"] > 0.4
+
+
+@pytest.mark.slow
+def test_the_sample_detector_pruned_to_70_percent_and_recalibrated_still_detects(sample_set, tmp_path):
+    out = tmp_path / "slim.pt"
+    result = invoke("prune", SAMPLE_DETECTOR, "--trust-pickle", "--flops-target", "0.7", "--data",
+                    sample_set.parent / "images" / "train", "--calib-images", "64", "--batch-size", "16",
+                    "--recalibrate-bn", "4", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    result = invoke("evaluate", out, "--trust-pickle", "--data", sample_set, "--batch-size", "16", "--json")
+    assert json.loads(result.stdout)["metrics"]["mAP50"] > 0.2
