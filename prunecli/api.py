@@ -59,7 +59,7 @@ from prunecli.results import (
     Totals,
 )
 from prunecli.runtime import main_process
-from prunecli.tasks import export_note
+from prunecli.tasks import reassemble
 from prunecli.yolo import is_ultralytics
 
 Progress = Callable[[str], None]
@@ -181,8 +181,9 @@ def prune_model(config: PruneConfig, progress: Progress | None = None, batch_pro
     torch.manual_seed(config.run.seed)
     config, rounding = resolve_rounding(config)
     output = config.output.path or default_output(config.source.path)
-    check_output_path(output, force=config.output.force, inputs=(config.source.path,))
-    checkpoint_format(config.source).check_output(output)
+    adapter = checkpoint_format(config.source)
+    adapter.check_path(output, force=config.output.force, inputs=(config.source.path,))
+    adapter.check_output(output)
     check_criterion(config.scoring, config.data is not None)
     say("loading the model")
     loaded = open_model(config.source)
@@ -265,9 +266,8 @@ def export_artifact(job: ExportJob) -> Any:
                           inputs=(job.source.path,), import_paths=job.source.import_paths)
     if real is not None and job.export.verify:
         result.notes.extend(fewer_than_asked("--verify-images", job.data.calib_images, "--data", real, "verified"))
-    note = export_note(loaded.model) if not whole else None
-    if note:
-        result.notes.append(note)
+    if getattr(loaded.model, "export_note", None) and not whole:
+        result.notes.append(loaded.model.export_note)
     return result
 
 
@@ -317,13 +317,14 @@ def default_finetune_output(source: Path) -> Path:
 def _check_finetune_outputs(job: FinetuneJob, output: Path) -> None:
     """The output and the resume state (written every epoch, before the output and beside it) need files of their
     own, and neither may replace a file the run reads."""
-    checkpoint_format(job.source).check_output(output)
+    adapter = checkpoint_format(job.source)
+    adapter.check_output(output)
     if not main_process():
         return
     sources = [job.source.path, job.train.source, job.teacher.path if job.teacher else None,
                job.val.source if job.val else None]
     inputs = tuple(Path(s) for s in sources if s is not None)
-    check_output_path(output, force=job.force, inputs=inputs)
+    adapter.check_path(output, force=job.force, inputs=inputs)
     checkpoint = job.training.checkpoint
     if checkpoint is None:
         return
@@ -368,6 +369,7 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     total = Totals(count_params(model), sum(c.macs for c in costs))
     if main_process():
         document = finetune_metadata(job, loaded, result.record(), teacher.sha256 if teacher else None, after)
-        loaded.format.write(loaded, model, output, document, force=job.force, inputs=(job.source.path,))
+        deployed = reassemble(loaded.deployed, model)  # a transformers model, not the view of its logits trained
+        loaded.format.write(loaded, deployed, output, document, force=job.force, inputs=(job.source.path,))
     return FinetuneRunResult(summary(loaded, total), str(output) if main_process() else None, result.to_dict(),
                              before, after, train.description, len(train), val.description if val else None, notes)

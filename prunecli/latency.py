@@ -24,21 +24,28 @@ from prunecli.results import LatencyComparison, LatencyRow
 from prunecli.runtime import cpu_count, model_device
 
 RUNTIMES = ("torch", "onnxruntime")
+MODEL_SECONDS = 0.25  # the least time a whole model is timed for in one measurement
+LAYER_SECONDS = 0.02  # the same for one layer of a latency table (hundreds are timed, once, then cached)
+MAX_REPEATS = 2000
 _clock = time.perf_counter  # latency's timer (a seam for tests)
 
 
-def _medians_ms(runs: Sequence[Callable[[], Any]], warmup: int, repeats: int) -> list[float]:
-    """Median milliseconds of each of ``runs`` after ``warmup`` untimed calls; the runs alternate within each
-    repeat, so a change of load on the machine hits all of them alike."""
+def _medians_ms(runs: Sequence[Callable[[], Any]], warmup: int, repeats: int, seconds: float) -> list[float]:
+    """Median milliseconds of each of ``runs`` after ``warmup`` untimed calls. The runs alternate within each
+    round, so a change of load on the machine hits all of them alike; rounds go on past ``repeats`` until they
+    took ``seconds`` a run (at most ``MAX_REPEATS``): a model that runs in a fraction of a millisecond gets
+    hundreds of rounds, whose median a busy machine's stalls cannot move."""
     for run in runs:
         for _ in range(warmup):
             run()
     times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
+    spent_total = 0.0
+    while len(times[0]) < repeats or (spent_total < seconds * len(runs) and len(times[0]) < MAX_REPEATS):
         for run, spent in zip(runs, times, strict=True):
             start = _clock()
             run()
             spent.append(_clock() - start)
+            spent_total += spent[-1]
     return [1000 * statistics.median(spent) for spent in times]
 
 
@@ -50,6 +57,7 @@ def latency(
     repeats: int = 10,
     runtime: str = "torch",
     threads: int | None = None,
+    seconds: float = MODEL_SECONDS,
 ) -> dict[int, float]:
     """Median milliseconds of one forward pass per batch size, after ``warmup`` untimed runs.
 
@@ -60,9 +68,10 @@ def latency(
             (CPUExecutionProvider).
         threads: intra-op threads; onnxruntime defaults to the CPU count, torch keeps its own setting
             unless given.
+        seconds: the least time each batch size is timed for (more rounds than ``repeats`` when they are quick).
     """
     with _runners(model, input_shape, batch_sizes, warmup, repeats, runtime, threads) as runs:
-        return {batch: _medians_ms([run], warmup, repeats)[0] for batch, run in runs.items()}
+        return {batch: _medians_ms([run], warmup, repeats, seconds)[0] for batch, run in runs.items()}
 
 
 @contextlib.contextmanager
@@ -135,6 +144,7 @@ def compare_latency(
     repeats: int = 10,
     runtimes: Sequence[str] = RUNTIMES,
     threads: int | None = None,
+    seconds: float = MODEL_SECONDS,
 ) -> LatencyComparison:
     """Time ``original`` and ``slim`` under each runtime and batch size (``--latency --compare``), their runs
     alternating, so the speedup is a ratio of medians taken under the same load."""
@@ -148,7 +158,7 @@ def compare_latency(
         with (_runners(original, input_shape, batch_sizes, warmup, repeats, runtime, threads) as before,
               _runners(slim, input_shape, batch_sizes, warmup, repeats, runtime, threads) as after):
             for batch in before:
-                old, new = _medians_ms([before[batch], after[batch]], warmup, repeats)
+                old, new = _medians_ms([before[batch], after[batch]], warmup, repeats, seconds)
                 rows.append(LatencyRow(runtime, batch, old, new, old / new))
     return LatencyComparison(input_shape, rows, macs[0], macs[1], macs[0] / max(macs[1], 1), warmup, repeats)
 
@@ -217,7 +227,7 @@ def layer_timer(runtime: str, device: torch.device, batch: int, threads: int | N
         else:
             model = layer_module(spec).to(device)
         with _runners(model, spec.input_shape, (batch,), warmup, repeats, runtime, threads) as runs:
-            return _medians_ms([runs[batch]], warmup, repeats)[0]
+            return _medians_ms([runs[batch]], warmup, repeats, LAYER_SECONDS)[0]
 
     return measure
 
@@ -237,6 +247,6 @@ def latency_meter(original: nn.Module, input_shape: Sequence[int], runtime: str,
         with contextlib.ExitStack() as stack:
             runs = [stack.enter_context(_runners(model, input_shape, (batch,), warmup, repeats, runtime, threads))[batch]
                     for model in (prepared, *map(place, slim))]
-            return _medians_ms(runs, warmup, repeats)
+            return _medians_ms(runs, warmup, repeats, MODEL_SECONDS)
 
     return measure

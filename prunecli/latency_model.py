@@ -301,13 +301,14 @@ class Attempt:
 def _next_request(steps: Sequence[Attempt], target: float) -> float:
     """Where the line fitted through the attempts (requested -> measured, least squares: the secant for two,
     steadier than the last two under noise) meets the target; proportional from the last attempt when there is
-    one, or when the fit does not rise (the same plan twice, or noise)."""
+    one, or when the fit rises less than half as steeply as proportion would: two plans a channel step apart
+    measure nearly alike, and the flat line through them would send the next request to the floor."""
     last = steps[-1]
     requested = np.array([s.requested for s in steps])
     measured = np.array([s.measured for s in steps])
     if len(steps) > 1 and np.ptp(requested) > 0:
         slope, intercept = np.polyfit(requested, measured, 1)
-        if slope > 0:
+        if slope >= 0.5 * last.measured / last.requested:
             return float((target - intercept) / slope)
     return last.requested * target / last.measured
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from prunecli.errors import ArchitectureError, PrunecliError
+from prunecli.errors import ArchitectureError, OptionError, PrunecliError
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -22,14 +22,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise PrunecliError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+        raise OptionError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise PrunecliError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise PrunecliError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     elif device.type != "cpu":
-        raise PrunecliError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+        raise OptionError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 

@@ -4,9 +4,11 @@ Classifiers, segmentation and video models are pruned whole: their forward takes
 tensors. A torchvision detector takes a list of images, resizes them and ends in box decoding and NMS, which
 neither the tracer nor a MACs count should see; prunecli works on its feature path (the backbone with its FPN
 or SSD extras), keeps the width of every feature map the heads read (the heads, their per-anchor outputs and
-the number of classes stay as they are) and puts the pruned feature path back into the detector. An Ultralytics
-YOLO model is pruned from its input to its head's raw outputs (``prunecli.yolo``): backbone, neck and the head's
-inner layers, every raw output at its width, box decoding left alone.
+the number of classes stay as they are) and puts the pruned feature path back into the detector. A Hugging Face
+transformers model returns a ``ModelOutput``; prunecli works on its logits (:class:`Logits`), and writes the
+transformers model itself. An Ultralytics YOLO model is pruned from its input to its head's raw outputs
+(``prunecli.yolo``): backbone, neck and the head's inner layers, every raw output at its width, box decoding left
+alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import copy
 import torch
 from torch import nn
 
+from prunecli.errors import ArchitectureError
 from prunecli.outputs import output_tensors
 from prunecli.yolo import YoloPath, is_ultralytics, reassemble_yolo, yolo_outputs
 
@@ -39,6 +42,11 @@ class FeaturePath(nn.Module):
     It holds the detector's own backbone (no copy), so its layer names (``backbone.body.conv1``) are the
     detector's and a state dict of it is part of the detector's."""
 
+    note = ("a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and counted; the heads "
+            "keep the widths they read")
+    export_note = ("a detector exports its feature path (backbone with FPN or SSD extras, one output per feature "
+                   "map); its heads, box decoding and NMS are not in the file")
+
     def __init__(self, detector: nn.Module):
         super().__init__()
         self.backbone = detector.backbone
@@ -48,39 +56,57 @@ class FeaturePath(nn.Module):
         return self.backbone(images)
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face transformers model (one of the package's classes or a folder's own code), told by its base
+    class without importing transformers."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+class Logits(nn.Module):
+    """A transformers model as prunecli works on it: images in, the ``logits`` of its ``ModelOutput`` out (the
+    output as it is for a model without logits: a mapping of tensors).
+
+    It holds the model's own submodules under their own names (no copy, no prefix), so its layer names and state
+    dict are the model's; the model itself is kept outside the module tree, and a deep copy of this view copies it
+    with its submodules shared."""
+
+    note = None
+    export_note = None
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if next(model.parameters(recurse=False), None) is not None or next(model.buffers(recurse=False), None) is not None:
+            raise ArchitectureError(f"{type(model).__name__} holds tensors outside its submodules, which prunecli "
+                                    "does not prune")
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        self.__dict__["model"] = model  # not a submodule: its submodules are this view's
+        self.training = model.training
+
+    def train(self, mode: bool = True) -> Logits:
+        self.model.training = mode
+        return super().train(mode)
+
+    def forward(self, images: torch.Tensor):
+        output = self.model(images)
+        logits = output.get("logits") if hasattr(output, "get") else None
+        return logits if isinstance(logits, torch.Tensor) else output
+
+
 def prunable_part(model: nn.Module) -> nn.Module:
-    """What prunecli works on: the model itself, a detector's feature path, or a YOLO model's path to its raw
-    outputs."""
+    """What prunecli works on: the model itself, a detector's feature path, a transformers model's logits, or a YOLO
+    model's path to its head's raw outputs."""
     if is_ultralytics(model):
         return YoloPath(model)
-    return FeaturePath(model) if is_detector(model) else model
-
-
-def part_note(part: nn.Module) -> str | None:
-    """What a note says about the part of a model prunecli works on, when it is not the whole model."""
-    if isinstance(part, YoloPath):
-        return ("an Ultralytics model: backbone, neck and the head's inner layers are traced, pruned and counted up "
-                "to the head's raw outputs, which keep their widths; box decoding (DFL, anchors, strides) is left alone")
-    if isinstance(part, FeaturePath):
-        return ("a detector: its feature path (backbone with FPN or SSD extras) is traced, pruned and counted; "
-                "the heads keep the widths they read")
-    return None
-
-
-def export_note(part: nn.Module) -> str | None:
-    """What an ONNX or TorchScript export of ``part`` (the traced part of a model) leaves out, when it is not the
-    whole model."""
-    if isinstance(part, YoloPath):
-        return ("an Ultralytics model exports its path to the head's raw outputs (box distributions, class scores, "
-                "...): no box decoding or NMS; for those, export with Ultralytics: YOLO(MODEL).export(format='onnx')")
-    if isinstance(part, FeaturePath):
-        return ("a detector exports its feature path (backbone with FPN or SSD extras, one output per feature map); "
-                "its heads, box decoding and NMS are not in the file")
-    return None
+    if is_detector(model):
+        return FeaturePath(model)
+    return Logits(model) if is_transformers_model(model) else model
 
 
 def reassemble(whole: nn.Module, part: nn.Module) -> nn.Module:
     """``whole`` with ``part`` (a pruned copy of its prunable part) in place of the original; ``whole`` is left as it was."""
+    if isinstance(part, Logits):
+        return part.model
     if isinstance(part, YoloPath):
         return reassemble_yolo(whole, part)
     if not isinstance(part, FeaturePath):

@@ -71,6 +71,11 @@ class YoloPath(nn.Module):
     It holds the model's own layers (no copy, under the same attribute name ``model``), so its layer names
     (``model.2.cv1.conv``) are the checkpoint's and its state dict is the model's."""
 
+    note = ("an Ultralytics model: backbone, neck and the head's inner layers are traced, pruned and counted up to the "
+            "head's raw outputs, which keep their widths; box decoding (DFL, anchors, strides) is left alone")
+    export_note = ("an Ultralytics model exports its path to the head's raw outputs (box distributions, class scores, "
+                   "...): no box decoding or NMS; for those, export with Ultralytics: YOLO(MODEL).export(format='onnx')")
+
     def __init__(self, yolo: nn.Module):
         super().__init__()
         self.model = yolo.model

@@ -396,7 +396,7 @@ def _mkdir(path):
 BAD = {
     # name: (setup(tmp_path, r20) -> model path, extra args, words in the message)
     "missing file": (lambda d, m: d / "nope.pt", ("--arch", "sample:resnet20"), "no such file"),
-    "directory": (lambda d, m: _mkdir(d / "weights"), ("--arch", "sample:resnet20"), "directory"),
+    "directory": (lambda d, m: _mkdir(d / "weights"), ("--arch", "sample:resnet20"), "folder without config.json"),
     "empty file": (lambda d, m: _write(d / "e.pt", b""), ("--arch", "sample:resnet20"), "empty"),
     "random bytes": (
         lambda d, m: _write(d / "r.pt", b"\x01" + _random_bytes()),
@@ -456,7 +456,7 @@ BAD_PRUNE = {
     "max layer ratio 1": (("--flops-target", "0.5", "--max-layer-ratio", "1"), 2, "--max-layer-ratio"),
     "everything ignored": (("--flops-target", "0.5", "--ignore", "*"), 1, "no prunable channel group"),
     "cuda that is not there": (("--flops-target", "0.5", "--device", "cuda:7"), 1, "--device"),
-    "unknown device": (("--flops-target", "0.5", "--device", "tpu"), 1, "--device"),
+    "unknown device": (("--flops-target", "0.5", "--device", "tpu"), 2, "--device"),
     "latency target 0": (("--latency-target", "0"), 2, "strictly between 0 and 1"),
     "latency target 1.5": (("--latency-target", "1.5"), 2, "strictly between 0 and 1"),
     "latency target abc": (("--latency-target", "abc"), 2, "is not a latency"),

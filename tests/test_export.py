@@ -480,7 +480,7 @@ def test_latency_is_the_median_after_warmup(monkeypatch):
     calls = []
     model.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
     monkeypatch.setattr(latency_module, "_clock", FakeClock([0.005, 0.001, 0.003, 0.002, 0.004, 0.010]))
-    result = latency(model, (1, 12, 12), batch_sizes=(1, 2), warmup=2, repeats=3)
+    result = latency(model, (1, 12, 12), batch_sizes=(1, 2), warmup=2, repeats=3, seconds=0)
     assert result == pytest.approx({1: 3.0, 2: 4.0})
     assert calls == [1] * 5 + [2] * 5  # 2 warm-up + 3 timed runs per batch size
     assert model.training is False
@@ -502,7 +502,8 @@ def test_compare_latency_puts_the_speedup_beside_the_macs_ratio(r20_slim, monkey
     _, slim, document, _ = r20_slim
     original = resnet20().eval()
     monkeypatch.setattr(latency_module, "_clock", FakeClock([0.004, 0.002]))
-    comparison = compare_latency(original, slim, R20_SHAPE, batch_sizes=(1,), warmup=0, repeats=1, runtimes=("torch",))
+    comparison = compare_latency(original, slim, R20_SHAPE, batch_sizes=(1,), warmup=0, repeats=1, runtimes=("torch",),
+                                 seconds=0)
     assert len(comparison.rows) == 1
     row = comparison.rows[0]
     assert (row.runtime, row.batch) == ("torch", 1)
@@ -529,7 +530,8 @@ def test_compare_latency_alternates_the_two_models(monkeypatch):
     original.register_forward_hook(lambda module, args, out: calls.append("original"))
     slim.register_forward_hook(lambda module, args, out: calls.append("slim"))
     monkeypatch.setattr(latency_module, "_clock", FakeClock([0.006, 0.002, 0.004, 0.003, 0.008, 0.001]))
-    comparison = compare_latency(original, slim, (1, 12, 12), batch_sizes=(2,), warmup=1, repeats=3, runtimes=("torch",))
+    comparison = compare_latency(original, slim, (1, 12, 12), batch_sizes=(2,), warmup=1, repeats=3, runtimes=("torch",),
+                                 seconds=0)
     # one costing pass each (the MACs ratio), one warm-up each, then three rounds of one run each
     assert calls == ["original", "slim"] * 5
     row = comparison.rows[0]

@@ -29,6 +29,7 @@ from prunecli.config import ModelSource
 from prunecli.errors import CheckpointError, ExportError, OptionError
 from prunecli.io.arch import ArchSpec
 from prunecli.io.formats import FORMATS, checkpoint_format, claiming, load_model, open_checkpoint, probe
+from prunecli.io.formats.hf import HF_FOLDER
 from prunecli.io.formats.slim import SLIM
 from prunecli.io.formats.state_dict import STATE_DICT
 from prunecli.io.formats.whole_model import METADATA_ATTRIBUTE, WHOLE_MODEL, WholeModelFormat, save_whole_model
@@ -96,6 +97,24 @@ def mobilenet_with_replaced_stem() -> nn.Module:
     return M.randomise_norms(model).eval()
 
 
+def lightning_checkpoint(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict:
+    """What Lightning's Trainer.save_checkpoint writes for a LightningModule holding the network as ``self.model``
+    (lightning itself is not needed: these are plain dicts, lists, numbers, strings and tensors)."""
+    first = next(iter(state.values()))
+    return {
+        "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"{prefix}{k}": v for k, v in state.items()},
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
+            "best_model_score": torch.tensor(0.25), "dirpath": "/runs/ckpts", "best_k_models": {}}},
+        "optimizer_states": [{"state": {0: {"momentum_buffer": torch.zeros_like(first)}},
+                              "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]}],
+        "lr_schedulers": [{"last_epoch": 3, "_step_count": 4}],
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"lr": 0.1, "num_classes": 10, "arch": "resnet20"},
+    }
+
+
 def safe_load(path: Path) -> nn.Module:
     """What a user does: ``torch.load(weights_only=True)`` with the file's classes allowed, all from torch.nn and
     torchvision."""
@@ -154,6 +173,8 @@ def _files(folder: Path) -> dict[str, tuple[Path, str | None]]:
     put("whole_legacy.pt", "whole model", lambda p: torch.save(sequential(), p, _use_new_zipfile_serialization=False))
     put("whole_protocol4.pt", "whole model", lambda p: torch.save(sequential(), p, pickle_protocol=4))
     put("noise.safetensors", None, lambda p: p.write_bytes(b"\x01" + bytes(range(256)) * 8))
+    put("lightning.ckpt", "state dict", lambda p: torch.save(lightning_checkpoint(state), p))
+    put("hf_folder", "hugging face folder", lambda p: p.mkdir())
     # a whole model beside a stale slim sidecar is the whole model's
     put("whole_with_sidecar.pt", "whole model", lambda p: (torch.save(sequential(), p),
                                                           (folder / f"{p.name}.json").write_bytes(
@@ -166,7 +187,8 @@ def test_each_adapter_claims_its_own_files_and_refuses_the_others(tmp_path):
         found = probe(path)
         claimed = [adapter.name for adapter in FORMATS if adapter.claims(found)]
         assert claimed == ([owner] if owner else []), name
-    assert [a.name for a in FORMATS] == ["slim", "Ultralytics checkpoint", "whole model", "state dict"]
+    assert [a.name for a in FORMATS] == ["hugging face folder", "slim", "Ultralytics checkpoint", "whole model",
+                                         "state dict"]
 
 
 def test_a_pickle_is_told_apart_by_its_first_opcodes_without_running_it(tmp_path):
@@ -195,13 +217,16 @@ def test_a_reduce_payload_is_no_whole_model_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_no_adapter_claims_noise_or_a_folder(tmp_path):
+def test_no_adapter_claims_noise_and_a_folder_without_config_json_is_refused(tmp_path):
     noise = tmp_path / "noise.pt"
     noise.write_bytes(b"\x01" * 64)
     with pytest.raises(CheckpointError, match=r"neither safetensors nor a torch.save file; give a \.safetensors"):
         claiming(probe(noise))
-    with pytest.raises(CheckpointError, match="is a directory; give the checkpoint file inside it"):
-        claiming(probe(tmp_path))
+    assert claiming(probe(tmp_path)) is HF_FOLDER  # a folder is a model only as a Hugging Face folder
+    with pytest.raises(CheckpointError) as exc:
+        open_checkpoint(ModelSource(tmp_path))
+    assert str(exc.value) == (f"{tmp_path} is a folder without config.json; give a Hugging Face save_pretrained "
+                              "folder (config.json with model.safetensors) or the checkpoint file inside it")
 
 
 def test_loaded_model_names_the_adapter_that_read_it(tmp_path):
@@ -511,3 +536,53 @@ def test_a_trusted_pickle_of_another_object_falls_back_to_the_weights_inside(tmp
 
 class StateHolder(dict):
     """A checkpoint container of a class of its own (pickled as an object, not as a dict)."""
+
+
+# ----------------------------------------------------------------------------- Lightning checkpoints
+
+
+def test_a_lightning_checkpoint_is_unwrapped_and_the_prefix_it_stripped_is_named(tmp_path):
+    r20 = M.randomise_norms(resnet20()).eval()
+    source = tmp_path / "last.ckpt"
+    torch.save(lightning_checkpoint(r20.state_dict()), source)
+    loaded = load_model(source, arch=ArchSpec("sample:resnet20"))  # weights_only: no lightning, no trust needed
+    assert loaded.format is STATE_DICT
+    assert loaded.notes == ["a Lightning checkpoint (epoch 3, step 120): stripped the prefix 'model.' (the "
+                            f"LightningModule's 'model' attribute) from its {len(r20.state_dict())} weights"]
+    x = torch.randn(2, 1, 28, 28)
+    assert_close(run(loaded.model, x), run(r20, x), rtol=0, atol=0)
+
+    result = invoke("prune", source, "--arch", "sample:resnet20", "--ratio", "0.5", "--json")
+    assert result.exit_code == 0, result.output
+    assert loaded.notes[0] in json.loads(result.stdout)["notes"]
+    assert files_in(tmp_path) == ["last.ckpt", "last.slim.safetensors"]
+
+
+def test_a_lightning_prefix_is_stripped_with_the_compile_prefix_under_it_and_the_network_recognised(tmp_path):
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    source = tmp_path / "epoch=3-step=120.ckpt"
+    torch.save(lightning_checkpoint(state, prefix="net._orig_mod."), source)
+    loaded = load_model(source)  # no --arch: torchvision's resnet18, once the prefixes are off
+    assert loaded.arch == ArchSpec("torchvision:resnet18", {"num_classes": 10})
+    assert loaded.notes[0].startswith("a Lightning checkpoint (epoch 3, step 120): stripped the prefix 'net.' ")
+
+
+def test_a_lightning_module_that_is_the_network_keeps_its_keys(tmp_path):
+    """No single attribute holds the weights: the LightningModule defines the layers itself, as --arch must."""
+    state = resnet20().state_dict()
+    source = tmp_path / "last.ckpt"
+    torch.save(lightning_checkpoint(state, prefix=""), source)
+    loaded = load_model(source, arch=ArchSpec("sample:resnet20"))
+    assert loaded.notes[0].startswith("a Lightning checkpoint (epoch 3, step 120): its state_dict read as the "
+                                      "LightningModule holds it (attributes bn1, conv1, fc, layer1")
+
+
+def test_a_lightning_checkpoint_with_a_class_of_its_own_inside_needs_trust(tmp_path):
+    checkpoint = lightning_checkpoint(resnet20().state_dict())
+    checkpoint["hyper_parameters"] = StateHolder(lr=0.1)  # an object outside the weights_only allowlist
+    source = tmp_path / "last.ckpt"
+    torch.save(checkpoint, source)
+    with pytest.raises(CheckpointError, match=r"names classes outside torch.nn/torchvision \(test_formats.StateHolder\)"):
+        load_model(source, arch=ArchSpec("sample:resnet20"))
+    loaded = load_model(source, arch=ArchSpec("sample:resnet20"), trust_pickle=True)
+    assert loaded.notes[0].startswith("a Lightning checkpoint (epoch 3, step 120): stripped the prefix 'model.'")

@@ -88,7 +88,7 @@ def test_the_package_has_modules_to_check():
 def test_the_format_adapters_are_io_modules_of_layer_1():
     formats = {m for m in MODULES if m.startswith("prunecli.io.formats")}
     assert formats == {"prunecli.io.formats", *(f"prunecli.io.formats.{m}" for m in
-                                                ("base", "slim", "state_dict", "ultralytics", "whole_model"))}
+                                                ("base", "hf", "slim", "state_dict", "ultralytics", "whole_model"))}
     assert {_layer(m) for m in formats} == {1}
 
 

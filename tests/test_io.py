@@ -302,7 +302,7 @@ def _broken(tmp_path, kind, r20):
         return tmp_path / "nope.pt", "no such file"
     if kind == "directory":
         (tmp_path / "ckpt").mkdir()
-        return tmp_path / "ckpt", "is a directory"
+        return tmp_path / "ckpt", "is a folder without config.json"
     if kind == "empty":
         (tmp_path / "empty.pt").write_bytes(b"")
         return tmp_path / "empty.pt", "empty (0 bytes)"
@@ -600,7 +600,7 @@ def test_budget_targets():
     ("kind", "expected"),
     [
         ("missing", "no such file"),
-        ("directory", "is a directory"),
+        ("directory", "is a folder without config.json"),
         ("empty", "empty (0 bytes)"),
         ("truncated safetensors", "truncated"),
         ("header longer than the file", "exceeds the file"),

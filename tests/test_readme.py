@@ -3,6 +3,7 @@ its examples do not write over each other's outputs, and (slow) the quick start 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -19,19 +20,11 @@ README = (ROOT / "README.md").read_text()
 
 
 def commands() -> list[list[str]]:
-    """Every indented shell command of the README, continuation lines joined, as argument lists."""
-    found, lines = [], README.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("    ") and line.strip().split(" ")[0] in ("prunecli", "python3", ".venv/bin/pytest"):
-            text = line.strip()
-            while text.endswith("\\"):
-                i += 1
-                text = text[:-1] + " " + lines[i].strip()
-            found.append(shlex.split(text))
-        i += 1
-    return found
+    """Every indented shell command of the README, as ``benchmarks/readme_examples.py`` (which runs them) reads them."""
+    spec = importlib.util.spec_from_file_location("readme_examples", ROOT / "benchmarks" / "readme_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.readme_commands(README)
 
 
 def quick_start_prune() -> list[str]:
@@ -84,3 +77,18 @@ def test_the_quick_start_prints_the_figures_the_readme_quotes(tmp_path, monkeypa
     metrics = json.loads(evaluated.stdout)["metrics"]
     assert (metrics["images"], f"{100 * metrics['top1']:.2f}") == (10000, "92.08")
     assert "gives 92.08% top-1 on the Fashion-MNIST test set, against 92.96% unpruned" in quoted
+
+
+@pytest.mark.slow
+def test_the_latency_example_runs_as_typed(tmp_path, monkeypatch):
+    """Timing decides how far it prunes, so this checks that it runs, writes a faster model and says so: not its
+    figures, which the README gives as one run's."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
+    (args,) = [c[1:] for c in commands() if "--latency-target" in c]
+    assert args[args.index("-o") + 1] == "mobilenetv2-fast.safetensors"
+    args[args.index("-o") + 1] = str(tmp_path / "fast.safetensors")
+    run = CliRunner().invoke(app, [*args, "--json"])
+    assert run.exit_code == 0, run.output
+    record = json.loads(run.stdout)["latency_target"]
+    assert record["measured_ratio"] < 1 and (tmp_path / "fast.safetensors").is_file()

@@ -207,7 +207,8 @@ MODEL_CASES = [
     *_model_case("missing path", lambda w: w.root / "missing.safetensors", ("no such file", "check the path")),
     *_model_case("missing path named model[v2].pt", lambda w: w.root / "model[v2].pt", ("model[v2].pt: no such file",)),
     *_model_case("missing path named model[/].pt", lambda w: w.root / "model[/].pt", ("model[/].pt: no such file",)),
-    *_model_case("directory", lambda w: _mkdir(w.root / "weights"), ("is a directory", "give the checkpoint file")),
+    *_model_case("directory", lambda w: _mkdir(w.root / "weights"),
+                 ("is a folder without config.json", "or the checkpoint file inside it")),
     *_model_case("empty file", lambda w: w.write("empty.safetensors", b""), ("is empty (0 bytes)",)),
     *_model_case("truncated safetensors", _truncated, ("truncated",)),
     *_model_case("random bytes", lambda w: w.write("noise.safetensors", b"\x01" + _noise()),
@@ -281,7 +282,7 @@ UNKNOWN_CASES = [
     Case("finetune", "unknown --amp", _extra("finetune", "--amp", "maybe"), 2,
          ("Invalid value for '--amp'", "'maybe' is not one of 'auto', 'on', 'off'")),
     *for_commands("unknown device", ("score", "prune", "evaluate", "finetune"),
-                  lambda c, w: args_for(c, w, extra=("--device", "tpu")), 1, ("--device 'tpu' is not a device",)),
+                  lambda c, w: args_for(c, w, extra=("--device", "tpu")), 2, ("--device 'tpu' is not a device",)),
 ]
 
 
@@ -414,9 +415,9 @@ DATA_CASES = [
                   lambda c, w: args_for(c, w, extra=("-m", "hrank", "--data", str(w.root / "nothere.safetensors"))), 1,
                   ("no such file or directory", "give an image folder")),
     *for_commands("data-driven method without --data", ("score", "prune"),
-                  lambda c, w: args_for(c, w, extra=("-m", "hrank")), 1, ("needs calibration data", "pass --data")),
+                  lambda c, w: args_for(c, w, extra=("-m", "hrank")), 2, ("needs calibration data", "pass --data")),
     *for_commands("icie feature capacity without --data", ("score", "prune"),
-                  lambda c, w: args_for(c, w, extra=("-m", "icie", "--icie-capacity", "feature")), 1,
+                  lambda c, w: args_for(c, w, extra=("-m", "icie", "--icie-capacity", "feature")), 2,
                   ("method icie scores feature maps and needs calibration data", "pass --data")),
     Case("score", "unknown --icie-capacity", _extra("score", "-m", "icie", "--icie-capacity", "pixels"), 2,
          ("Invalid value for '--icie-capacity'", "'pixels' is not one of 'weight', 'feature'")),

@@ -79,7 +79,7 @@ def _latency_record(threads: int, iterations: int, path: str) -> dict:
     step = {"requested_ms": 0.5, "predicted_ms": 0.5, "measured_ms": 0.51, "measured_ratio": 0.51, "macs": 15e6}
     return {
         "runtime": "onnxruntime", "batch": 1, "threads": threads, "original_ms": 1.0, "slim_ms": 0.51,
-        "measured_ratio": 0.51, "target_ratio": 0.5, "tolerance": 0.05, "converged": True, "chosen": 0,
+        "measured_ratio": 0.51, "target_ratio": 0.5, "tolerance": 0.05, "converged": True, "chosen": 0, "retimed": 1,
         "iterations": [step] * iterations, "table": {"layers": 1, "points": 5},
         "cache": {"measured": 3, "reused": 4, "path": path},
     }
@@ -91,7 +91,8 @@ def test_latency_target_words_and_a_cache_path_that_stays_whole_at_80_columns():
     report.render_latency_target(_latency_record(1, 1, path), Console(file=out, width=80))
     text = out.getvalue()
     assert "latency target (onnxruntime, batch 1, 1 thread)" in text
-    assert "after 1 slim model (* the one kept) · table of 1 layer at 5 channel counts" in " ".join(text.split())
+    assert ("after 1 slim model (* the one kept, all timed again side by side) · table of 1 layer at 5 channel counts"
+            in " ".join(text.split()))
     assert path in text.splitlines()[-1]  # on one line, as it can be copied
     many = io.StringIO()
     report.render_latency_target(_latency_record(4, 3, path), Console(file=many, width=200))

@@ -107,11 +107,11 @@ LatencyBatchOpt = Annotated[int, typer.Option("--latency-batch", help=f"The batc
 
 
 def model_options(
-    model: Annotated[Path, typer.Argument(help="Model file: prunecli .safetensors, a state dict (.safetensors/.pt/.pth) or a pickled model.", show_default=False)],
+    model: Annotated[Path, typer.Argument(help="Model file: prunecli .safetensors, a state dict (.safetensors/.pt/.pth, a Lightning .ckpt), a pickled model, or a Hugging Face folder (config.json + weights; pip install prunecli\\[hf]).", show_default=False)],
     arch: Annotated[str | None, typer.Option("--arch", help="Base architecture: torchvision:resnet50, timm:resnet50 (pip install prunecli\\[timm]), sample:resnet20, pkg.module:factory or file.py:factory. Detected for torchvision weights, timm weights where unambiguous, and slim files.", rich_help_panel=MODEL)] = None,
     arch_kwargs: Annotated[str | None, typer.Option("--arch-kwargs", help='JSON keyword arguments for the factory, e.g. \'{"num_classes": 10}\' (also used for a companion model given with its own --*-arch).', rich_help_panel=MODEL)] = None,
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="Input CxHxW, e.g. 3x224x224 (CxTxHxW for video; default: by architecture, or stored in slim files).", rich_help_panel=MODEL)] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow full pickles that name your own classes. Unpickling runs code from the file: only for files you trust.", rich_help_panel=MODEL)] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", "--trust-remote-code", help="Run code the model names: full pickles of your own classes, a Hugging Face folder's own code (auto_map). Either runs code from the file: only for files you trust.", rich_help_panel=MODEL)] = False,
     import_path: Annotated[list[Path] | None, typer.Option("--import-path", help="Folder added to sys.path so your classes and pkg.module:factory architectures resolve (repeatable).", rich_help_panel=MODEL)] = None,
 ) -> ModelSource:
     """The model argument and how to read it."""

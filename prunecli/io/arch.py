@@ -1,7 +1,7 @@
 """Architecture specs -> freshly initialised ``nn.Module`` (never downloads weights).
 
-Spec forms: ``torchvision:<model>``, ``timm:<model>``, ``sample:<name>``, ``pkg.module:factory``,
-``path/to/file.py:factory``.
+Spec forms: ``torchvision:<model>``, ``timm:<model>``, ``sample:<name>``, ``hf:<transformers class>`` (its config as
+the keyword arguments), ``pkg.module:factory``, ``path/to/file.py:factory``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from prunecli.errors import ArchitectureError, OptionError
+from prunecli.io import hf_arch
 from prunecli.io.timm_arch import timm_factory, timm_input, timm_matches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,6 +115,8 @@ def _resolve_factory(spec: str, import_paths: tuple[Path, ...] = ()) -> Callable
         return _torchvision_builder(name)
     if kind == "timm":
         return timm_factory(name)
+    if kind == hf_arch.KIND:
+        return hf_arch.hf_factory(name)
     if kind == "sample":
         from prunecli.samples import SAMPLE_ARCHITECTURES
 
@@ -205,6 +208,9 @@ def default_input(arch: ArchSpec) -> InputInfo | None:
         return _torchvision_input(arch)
     if kind == "timm":
         return InputInfo(*timm_input(name, arch.kwargs))
+    if kind == hf_arch.KIND:
+        shape = hf_arch.input_shape(arch.kwargs)
+        return InputInfo(shape) if shape else None
     return None
 
 

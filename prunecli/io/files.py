@@ -15,25 +15,70 @@ from typing import BinaryIO
 from prunecli.errors import ExportError, OptionError
 
 
-def check_output_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o") -> None:
+def check_output_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = (), option: str = "-o",
+                      folder_made_by: Callable[[Path], bool] | None = None) -> None:
     """Refuse outputs that would clobber a file or land in a directory that is not there.
 
     Args:
         option: the option that names ``path``, for the messages (``-o`` is called "output").
+        folder_made_by: the output is a folder (:func:`atomic_folder`); one already there is replaced, with
+            ``force``, only when this says the writer made it (never a folder of the user's).
     """
     name = "output" if option == "-o" else option
-    if path.exists() and path.is_dir():
+    folder = folder_made_by is not None
+    if path.exists() and path.is_dir() and not folder:
         raise ExportError(f"{name} {path} is a directory; give a file name such as {path / 'model.safetensors'}")
+    if path.exists() and folder and not path.is_dir():
+        raise ExportError(f"{name} {path} is a file; give a folder name (or remove the file)")
     for source in inputs:
         if source.exists() and path.exists() and path.resolve() == source.resolve():
-            raise ExportError(f"{name} {path} is the input file; choose another {option} path")
+            raise ExportError(f"{name} {path} is the input {'folder' if folder else 'file'}; choose another {option} path")
     if path.exists() and not force:
         raise ExportError(f"{name} {path} already exists; pass --force to overwrite it")
+    if path.exists() and folder and not folder_made_by(path):
+        raise ExportError(f"{name} {path} is a folder prunecli did not write; --force replaces only those, choose "
+                          f"another {option} path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ExportError(f"{name} directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise ExportError(f"{name} directory {parent} is not writable; choose another {option} path")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path, *, force: bool, made_by: Callable[[Path], bool],
+                  inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """:func:`atomic_output` for a folder: yield a temporary folder beside ``path``; on success fsync its files and
+    rename it to ``path`` (a folder already there, which ``made_by`` says this writer made, is moved aside first and
+    removed after; see :func:`check_output_path`). Any exception removes the temporary folder."""
+    import shutil
+
+    path = Path(path)
+    check_output_path(path, force=force, inputs=inputs, folder_made_by=made_by)
+    tmp = old = None
+    try:
+        with _signals_held():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        yield tmp
+        for file in sorted(tmp.iterdir()):
+            os.chmod(file, 0o666 & ~_umask())
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
+        with _signals_held():
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            tmp = None
+            for placed in _recorders:
+                placed.append(path)
+    except OSError as exc:
+        raise ExportError(f"could not write {path}: {exc.strerror or exc}; check free space and permissions") from exc
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_suffix(path: Path, suffixes: Sequence[str], needs: str, alternative: str = "") -> None:

@@ -62,6 +62,8 @@ def check_file(path: Path) -> None:
 def safetensors_header(path: Path) -> dict[str, Any]:
     """The header of a safetensors file (``__metadata__`` included), after checking its size, JSON and offsets."""
     size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file; the file is truncated")
     with open(path, "rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
         if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
@@ -160,9 +162,9 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as inner:
                 raise CheckpointError(f"{path}: cannot read the pickled model safely ({inner})") from inner
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # the safe loader runs no code: whatever it trips on (IndexError, KeyError...) is the file
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({first_line(exc, 120)}); "
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {first_line(exc, 120)}); "
             "the file is truncated or not a model"
         ) from exc
 
@@ -225,8 +227,15 @@ def _instance_class(ops: Iterator[tuple[Any, Any, Any]]) -> str | None:
     return found if following[:1] in (["NEWOBJ"], ["NEWOBJ_EX"]) else None
 
 
-def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """Find the state dict inside common containers and strip DDP/compile prefixes."""
+# what Lightning's Trainer writes beside the LightningModule's ``state_dict`` in a ``.ckpt`` (any one tells it apart)
+LIGHTNING_KEYS = ("pytorch-lightning_version", "hyper_parameters", "optimizer_states", "loops")
+
+
+def unwrap_state_dict(obj: Any, notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Find the state dict inside common containers and strip DDP/compile prefixes; in a Lightning checkpoint,
+    also the prefix of the LightningModule attribute that holds the network (``model.``), said in ``notes``."""
+    lightning = isinstance(obj, Mapping) and "state_dict" in obj and any(k in obj for k in LIGHTNING_KEYS)
+    container = obj
     seen = 0
     while isinstance(obj, Mapping) and seen < 4:
         seen += 1
@@ -245,10 +254,31 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"checkpoint has no tensors (keys: {', '.join(map(str, list(obj)[:6]))}); pass the file that holds the weights"
         )
-    cleaned = {}
-    for key, value in tensors.items():
-        # strip in any order and nesting: DDP(compile(m)) -> "module._orig_mod.", compile(DDP(m)) -> "_orig_mod.module."
-        while prefix := next((p for p in STRIPPED_PREFIXES if key.startswith(p)), None):
-            key = key[len(prefix):]
-        cleaned[key] = value
+    cleaned = {_strip_wrappers(str(key)): value for key, value in tensors.items()}
+    if lightning:
+        cleaned = _lightning_weights(cleaned, container, notes if notes is not None else [])
     return cleaned
+
+
+def _strip_wrappers(key: str) -> str:
+    # strip in any order and nesting: DDP(compile(m)) -> "module._orig_mod.", compile(DDP(m)) -> "_orig_mod.module."
+    while prefix := next((p for p in STRIPPED_PREFIXES if key.startswith(p)), None):
+        key = key[len(prefix):]
+    return key
+
+
+def _lightning_weights(state: dict[str, torch.Tensor], container: Mapping, notes: list[str]) -> dict[str, torch.Tensor]:
+    """A Lightning checkpoint's weights without the LightningModule attribute they all sit under (``self.model``
+    -> ``model.``); as they are when they sit under several (the LightningModule is then the network)."""
+    heads = sorted({key.partition(".")[0] for key in state})
+    where = ", ".join(f"{name} {container[key]}" for key, name in (("epoch", "epoch"), ("global_step", "step"))
+                      if isinstance(container.get(key), int))
+    what = f"a Lightning checkpoint{f' ({where})' if where else ''}"
+    if len(heads) != 1 or any("." not in key for key in state):
+        notes.append(f"{what}: its state_dict read as the LightningModule holds it (attributes {', '.join(heads[:6])}"
+                     f"{', ...' if len(heads) > 6 else ''})")
+        return state
+    prefix = f"{heads[0]}."
+    notes.append(f"{what}: stripped the prefix {prefix!r} (the LightningModule's {heads[0]!r} attribute) from its "
+                 f"{len(state)} weights")
+    return {_strip_wrappers(key[len(prefix):]): value for key, value in state.items()}

@@ -195,13 +195,13 @@ def _checked(document: Any, path: str | Path) -> dict[str, Any]:
     return document
 
 
-BUILTIN_KINDS = ("torchvision", "timm", "sample")
+BUILTIN_KINDS = ("torchvision", "timm", "sample", "hf")  # hf: a class of the transformers package itself
 
 
 def trusted_arch(document: Mapping[str, Any], trust_code: bool, source: str = "the file") -> ArchSpec:
-    """The base architecture a file names. Only torchvision, timm (a registered name, built without weights)
-    and sample specs are taken from a file on its word: any other spec imports and calls code the file chose,
-    so it needs the user's consent."""
+    """The base architecture a file names. Only torchvision, timm (a registered name, built without weights),
+    transformers (a class of the package, built from its config) and sample specs are taken from a file on its
+    word: any other spec imports and calls code the file chose, so it needs the user's consent."""
     try:
         arch = ArchSpec.from_dict(document["arch"])
     except (KeyError, TypeError, AttributeError) as exc:

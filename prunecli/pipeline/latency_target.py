@@ -14,6 +14,7 @@ from prunecli.allocate import Plan
 from prunecli.config import LatencyOptions, RunOptions
 from prunecli.errors import BudgetError
 from prunecli.graph import DependencyGraph
+from prunecli.humanize import human, plural
 from prunecli.latency import latency_meter, layer_timer, timing_key
 from prunecli.latency_model import (
     LatencyModel,
@@ -60,10 +61,49 @@ def _table(planner: Planner, graph: DependencyGraph, options: LatencyOptions, de
     return timed(tables, cached.ms), keeps, key, cached
 
 
+def _floor(planner: Planner, graph: DependencyGraph, model: LatencyModel, keeps) -> float:
+    """The least latency the allocator can plan: its most pruned plan's prediction (an allocation that weighs
+    damage may stop short of the grid's floor; below it every request would fail)."""
+    try:
+        planner.plan(graph, latency=model, target=0.0)
+    except BudgetError as exc:
+        if exc.least is not None:
+            return exc.least
+    return model.predict(*planner.cost_model(graph).dims(keeps[-1]))
+
+
+def _out_of_reach(planner: Planner, options: LatencyOptions, most_pruned: dict, target_ms: float,
+                  original_ms: float) -> BudgetError:
+    """The target is below what the most pruned model measured: say what it measured, with which channel multiple,
+    and what would help (when even it is barely faster than the original, channels are not where the time goes)."""
+    ms, plan = min(most_pruned["measured"], most_pruned["again"]), planner.options
+    multiple = f"multiples of {plan.round_to} channels" if plan.round_to > 1 else "any channel count"
+    if ms >= 0.9 * original_ms:
+        advice = (f"at batch {options.batch} this model's time is per-layer overhead more than channels: time a larger "
+                  "--latency-batch, or prune to a MACs budget (--flops-target)")
+    else:
+        advice = f"ask for {ms / original_ms:.2f} or more, raise --max-layer-ratio or remove --ignore patterns"
+    return BudgetError(
+        f"{planner.budget.option} {planner.budget.text} cannot be reached: the most pruned model ({multiple}, "
+        f"{human(most_pruned['macs'])} MACs) measures {ms:.3g} ms, {ms / original_ms:.2f} of the original's "
+        f"{original_ms:.3g} ms (target {target_ms:.3g} ms); {advice}"
+    )
+
+
+def _retimed(meter, candidates: list[dict], original_ms: float, absolute: bool) -> list[float]:
+    """The candidates timed again, side by side with the original: a second, independent measurement to choose by."""
+    now, *ms = meter(*(c["model"] for c in candidates))
+    return [m if absolute else m / now * original_ms for m in ms]
+
+
 def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[int, ...], options: LatencyOptions,
                  run: RunOptions, say: Say) -> LatencyPlan:
     """Plan to a measured latency on ``graph`` (a trace of the unpruned model; see the module docstring);
-    BudgetError when pruning as far as allowed is still slower than the target."""
+    BudgetError when pruning as far as allowed is still slower than the target.
+
+    Every slim model measured is timed again, all side by side in one run, and the one that keeps the most MACs
+    within the tolerance on that second measurement is kept: one lucky or unlucky timing on a busy machine cannot
+    choose a model far more pruned than the target needs."""
     target = options.target
     device = torch.device(run.device) if target.runtime == "torch" else torch.device("cpu")
     tables, keeps, key, cached = _table(planner, graph, options, device, run.threads, say)
@@ -74,9 +114,10 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     (original_ms,) = meter()
     model = LatencyModel(tables, cost_model.costs, original_ms)
     target_ms = planner.budget.target(original_ms)
-    floor = model.predict(*cost_model.dims(keeps[-1]))
+    floor = _floor(planner, graph, model, keeps)
+    absolute = planner.budget.absolute
     tried: dict[tuple, dict] = {}  # the same plan twice is measured once
-    order: list[dict] = []  # the step of every attempt
+    order: list[dict] = []  # the slim model of every attempt
 
     def attempt(requested: float) -> tuple[float, float]:
         plan, _ = planner.plan(graph, latency=model, target=requested)
@@ -86,30 +127,34 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
             slim.prune(plan.removed)
             say(f"timing a slim model planned at {requested:.3g} ms (predicted {plan.cost:.3g} ms)")
             now, ms = meter(slim.model)
-            measured = ms if planner.budget.absolute else ms / now * original_ms  # drift: the ratio counts
+            measured = ms if absolute else ms / now * original_ms  # drift: the ratio counts
             macs = sum(c.macs for c in costs_and_output(slim.model, planner.example)[0])
-            tried[kept] = {"plan": plan, "measured": measured, "macs": macs}
+            tried[kept] = {"plan": plan, "model": slim.model, "measured": measured, "macs": macs}
         order.append(tried[kept])
         return plan.cost, tried[kept]["measured"]
 
     low = floor + 0.01 * (original_ms - floor)
-    best, steps = correct_target(target_ms, attempt, target_ms, low, original_ms, target.tolerance, target.iterations)
-    slim_ms = steps[best].measured
-    if slim_ms > target_ms * (1 + target.tolerance) and min(s.requested for s in steps) <= low * (1 + 1e-9):
-        raise BudgetError(
-            f"{planner.budget.option} {planner.budget.text} cannot be reached: pruning as far as allowed measures "
-            f"{slim_ms:.3g} ms (target {target_ms:.3g} ms of {original_ms:.3g} ms); raise --max-layer-ratio, "
-            "remove --ignore patterns or ask for less"
-        )
+    _, steps = correct_target(target_ms, attempt, target_ms, low, original_ms, target.tolerance, target.iterations)
+    limit = target_ms * (1 + target.tolerance)
+    candidates = list(tried.values())
+    say(f"timing {plural(len(candidates), 'slim model')} again, side by side with the original")
+    for candidate, ms in zip(candidates, _retimed(meter, candidates, original_ms, absolute), strict=True):
+        candidate["again"] = ms
+    most_pruned = min(candidates, key=lambda c: c["macs"])
+    if min(s.requested for s in steps) <= low * (1 + 1e-9) and min(most_pruned["measured"], most_pruned["again"]) > limit:
+        raise _out_of_reach(planner, options, most_pruned, target_ms, original_ms)
+    met = [c for c in candidates if c["again"] <= limit]
+    chosen = max(met, key=lambda c: c["macs"]) if met else min(candidates, key=lambda c: abs(c["again"] / target_ms - 1))
+    slim_ms = chosen["again"]
     record = {
         "runtime": target.runtime, "runtime_version": key.version, "device": key.device, "batch": options.batch,
         "threads": key.threads, "target": planner.budget.text, "target_ms": target_ms, "original_ms": original_ms,
         "slim_ms": slim_ms, "target_ratio": target_ms / original_ms, "measured_ratio": slim_ms / original_ms,
         "tolerance": target.tolerance, "converged": abs(slim_ms / target_ms - 1) <= target.tolerance,
-        "chosen": best, "floor_ms": floor,
+        "chosen": next(i for i, o in enumerate(order) if o is chosen), "floor_ms": floor, "retimed": len(candidates),
         "iterations": [{"requested_ms": s.requested, "predicted_ms": s.predicted, "measured_ms": s.measured,
-                        "measured_ratio": s.measured / original_ms, "macs": o["macs"]}
+                        "measured_ratio": s.measured / original_ms, "macs": o["macs"], "again_ms": o.get("again")}
                        for s, o in zip(steps, order, strict=True)],
         "table": {**model.to_dict(), "grid": target.grid}, "cache": cached.to_dict(),
     }
-    return LatencyPlan(order[best]["plan"], target_ms, record)
+    return LatencyPlan(chosen["plan"], target_ms, record)

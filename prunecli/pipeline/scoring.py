@@ -8,7 +8,7 @@ import torch
 
 from prunecli.config import DataOptions, RunOptions, ScoringOptions
 from prunecli.criteria import get_criterion, score_channels
-from prunecli.errors import DataError, PrunecliError
+from prunecli.errors import DataError, OptionError, PrunecliError
 from prunecli.graph import DependencyGraph
 from prunecli.io.data import ImageSet
 from prunecli.io.scores import read_scores
@@ -23,8 +23,8 @@ def check_criterion(scoring: ScoringOptions, has_data: bool) -> None:
     if scoring.scores is not None or scoring.method == TRAINED_METHOD:
         return
     criterion = get_criterion(scoring.method)(seed=0, **scoring.options)
-    if criterion.needs_data and not has_data:
-        raise DataError(
+    if criterion.needs_data and not has_data:  # a missing option: a usage error
+        raise OptionError(
             f"method {scoring.method} scores feature maps and needs calibration data: pass --data "
             "(an image folder, a tensor file such as sample_models/fmnist_calib.safetensors, or fashion-mnist)"
         )

@@ -7,14 +7,13 @@ allowlisted ``weights_only`` path (torch.nn and torchvision classes) needs neith
 
 Adapters today, in the order they are asked:
 
+- ``hugging face folder``: a directory ``save_pretrained`` wrote (config.json + weights), written back as a folder
+  whose model.safetensors is a slim file of the ``hf:`` class, or as that slim file;
 - ``slim``: prunecli's slim safetensors, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar;
 - ``Ultralytics checkpoint``: the dict Ultralytics' trainer and ``YOLO.save`` write (``--trust-pickle``), written
   back as one (``prunecli.io.formats.ultralytics``);
 - ``whole model``: ``torch.save(model)``, written back as a whole-model ``.pt``;
 - ``state dict``: plain weights with ``--arch`` or a recognised torchvision/timm model, written back as a slim file.
-
-A Hugging Face folder (``config.json`` + weights; a directory, which :func:`probe` already lets through) will come
-first of all.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from prunecli.config import ModelSource
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec
 from prunecli.io.formats.base import CheckpointFormat, LoadedModel, Probe, probe
+from prunecli.io.formats.hf import HF_FOLDER
 from prunecli.io.formats.slim import SLIM
 from prunecli.io.formats.state_dict import STATE_DICT
 from prunecli.io.formats.ultralytics import ULTRALYTICS
@@ -45,7 +45,7 @@ __all__ = [
     "probe",
 ]
 
-FORMATS: tuple[CheckpointFormat, ...] = (SLIM, ULTRALYTICS, WHOLE_MODEL, STATE_DICT)
+FORMATS: tuple[CheckpointFormat, ...] = (HF_FOLDER, SLIM, ULTRALYTICS, WHOLE_MODEL, STATE_DICT)
 
 
 def claiming(found: Probe) -> CheckpointFormat:
@@ -53,8 +53,6 @@ def claiming(found: Probe) -> CheckpointFormat:
     for adapter in FORMATS:
         if adapter.claims(found):
             return adapter
-    if found.kind == "directory":
-        raise CheckpointError(f"{found.path} is a directory; give the checkpoint file inside it")
     raise CheckpointError(
         f"{found.path} is neither safetensors nor a torch.save file; give a .safetensors, .pt or .pth checkpoint"
     )
@@ -97,12 +95,13 @@ def default_output(source_path: Path, tag: str = "slim") -> Path:
 
 def load(path: str | Path, trust_code: bool = False, import_paths: tuple[Path, ...] = ()) -> nn.Module:
     """Load a model prunecli wrote as a ready ``nn.Module`` in eval mode: a slim ``.safetensors``, a ``.pt``/``.pth``
-    state dict with its ``.json`` sidecar (both rebuilt without pickle), or a whole-model ``.pt`` (read with
-    ``weights_only=True`` when its classes are torch.nn/torchvision ones). Unreadable files raise CheckpointError.
+    state dict with its ``.json`` sidecar, a Hugging Face folder (the transformers model; all three rebuilt without
+    pickle), or a whole-model ``.pt`` (read with ``weights_only=True`` when its classes are torch.nn/torchvision
+    ones). Unreadable files raise CheckpointError.
 
     Args:
-        trust_code: build an architecture other than torchvision's, timm's and the samples, or unpickle a whole
-            model of other classes; either runs code the file names.
+        trust_code: build an architecture other than torchvision's, timm's, transformers' and the samples, unpickle
+            a whole model of other classes, or run a Hugging Face folder's own code; each runs code the file names.
         import_paths: folders where that code's modules are found.
     """
     from prunecli.io.slim import load as load_slim

@@ -19,9 +19,9 @@ from torch import nn
 from prunecli._version import __version__
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, InputInfo, default_input
-from prunecli.io.files import sha256_file
+from prunecli.io.files import check_output_path, sha256_file
 from prunecli.io.readers import check_file, pickled_class, sniff
-from prunecli.tasks import part_note, prunable_part
+from prunecli.tasks import prunable_part
 
 if TYPE_CHECKING:
     from prunecli.config import ModelSource
@@ -100,6 +100,11 @@ class CheckpointFormat:
         """Refuse, in one line naming an output that works, an output this format cannot write; before any work."""
         raise NotImplementedError
 
+    def check_path(self, output: Path, *, force: bool, inputs: tuple[Path, ...]) -> None:
+        """Refuse an output that exists (without ``force``), is an input, or lies in a missing folder; before any
+        work. A file, unless the format writes folders."""
+        check_output_path(output, force=force, inputs=inputs)
+
     def write(
         self, loaded: LoadedModel, model: nn.Module, output: Path, metadata: dict[str, Any], *, force: bool,
         inputs: tuple[Path, ...],
@@ -155,13 +160,11 @@ def loaded_model(
     document: dict[str, Any] | None = None,
     notes: list[str] | None = None,
 ) -> LoadedModel:
-    """The :class:`LoadedModel` of a model just read: in eval mode, with a detector's feature path as the part to
-    prune."""
-    notes = list(notes or [])
+    """The :class:`LoadedModel` of a model just read: in eval mode, with the part to prune (a detector's feature
+    path, a transformers model's logits) and its note."""
     model = model.eval()
     part = prunable_part(model)
-    if part is not model:
-        notes.append(part_note(part))
+    notes = [*(notes or []), *([part.note] if getattr(part, "note", None) else [])]
     return LoadedModel(part, arch, info, probe.path, sha256_file(probe.path), document, notes,
                        None if part is model else model, format=adapter)
 

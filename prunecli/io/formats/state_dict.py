@@ -1,6 +1,7 @@
 """A plain state dict: a ``.safetensors`` file without prunecli metadata, or a torch.save file holding a dict of
 tensors (also inside ``{"state_dict": ...}``, ``{"model": ...}``, EMA copies; ``module.``/``_orig_mod.`` prefixes
-stripped).
+stripped; a Lightning ``.ckpt``, whose LightningModule attribute prefix such as ``model.`` is stripped and named in
+a note).
 
 Mine when the file is safetensors without a prunecli document, or a torch.save file whose pickle does not begin
 by building an object (a whole model is :mod:`prunecli.io.formats.whole_model`'s) and has no slim sidecar. Read
@@ -55,15 +56,17 @@ class StateDictFormat(SlimOutput):
         return probe.kind in ("zip", "pickle") and probe.pickled_class is None and read_sidecar(probe.path) is None
 
     def read(self, probe: Probe, source: ModelSource) -> LoadedModel:
+        notes: list[str] = []  # what unwrapping a container did (a Lightning checkpoint's prefix)
         if probe.kind == "safetensors":
             state = read_safetensors(probe.path)
         else:
-            state = unwrap_state_dict(torch_load(probe.path, source.trust_pickle, source.import_paths))
-        return self.from_state(state, probe, source)
+            state = unwrap_state_dict(torch_load(probe.path, source.trust_pickle, source.import_paths), notes)
+        return self.from_state(state, probe, source, notes)
 
-    def from_state(self, state: dict[str, torch.Tensor], probe: Probe, source: ModelSource) -> LoadedModel:
+    def from_state(self, state: dict[str, torch.Tensor], probe: Probe, source: ModelSource,
+                   notes: list[str] | None = None) -> LoadedModel:
         """The model of a state dict already read (also a trusted pickle that held no model of its own)."""
-        notes: list[str] = []
+        notes = list(notes or [])
         model, arch = model_from_state(state, arch_of(source), source.import_paths, notes)
         return loaded_model(model, arch, input_info(None, arch, source.input_shape), probe, self, notes=notes)
 

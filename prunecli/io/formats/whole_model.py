@@ -153,7 +153,8 @@ class WholeModelFormat(CheckpointFormat):
     def read(self, probe: Probe, source: ModelSource) -> LoadedModel:
         obj, document = read_whole_model(probe.path, source.trust_pickle, source.import_paths)
         if not isinstance(obj, nn.Module):  # a trusted pickle of some other object: look for weights inside
-            return STATE_DICT.from_state(unwrap_state_dict(obj), probe, source)
+            notes: list[str] = []
+            return STATE_DICT.from_state(unwrap_state_dict(obj, notes), probe, source, notes)
         model = obj.eval()
         arch = arch_of(source) or _documented_arch(document, source)
         if arch is None and document is None and type(model).__module__.startswith("torchvision.models."):
