@@ -60,6 +60,7 @@ from prunecli.results import (
 )
 from prunecli.runtime import main_process
 from prunecli.tasks import reassemble
+from prunecli.yolo import is_ultralytics
 
 Progress = Callable[[str], None]
 
@@ -281,6 +282,10 @@ def evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     from prunecli.training import evaluate
 
     loaded = open_model(config.source)
+    if is_ultralytics(loaded.deployed):  # mAP from Ultralytics' validator on the dataset yaml
+        from prunecli.pipeline.yolo import evaluate_yolo
+
+        return evaluate_yolo(config, loaded)
     chosen = data_for_model(config.data, loaded, "test", "evaluated")
     notes = list(chosen.notes)
 
@@ -338,6 +343,10 @@ def finetune_model(job: FinetuneJob, progress: Progress | None = None) -> Finetu
     _check_finetune_outputs(job, output)
     loaded = open_model(job.source)
     loaded.format.check_output(output)  # again, knowing now whether the base architecture is known
+    if is_ultralytics(loaded.deployed):  # Ultralytics' own trainer, at the pruned widths
+        from prunecli.pipeline.yolo import finetune_yolo
+
+        return finetune_yolo(job, loaded, output, say)
     chosen = data_for_model(job.train, loaded, "train", "trained")
     job = dataclasses.replace(job, train=chosen.options)  # the metadata records the data actually trained on
     x = profile(loaded).example

@@ -6,7 +6,9 @@ neither the tracer nor a MACs count should see; prunecli works on its feature pa
 or SSD extras), keeps the width of every feature map the heads read (the heads, their per-anchor outputs and
 the number of classes stay as they are) and puts the pruned feature path back into the detector. A Hugging Face
 transformers model returns a ``ModelOutput``; prunecli works on its logits (:class:`Logits`), and writes the
-transformers model itself.
+transformers model itself. An Ultralytics YOLO model is pruned from its input to its head's raw outputs
+(``prunecli.yolo``): backbone, neck and the head's inner layers, every raw output at its width, box decoding left
+alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from prunecli.errors import ArchitectureError
 from prunecli.outputs import output_tensors
+from prunecli.yolo import YoloPath, is_ultralytics, reassemble_yolo, yolo_outputs
 
 
 def _detector_types() -> tuple[type, ...]:
@@ -47,6 +50,7 @@ class FeaturePath(nn.Module):
     def __init__(self, detector: nn.Module):
         super().__init__()
         self.backbone = detector.backbone
+        self.train(detector.training)  # not a new module's training mode, which a caller restoring modes would set
 
     def forward(self, images: torch.Tensor):
         return self.backbone(images)
@@ -90,7 +94,10 @@ class Logits(nn.Module):
 
 
 def prunable_part(model: nn.Module) -> nn.Module:
-    """What prunecli works on: the model itself, a detector's feature path, or a transformers model's logits."""
+    """What prunecli works on: the model itself, a detector's feature path, a transformers model's logits, or a YOLO
+    model's path to its head's raw outputs."""
+    if is_ultralytics(model):
+        return YoloPath(model)
     if is_detector(model):
         return FeaturePath(model)
     return Logits(model) if is_transformers_model(model) else model
@@ -100,6 +107,8 @@ def reassemble(whole: nn.Module, part: nn.Module) -> nn.Module:
     """``whole`` with ``part`` (a pruned copy of its prunable part) in place of the original; ``whole`` is left as it was."""
     if isinstance(part, Logits):
         return part.model
+    if isinstance(part, YoloPath):
+        return reassemble_yolo(whole, part)
     if not isinstance(part, FeaturePath):
         return part
     return copy.deepcopy(whole, memo={id(whole.backbone): part.backbone})
@@ -116,7 +125,10 @@ def end_to_end_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> list[t
     a flat tensor list to compare; None for other models, whose feature path is the whole model.
 
     The score cut-off is 0 for the check, so that a detector with untrained heads (whose class scores all fall
-    below the usual 0.05) still returns a full set of boxes to compare; it is restored afterwards."""
+    below the usual 0.05) still returns a full set of boxes to compare; it is restored afterwards. An Ultralytics
+    model runs its own forward (decoding included) on a batch of two such images."""
+    if is_ultralytics(model):
+        return yolo_outputs(model, input_shape)
     if not is_detector(model):
         return None
     generator = torch.Generator().manual_seed(0)

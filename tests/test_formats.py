@@ -187,7 +187,8 @@ def test_each_adapter_claims_its_own_files_and_refuses_the_others(tmp_path):
         found = probe(path)
         claimed = [adapter.name for adapter in FORMATS if adapter.claims(found)]
         assert claimed == ([owner] if owner else []), name
-    assert [a.name for a in FORMATS] == ["hugging face folder", "slim", "whole model", "state dict"]
+    assert [a.name for a in FORMATS] == ["hugging face folder", "slim", "Ultralytics checkpoint", "whole model",
+                                         "state dict"]
 
 
 def test_a_pickle_is_told_apart_by_its_first_opcodes_without_running_it(tmp_path):

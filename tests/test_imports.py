@@ -24,7 +24,7 @@ LAYERS = (
      "prunecli.measure", "prunecli.latency_model", "prunecli.reconstruct", "prunecli.reconstruct.*",
      "prunecli.sensitivity",
      "prunecli.criteria", "prunecli.criteria.*",
-     "prunecli.tasks"),
+     "prunecli.tasks", "prunecli.yolo"),
     ("prunecli.planning", "prunecli.pipeline", "prunecli.pipeline.*", "prunecli.provenance", "prunecli.training",
      "prunecli.training.*", "prunecli.methods", "prunecli.methods.*", "prunecli.export", "prunecli.export.*",
      "prunecli.latency", "prunecli.report", "prunecli.report.*"),
@@ -89,7 +89,7 @@ def test_the_package_has_modules_to_check():
 def test_the_format_adapters_are_io_modules_of_layer_1():
     formats = {m for m in MODULES if m.startswith("prunecli.io.formats")}
     assert formats == {"prunecli.io.formats", *(f"prunecli.io.formats.{m}" for m in
-                                                ("base", "hf", "slim", "state_dict", "whole_model"))}
+                                                ("base", "hf", "slim", "state_dict", "ultralytics", "whole_model"))}
     assert {_layer(m) for m in formats} == {1}
 
 

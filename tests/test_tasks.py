@@ -26,7 +26,7 @@ from prunecli.export import ExportConfig, export_model
 from prunecli.graph import DependencyGraph
 from prunecli.graph.tracing import SHUFFLE
 from prunecli.io.arch import ArchSpec, build_model, default_input, detect_torchvision_arch, parse_input_shape
-from prunecli.measure import totals
+from prunecli.measure import costs_and_output, totals
 from prunecli.outputs import describe_shapes, output_shapes, output_tensors
 from prunecli.tasks import FeaturePath, end_to_end_outputs, prunable_part, reassemble
 
@@ -123,6 +123,15 @@ def test_a_detector_is_traced_on_its_feature_path(detector):
     prunable = {g.root for g in graph.groups if g.prunable}
     assert {"backbone.body.layer1.0", "backbone.body.layer2.0", "backbone.body.layer2.3"} <= prunable
     assert any(root.startswith("backbone.fpn.inner_blocks") for root in prunable)
+
+
+def test_profiling_a_feature_path_leaves_the_detector_in_eval_mode(detector):
+    """The feature path is in the detector's mode: a pass that restores the mode it found (the cost count) does not
+    put the backbone into training mode, where later passes would move its batch-norm statistics."""
+    part = prunable_part(detector)
+    assert not part.training
+    costs_and_output(part, torch.randn(1, 3, 64, 64))
+    assert not any(m.training for m in detector.backbone.modules())
 
 
 def test_reassemble_puts_the_pruned_feature_path_into_a_copy_of_the_detector(detector):

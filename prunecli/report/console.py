@@ -57,9 +57,9 @@ def summary_line(result: Any) -> str:
                 f"{human(result.after.macs)} ({100 * result.macs_kept:.2f}% kept), params {human(result.before.params)}"
                 f" -> {human(result.after.params)} ({100 * result.params_kept:.2f}% kept)")
     if isinstance(result, EvaluateResult):
-        return f"{result.model.source}: top-1 {100 * result.metrics['top1']:.2f}% on {result.data}"
+        return f"{result.model.source}: {_headline(result.metrics)} on {result.data}"
     if isinstance(result, FinetuneRunResult):
-        after = f", validation top-1 {100 * result.after['top1']:.2f}%" if result.after else ""
+        after = f", validation {_headline(result.after)}" if result.after else ""
         trained = f" on {result.data}" if result.data else ""
         return f"{result.model.source} -> {result.output}: fine-tuned{trained}{after}"
     data = result.to_dict()
@@ -277,7 +277,27 @@ def _metrics_row(label: str, summary: dict[str, Any] | Any, metrics: dict[str, A
             f"{metrics['images_per_second']:.0f}", human(macs), human(params)]
 
 
+def render_ultralytics_evaluate(result: EvaluateResult, console: Console) -> None:
+    """Ultralytics' validator ran: its metrics, with the original beside them under ``--compare``."""
+    table = Table(title=f"validation on {result.data}", title_justify="left")
+    rows = [(result.model.source, result.model, result.metrics)]
+    if result.compare:
+        rows.append((result.compare["model"]["source"], result.compare["model"], result.compare["metrics"]))
+    names = list(result.metrics)
+    for column in ("model", *names, "MACs", "params"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, model, metrics in rows:
+        macs, params = (model["macs"], model["params"]) if isinstance(model, dict) else (model.macs, model.params)
+        table.add_row(label, *(f"{100 * metrics[n]:.2f}%" if n in metrics else "-" for n in names), human(macs),
+                      human(params))
+    console.print(table)
+    render_notes(result.notes, console)
+
+
 def render_evaluate(result: EvaluateResult, console: Console) -> None:
+    if "top1" not in result.metrics:
+        render_ultralytics_evaluate(result, console)
+        return
     table = Table(title=f"evaluation on {result.data} ({result.metrics['images']} images)", title_justify="left")
     for column in ("model", "top-1 %", "top-5 %", "loss", "images/s", "MACs", "params"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -293,7 +313,33 @@ def render_evaluate(result: EvaluateResult, console: Console) -> None:
     render_notes(result.notes, console)
 
 
+def _headline(metrics: Mapping[str, Any]) -> str:
+    """The first metric of a validation: top-1, or an Ultralytics detector's mAP50-95."""
+    key = next((k for k in ("top1", "mAP50-95") if k in metrics), None)
+    return f"{'top-1' if key == 'top1' else key} {100 * metrics[key]:.2f}%" if key else "-"
+
+
+def render_ultralytics_finetune(result: FinetuneRunResult, console: Console) -> None:
+    """Ultralytics' trainer ran: its validation metrics before and after, side by side."""
+    table = Table(title=f"fine-tuning {result.model.source}", title_justify="left")
+    for column in ("metric", "before", "after"):
+        table.add_column(column, justify="right")
+    before = result.before or {}
+    for name, value in (result.after or {}).items():
+        table.add_row(name, f"{100 * before[name]:.2f}%" if name in before else "-", f"{100 * value:.2f}%")
+    console.print(table)
+    console.print(f"trained with Ultralytics' {result.training.get('task')} trainer for "
+                  f"{plural(result.training['arguments']['epochs'], 'epoch')} on {escape(result.data or '')}",
+                  highlight=False)
+    render_notes(result.notes, console)
+    if result.output:
+        console.print(f"written to {result.output}")
+
+
 def render_finetune(result: FinetuneRunResult, console: Console) -> None:
+    if result.training.get("trainer") == "ultralytics":
+        render_ultralytics_finetune(result, console)
+        return
     table = Table(title=f"fine-tuning {result.model.source}", title_justify="left")
     for column in ("epoch", "train loss", "train top-1 %", "val top-1 %", "lr", "T", "images/s"):
         table.add_column(column, justify="right")

@@ -10,11 +10,10 @@ Adapters today, in the order they are asked:
 - ``hugging face folder``: a directory ``save_pretrained`` wrote (config.json + weights), written back as a folder
   whose model.safetensors is a slim file of the ``hf:`` class, or as that slim file;
 - ``slim``: prunecli's slim safetensors, or a ``.pt``/``.pth`` state dict with its ``.json`` sidecar;
+- ``Ultralytics checkpoint``: the dict Ultralytics' trainer and ``YOLO.save`` write (``--trust-pickle``), written
+  back as one (``prunecli.io.formats.ultralytics``);
 - ``whole model``: ``torch.save(model)``, written back as a whole-model ``.pt``;
 - ``state dict``: plain weights with ``--arch`` or a recognised torchvision/timm model, written back as a slim file.
-
-An Ultralytics checkpoint (a dict whose ``model`` is a pickled module, with its training context) will come before
-``whole model``.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from prunecli.io.formats.base import CheckpointFormat, LoadedModel, Probe, probe
 from prunecli.io.formats.hf import HF_FOLDER
 from prunecli.io.formats.slim import SLIM
 from prunecli.io.formats.state_dict import STATE_DICT
+from prunecli.io.formats.ultralytics import ULTRALYTICS
 from prunecli.io.formats.whole_model import WHOLE_MODEL
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
     "probe",
 ]
 
-FORMATS: tuple[CheckpointFormat, ...] = (HF_FOLDER, SLIM, WHOLE_MODEL, STATE_DICT)
+FORMATS: tuple[CheckpointFormat, ...] = (HF_FOLDER, SLIM, ULTRALYTICS, WHOLE_MODEL, STATE_DICT)
 
 
 def claiming(found: Probe) -> CheckpointFormat:

@@ -8,6 +8,7 @@ so the user's own tools load it (``default_output``, ``check_output``, ``write``
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from prunecli._version import __version__
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, InputInfo, default_input
 from prunecli.io.files import check_output_path, sha256_file
@@ -165,3 +167,27 @@ def loaded_model(
     notes = [*(notes or []), *([part.note] if getattr(part, "note", None) else [])]
     return LoadedModel(part, arch, info, probe.path, sha256_file(probe.path), document, notes,
                        None if part is model else model, format=adapter)
+
+
+def json_document(raw: Any, path: Path, where: str, expected: str, readable: int, kind: str) -> dict[str, Any] | None:
+    """The prunecli document a pickled file carries as a JSON string (``where`` in the file: an attribute, a key);
+    None when there is none (prunecli did not write the file).
+
+    Args:
+        expected: the document's ``format``; ``readable``: the newest ``format_version`` this prunecli reads;
+            ``kind``: the format's name in the message asking to upgrade.
+    """
+    if raw is None:
+        return None
+    try:
+        document = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict) or document.get("format") != expected:
+        raise CheckpointError(f"{path}: {where} is not a prunecli document; the file is damaged")
+    version = document.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: the prunecli metadata has no integer format_version; the file is damaged")
+    if version > readable:
+        raise CheckpointError(f"{path}: {kind} v{version} is not readable by prunecli {__version__}; upgrade prunecli")
+    return document

@@ -32,7 +32,15 @@ from prunecli._version import __version__
 from prunecli.errors import CheckpointError, ExportError
 from prunecli.io.arch import ArchSpec, detect_torchvision_arch, torchvision_input_of
 from prunecli.io.files import atomic_output, check_suffix, write_through_memory
-from prunecli.io.formats.base import CheckpointFormat, LoadedModel, Probe, arch_of, input_info, loaded_model
+from prunecli.io.formats.base import (
+    CheckpointFormat,
+    LoadedModel,
+    Probe,
+    arch_of,
+    input_info,
+    json_document,
+    loaded_model,
+)
 from prunecli.io.formats.slim import SLIM
 from prunecli.io.formats.state_dict import STATE_DICT
 from prunecli.io.readers import SAFE_MODULE_PREFIXES, torch_load, unwrap_state_dict
@@ -65,6 +73,12 @@ _DETERMINISTIC_PICKLE = types.SimpleNamespace(Pickler=_OrderedSetPickler, Unpick
                                               __name__="pickle")
 
 
+def save_pickle(obj: Any, buffer: Any) -> None:
+    """``torch.save(obj, buffer)`` with sets written in sorted order: the same object gives the same bytes in any
+    process (a model, or a container holding one)."""
+    torch.save(obj, buffer, pickle_module=_DETERMINISTIC_PICKLE)
+
+
 def save_whole_model(model: nn.Module, path: Path, document: dict[str, Any], *, force: bool = False,
                      inputs: tuple[Path, ...] = ()) -> Path:
     """``torch.save(model)`` atomically and byte-reproducibly, with ``document`` as its ``prunecli_metadata``.
@@ -79,7 +93,7 @@ def save_whole_model(model: nn.Module, path: Path, document: dict[str, Any], *, 
     with atomic_output(path, force=force, inputs=inputs) as tmp:
         model.__dict__[METADATA_ATTRIBUTE] = text
         try:
-            write_through_memory(tmp, lambda buffer: torch.save(model, buffer, pickle_module=_DETERMINISTIC_PICKLE))
+            write_through_memory(tmp, lambda buffer: save_pickle(model, buffer))
         finally:
             model.__dict__.pop(METADATA_ATTRIBUTE, None)
     return path
@@ -88,21 +102,7 @@ def save_whole_model(model: nn.Module, path: Path, document: dict[str, Any], *, 
 def take_document(model: nn.Module, path: Path) -> dict[str, Any] | None:
     """The prunecli document a whole-model file carries, taken off ``model``; None when prunecli did not write it."""
     raw = model.__dict__.pop(METADATA_ATTRIBUTE, None)
-    if raw is None:
-        return None
-    try:
-        document = json.loads(raw) if isinstance(raw, str) else None
-    except json.JSONDecodeError:
-        document = None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: the model's {METADATA_ATTRIBUTE} is not a prunecli document; the file is damaged")
-    version = document.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path}: the prunecli metadata has no integer format_version; the file is damaged")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: whole-model format v{version} is not readable by prunecli {__version__}; "
-                              "upgrade prunecli")
-    return document
+    return json_document(raw, path, f"the model's {METADATA_ATTRIBUTE}", FORMAT, FORMAT_VERSION, "whole-model format")
 
 
 def read_whole_model(path: Path, trust_pickle: bool, import_paths: tuple[Path, ...] = ()) -> tuple[Any, dict | None]:
