@@ -15,7 +15,7 @@ from prunecli.api import prune_model, score_model
 from prunecli.budget import parse_budget
 from prunecli.config import DataOptions, ModelSource, OutputOptions, PruneConfig, ScoreConfig, ScoringOptions
 from prunecli.criteria import get_criterion, list_criteria
-from prunecli.errors import DataError
+from prunecli.errors import DataError, OptionError
 from prunecli.samples import resnet20
 
 MODELS = {
@@ -69,7 +69,7 @@ def test_every_criterion_prunes_to_budget(key, method, files, tmp_path):
 def test_data_criterion_without_data_names_the_method(files, tmp_path):
     config = _config("sample", files, "l1", tmp_path)
     config = PruneConfig(config.source, config.budget, scoring=ScoringOptions("hrank"), output=config.output)
-    with pytest.raises(DataError, match=r"hrank.*--data"):
+    with pytest.raises(OptionError, match=r"hrank.*--data"):
         prune_model(config)
     assert not config.output.path.exists()
 
