@@ -279,15 +279,15 @@ def test_layer_timer_times_one_layer_on_each_runtime():
 def test_prune_to_a_latency_target_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
     model = SAMPLE / "resnet20_fmnist.safetensors"
-    args = ["prune", str(model), "--latency-target", "0.8", "--latency-runtime", "torch", "--latency-batch", "4",
+    args = ["prune", str(model), "--latency-target", "0.9", "--latency-runtime", "torch", "--latency-batch", "4",
             "--threads", "1", "--allocation", "efficiency", "-o", str(tmp_path / "slim.safetensors"),
             "--report", str(tmp_path / "report.json"), "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     record = out["latency_target"]
-    assert (record["runtime"], record["batch"], record["threads"], record["target"]) == ("torch", 4, 1, "0.8")
-    assert record["target_ms"] == pytest.approx(0.8 * record["original_ms"])
+    assert (record["runtime"], record["batch"], record["threads"], record["target"]) == ("torch", 4, 1, "0.9")
+    assert record["target_ms"] == pytest.approx(0.9 * record["original_ms"])
     chosen = record["iterations"][record["chosen"]]
     assert record["slim_ms"] == chosen["again_ms"]  # the kept model, timed a second time
     assert 1 <= record["retimed"] <= len(record["iterations"]) and all(s["again_ms"] for s in record["iterations"])
@@ -302,7 +302,7 @@ def test_prune_to_a_latency_target_end_to_end(tmp_path, monkeypatch):
     assert report["totals"]["macs"]["after"] == out["after"]["macs"] and report["latency_target"] == record
 
     # a second run reads the table back (one slim model, fewer repeats: only the cache is checked)
-    config = PruneConfig(ModelSource(model), parse_budget("latency", "0.8"), plan=PlanOptions("efficiency"),
+    config = PruneConfig(ModelSource(model), parse_budget("latency", "0.9"), plan=PlanOptions("efficiency"),
                          latency=LatencyOptions(batch=4, target=LatencyTarget("torch", iterations=1, warmup=0, repeats=1)),
                          output=OutputOptions(tmp_path / "again.safetensors"), run=RunOptions(threads=1))
     again = prune_model(config).latency_target
