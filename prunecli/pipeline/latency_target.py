@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from prunecli.allocate import Plan
 from prunecli.config import LatencyOptions, RunOptions
@@ -72,11 +73,11 @@ def _floor(planner: Planner, graph: DependencyGraph, model: LatencyModel, keeps)
     return model.predict(*planner.cost_model(graph).dims(keeps[-1]))
 
 
-def _out_of_reach(planner: Planner, options: LatencyOptions, most_pruned: dict, target_ms: float,
+def _out_of_reach(planner: Planner, options: LatencyOptions, ms: float, macs: int, target_ms: float,
                   original_ms: float) -> BudgetError:
-    """The target is below what the most pruned model measured: say what it measured, with which channel multiple,
+    """The target is below the ``ms`` the most pruned model (``macs``) measured: say so, with which channel multiple,
     and what would help (when even it is barely faster than the original, channels are not where the time goes)."""
-    ms, plan = min(most_pruned["measured"], most_pruned["again"]), planner.options
+    plan = planner.options
     multiple = f"multiples of {plan.round_to} channels" if plan.round_to > 1 else "any channel count"
     if ms >= 0.9 * original_ms:
         advice = (f"at batch {options.batch} this model's time is per-layer overhead more than channels: time a larger "
@@ -85,15 +86,9 @@ def _out_of_reach(planner: Planner, options: LatencyOptions, most_pruned: dict, 
         advice = f"ask for {ms / original_ms:.2f} or more, raise --max-layer-ratio or remove --ignore patterns"
     return BudgetError(
         f"{planner.budget.option} {planner.budget.text} cannot be reached: the most pruned model ({multiple}, "
-        f"{human(most_pruned['macs'])} MACs) measures {ms:.3g} ms, {ms / original_ms:.2f} of the original's "
+        f"{human(macs)} MACs) measures {ms:.3g} ms, {ms / original_ms:.2f} of the original's "
         f"{original_ms:.3g} ms (target {target_ms:.3g} ms); {advice}"
     )
-
-
-def _retimed(meter, candidates: list[dict], original_ms: float, absolute: bool) -> list[float]:
-    """The candidates timed again, side by side with the original: a second, independent measurement to choose by."""
-    now, *ms = meter(*(c["model"] for c in candidates))
-    return [m if absolute else m / now * original_ms for m in ms]
 
 
 def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[int, ...], options: LatencyOptions,
@@ -115,9 +110,14 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     model = LatencyModel(tables, cost_model.costs, original_ms)
     target_ms = planner.budget.target(original_ms)
     floor = _floor(planner, graph, model, keeps)
-    absolute = planner.budget.absolute
     tried: dict[tuple, dict] = {}  # the same plan twice is measured once
     order: list[dict] = []  # the slim model of every attempt
+
+    def timed(*models: nn.Module) -> list[float]:
+        """Milliseconds of each model, timed side by side with the original; for a relative target the original's
+        drift since it was first timed is taken out (the ratio counts)."""
+        now, *ms = meter(*models)
+        return ms if planner.budget.absolute else [m / now * original_ms for m in ms]
 
     def attempt(requested: float) -> tuple[float, float]:
         plan, _ = planner.plan(graph, latency=model, target=requested)
@@ -126,8 +126,7 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
             slim = planner.trace()
             slim.prune(plan.removed)
             say(f"timing a slim model planned at {requested:.3g} ms (predicted {plan.cost:.3g} ms)")
-            now, ms = meter(slim.model)
-            measured = ms if absolute else ms / now * original_ms  # drift: the ratio counts
+            (measured,) = timed(slim.model)
             macs = sum(c.macs for c in costs_and_output(slim.model, planner.example)[0])
             tried[kept] = {"plan": plan, "model": slim.model, "measured": measured, "macs": macs}
         order.append(tried[kept])
@@ -138,11 +137,12 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     limit = target_ms * (1 + target.tolerance)
     candidates = list(tried.values())
     say(f"timing {plural(len(candidates), 'slim model')} again, side by side with the original")
-    for candidate, ms in zip(candidates, _retimed(meter, candidates, original_ms, absolute), strict=True):
+    for candidate, ms in zip(candidates, timed(*(c["model"] for c in candidates)), strict=True):
         candidate["again"] = ms
     most_pruned = min(candidates, key=lambda c: c["macs"])
-    if min(s.requested for s in steps) <= low * (1 + 1e-9) and min(most_pruned["measured"], most_pruned["again"]) > limit:
-        raise _out_of_reach(planner, options, most_pruned, target_ms, original_ms)
+    fastest = min(most_pruned["measured"], most_pruned["again"])
+    if min(s.requested for s in steps) <= low * (1 + 1e-9) and fastest > limit:
+        raise _out_of_reach(planner, options, fastest, most_pruned["macs"], target_ms, original_ms)
     met = [c for c in candidates if c["again"] <= limit]
     chosen = max(met, key=lambda c: c["macs"]) if met else min(candidates, key=lambda c: abs(c["again"] / target_ms - 1))
     slim_ms = chosen["again"]
@@ -153,7 +153,7 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
         "tolerance": target.tolerance, "converged": abs(slim_ms / target_ms - 1) <= target.tolerance,
         "chosen": next(i for i, o in enumerate(order) if o is chosen), "floor_ms": floor, "retimed": len(candidates),
         "iterations": [{"requested_ms": s.requested, "predicted_ms": s.predicted, "measured_ms": s.measured,
-                        "measured_ratio": s.measured / original_ms, "macs": o["macs"], "again_ms": o.get("again")}
+                        "measured_ratio": s.measured / original_ms, "macs": o["macs"], "again_ms": o["again"]}
                        for s, o in zip(steps, order, strict=True)],
         "table": {**model.to_dict(), "grid": target.grid}, "cache": cached.to_dict(),
     }
