@@ -91,7 +91,7 @@ def _runners(model, input_shape, batch_sizes, warmup, repeats, runtime, threads)
         return
     if isinstance(model, nn.Module):
         model = onnx_bytes(model, input_shape)
-    session = ort_session(str(model) if isinstance(model, str | Path) else model, threads)
+    session = ort_session(str(model) if isinstance(model, str | Path) else model, threads, timed=True)
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
     for batch in inputs:

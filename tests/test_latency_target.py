@@ -20,7 +20,7 @@ from prunecli.cli import app
 from prunecli.config import LatencyOptions, LatencyTarget, ModelSource, OutputOptions, PlanOptions, PruneConfig, RunOptions
 from prunecli.errors import BudgetError, OptionError
 from prunecli.graph import DependencyGraph
-from prunecli.latency import layer_module, layer_timer
+from prunecli.latency import latency, layer_module, layer_timer
 from prunecli.latency_model import (
     LatencyModel,
     LayerSpec,
@@ -329,6 +329,18 @@ def test_quick_runs_are_timed_for_the_seconds_asked(monkeypatch):
     calls.clear()
     latency_module._medians_ms(runs, warmup=0, repeats=3, seconds=60.0)
     assert len(calls) == 2 * 4
+
+
+def test_timed_onnxruntime_sessions_stop_spinning_after_each_run(monkeypatch):
+    """Two sessions timed alternately: one's still spinning worker threads would take the cores from the other."""
+    import prunecli.latency as latency_module
+
+    sessions = []
+    real = latency_module.ort_session
+    monkeypatch.setattr(latency_module, "ort_session", lambda *a, **k: sessions.append(real(*a, **k)) or sessions[-1])
+    latency(nn.Conv2d(3, 8, 3), (3, 8, 8), batch_sizes=(1,), warmup=0, repeats=1, runtime="onnxruntime", seconds=0)
+    config = sessions[0].get_session_options().get_session_config_entry
+    assert config("session.force_spinning_stop") == "1"
 
 
 def _fake_timing(monkeypatch, first_factor, overhead=0.1):
