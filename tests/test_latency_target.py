@@ -345,8 +345,8 @@ def test_timed_onnxruntime_sessions_stop_spinning_after_each_run(monkeypatch):
 
 def _fake_timing(monkeypatch, first_factor, overhead=0.1):
     """A layer runs 1e-5 ms per weight of a 1x1 kernel (ResNet-20's sum to 0.33 ms); a whole model ``overhead`` +
-    the rest of 1 ms in proportion to its parameters (the original 1 ms), each slim model's first measurement off by
-    ``first_factor(k)`` (k counts the slim models), its second exact."""
+    the rest of 1 ms in proportion to its parameters (the original 1 ms), each slim model's first measurement
+    ``first_factor(k, true)`` times its true time (k counts the slim models), its second exact."""
     import prunecli.pipeline.latency_target as latency_target
 
     def layer_ms(spec: LayerSpec) -> float:
@@ -364,7 +364,7 @@ def _fake_timing(monkeypatch, first_factor, overhead=0.1):
                 true = overhead + (1 - overhead) * sum(p.numel() for p in model.parameters()) / full
                 first = id(model) not in seen
                 seen.append(id(model))
-                times.append(true * (first_factor(len(set(seen))) if first else 1.0))
+                times.append(true * (first_factor(len(set(seen)), true) if first else 1.0))
             return times
 
         return measure
@@ -380,7 +380,7 @@ def _latency_config(tmp_path, target: str, **plan) -> PruneConfig:
 
 def test_an_unlucky_first_timing_does_not_keep_a_model_pruned_further_than_the_target_needs(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
-    _fake_timing(monkeypatch, lambda k: 1.4 if k == 1 else 0.8)  # the first slim model measured slow, the rest fast
+    _fake_timing(monkeypatch, lambda k, _: 1.4 if k == 1 else 0.8)  # the first slim model measured slow, the rest fast
     record = prune_model(_latency_config(tmp_path, "0.62")).latency_target
     steps = record["iterations"]
     assert steps[0]["measured_ms"] > 0.62 * 1.05 and all(s["measured_ms"] < 0.62 for s in steps[1:])
@@ -391,6 +391,19 @@ def test_an_unlucky_first_timing_does_not_keep_a_model_pruned_further_than_the_t
     assert record["slim_ms"] == steps[0]["again_ms"] and record["converged"]
 
 
+def test_the_correction_aims_inside_half_the_tolerance_and_keeps_a_model_within_it_either_side(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
+    # the first slim model's first timing lands 4% above the target, inside the tolerance but not half of it; on
+    # its second timing it is exact, as is every other slim model
+    _fake_timing(monkeypatch, lambda k, true: 0.62 * 1.04 / true if k == 1 else 1.0)
+    record = prune_model(_latency_config(tmp_path, "0.62")).latency_target
+    steps = record["iterations"]
+    assert steps[0]["measured_ms"] == pytest.approx(0.62 * 1.04) and len(steps) > 1  # it went on
+    within = [i for i, s in enumerate(steps) if abs(s["again_ms"] / 0.62 - 1) <= 0.05]
+    assert within and record["chosen"] == max(within, key=lambda i: steps[i]["macs"])
+    assert abs(record["measured_ratio"] / 0.62 - 1) <= 0.05 and record["converged"]
+
+
 @pytest.mark.parametrize(("overhead", "advice"), [
     (0.5, "ask for {floor:.2f} or more, raise --max-layer-ratio or remove --ignore patterns"),
     (0.95, "at batch 1 this model's time is per-layer overhead more than channels: time a larger --latency-batch, or "
@@ -398,7 +411,7 @@ def test_an_unlucky_first_timing_does_not_keep_a_model_pruned_further_than_the_t
 ])
 def test_a_target_out_of_reach_names_the_floor_and_the_channel_multiple(tmp_path, monkeypatch, overhead, advice):
     monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
-    _fake_timing(monkeypatch, lambda k: 1.0, overhead)
+    _fake_timing(monkeypatch, lambda k, _: 1.0, overhead)
     with pytest.raises(BudgetError) as exc:
         prune_model(_latency_config(tmp_path, "0.3", round_to=8))
     message = str(exc.value)

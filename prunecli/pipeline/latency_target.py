@@ -96,9 +96,14 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     """Plan to a measured latency on ``graph`` (a trace of the unpruned model; see the module docstring);
     BudgetError when pruning as far as allowed is still slower than the target.
 
-    Every slim model measured is timed again, all side by side in one run, and the one that keeps the most MACs
-    within the tolerance on that second measurement is kept: one lucky or unlucky timing on a busy machine cannot
-    choose a model far more pruned than the target needs."""
+    The correction aims inside half the tolerance: two timings of one slim model differ by a few percent (MobileNetV2
+    at 2 onnxruntime threads: 2-5%), so a model that only just met the tolerance once would often miss it on the
+    next. Every slim model measured is then timed again beside the original, and on that second measurement the
+    one that keeps the most MACs within the tolerance either side of the target is kept, else the one closest to
+    it that is not slower than the tolerance allows: one lucky or unlucky timing on a busy machine cannot choose a
+    model far more pruned than the target needs. Each is timed again in its own pair: timed all together, five
+    MobileNetV2s and the original no longer fit the CPU's cache as one model does when deployed, and the slim
+    models measured 5-9% faster against the original than in pairs (0.64-0.68 of it against 0.71-0.73)."""
     target = options.target
     device = torch.device(run.device) if target.runtime == "torch" else torch.device("cpu")
     tables, keeps, key, cached = _table(planner, graph, options, device, run.threads, say)
@@ -133,18 +138,20 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
         return plan.cost, tried[kept]["measured"]
 
     low = floor + 0.01 * (original_ms - floor)
-    _, steps = correct_target(target_ms, attempt, target_ms, low, original_ms, target.tolerance, target.iterations)
+    _, steps = correct_target(target_ms, attempt, target_ms, low, original_ms, target.tolerance / 2, target.iterations)
     limit = target_ms * (1 + target.tolerance)
     candidates = list(tried.values())
-    say(f"timing {plural(len(candidates), 'slim model')} again, side by side with the original")
-    for candidate, ms in zip(candidates, timed(*(c["model"] for c in candidates)), strict=True):
-        candidate["again"] = ms
+    say(f"timing {plural(len(candidates), 'slim model')} again, each side by side with the original")
+    for candidate in candidates:  # one pair at a time: a deployed model's weights sit in the CPU's cache
+        (candidate["again"],) = timed(candidate["model"])
     most_pruned = min(candidates, key=lambda c: c["macs"])
     fastest = min(most_pruned["measured"], most_pruned["again"])
     if min(s.requested for s in steps) <= low * (1 + 1e-9) and fastest > limit:
         raise _out_of_reach(planner, options, fastest, most_pruned["macs"], target_ms, original_ms)
-    met = [c for c in candidates if c["again"] <= limit]
-    chosen = max(met, key=lambda c: c["macs"]) if met else min(candidates, key=lambda c: abs(c["again"] / target_ms - 1))
+    within = [c for c in candidates if abs(c["again"] / target_ms - 1) <= target.tolerance]
+    not_slower = [c for c in candidates if c["again"] <= limit] or candidates
+    chosen = (max(within, key=lambda c: c["macs"]) if within
+              else min(not_slower, key=lambda c: abs(c["again"] / target_ms - 1)))
     slim_ms = chosen["again"]
     record = {
         "runtime": target.runtime, "runtime_version": key.version, "device": key.device, "batch": options.batch,

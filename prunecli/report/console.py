@@ -220,8 +220,8 @@ def target_line(record: dict[str, Any]) -> str:
     outcome = "within" if record["converged"] else "NOT within"
     return (f"measured {record['original_ms']:.3f} ms → {record['slim_ms']:.3f} ms ({record['measured_ratio']:.3f} of the "
             f"original; target {record['target_ratio']:.3f}, {outcome} {100 * record['tolerance']:.0f}%) after "
-            f"{plural(len(record['iterations']), 'slim model')} (* the one kept, all timed again side by side) · table of "
-            f"{plural(t['layers'], 'layer')} "
+            f"{plural(len(record['iterations']), 'slim model')} (* the one kept, each timed again beside the original) · "
+            f"table of {plural(t['layers'], 'layer')} "
             f"at {t['points']} channel counts: {c['measured']} timed now, {c['reused']} from the cache {c['path']}")
 
 
