@@ -1,13 +1,14 @@
-"""Measured onnxruntime speedup of pruned torchvision models next to the MACs ratio that promised it.
+"""Measured speedup of models pruned with prunecli's default options, next to the MACs ratio that promised it.
 
-Each model (random weights: latency does not depend on their values) is pruned with prunecli's API to
-each MACs target with ``--method l1 --round-to 8`` and the chosen allocation, then the original and the
-slim model are exported to ONNX (in memory, dynamic batch) and timed with onnxruntime on the CPU
-(``prunecli.latency.compare_latency``: median over ``--repeats`` runs after ``--warmup`` untimed ones, the
-original's and the slim model's runs alternating, so load on the machine hits both alike). "efficiency" is the
-measured speedup divided by the MACs ratio: 100% means the runtime turned every removed MAC into time.
+Each model is pruned with prunecli's API and nothing but the MACs target (``prune --flops-target T``: l1,
+uniform allocation, ``--round-to auto``), then the original and the slim model are timed side by side
+(``prunecli.latency.compare_latency``: the original's and the slim model's runs alternating, each measurement at
+least ``latency.MODEL_SECONDS`` long, median of ``--repeats``) under each setting: onnxruntime's CPU provider
+with one intra-op thread and with all of them, and torch eager. "efficiency" is the measured speedup divided by
+the MACs ratio: 100% means the runtime turned every removed MAC into time. torchvision models have random
+weights (latency does not depend on their values); the sample models are the bundled trained ones.
 
-    python benchmarks/speedup.py                                   # everything (long on a small CPU)
+    python benchmarks/speedup.py                                   # the whole grid (about 15 min on 2 cores)
     python benchmarks/speedup.py --models resnet50 --targets 0.5 --repeats 5
 """
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -27,96 +29,146 @@ import torchvision
 import prunecli
 from prunecli.api import prune_model
 from prunecli.budget import parse_budget
-from prunecli.config import ModelSource, OutputOptions, PlanOptions, PruneConfig
+from prunecli.config import ModelSource, OutputOptions, PruneConfig
 from prunecli.latency import compare_latency
 
 ROOT = Path(__file__).resolve().parents[1]
-INPUT_SHAPE = (3, 224, 224)
+IMAGENET = (3, 224, 224)
+SAMPLES = {"sample-resnet20": "resnet20_fmnist.safetensors", "sample-mobilenetv2": "mobilenetv2_fmnist.safetensors"}
+DEPTHWISE = {"mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "sample-mobilenetv2"}
+SETTINGS = (("onnxruntime", 1), ("onnxruntime", None), ("torch", None))  # (runtime, threads): None = all
+WIDTH_MULTIPLIED = ("mobilenet_v2", "mobilenet_v3_large")
 
 
 def _csv(kind):
     return lambda text: [kind(v) for v in text.split(",") if v]
 
 
-def measure(name: str, target: float, args: argparse.Namespace, work: Path) -> list[dict]:
-    """Prune torchvision ``name`` to ``target`` of its MACs and time it beside the original: one row per batch."""
+def source(name: str, work: Path) -> tuple[ModelSource, torch.nn.Module]:
+    """The checkpoint a user would hold for ``name`` and the original model to time against."""
+    if name in SAMPLES:
+        path = ROOT / "sample_models" / SAMPLES[name]
+        return ModelSource(path), prunecli.load(path)
     checkpoint = work / f"{name}.pt"
-    if not checkpoint.exists():
-        torch.manual_seed(0)
-        torch.save(getattr(torchvision.models, name)(weights=None).state_dict(), checkpoint)
-    config = PruneConfig(ModelSource(checkpoint, f"torchvision:{name}", input_shape=INPUT_SHAPE),
-                         parse_budget("macs", str(target)), plan=PlanOptions(args.allocation, round_to=8),
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(weights=None)
+    torch.save(original.state_dict(), checkpoint)
+    return ModelSource(checkpoint, f"torchvision:{name}", input_shape=IMAGENET), original
+
+
+def width_multiplied(name: str, target: float) -> tuple[torch.nn.Module, float]:
+    """The network's own narrower variant keeping about ``target`` of its MACs (torchvision's ``width_mult``,
+    channels in multiples of 16 like ``--round-to auto`` here), and the multiplier: what the architecture's authors
+    would deploy, so its speedup is the ceiling to hold a pruned model of the same MACs against."""
+    from prunecli.measure import layer_costs
+
+    def build(width: float) -> torch.nn.Module:
+        if name == "mobilenet_v2":
+            return torchvision.models.MobileNetV2(width_mult=width, round_nearest=16)
+        setting, last = torchvision.models.mobilenetv3._mobilenet_v3_conf(name, width_mult=width)
+        return torchvision.models.MobileNetV3(setting, last)
+
+    def macs(model: torch.nn.Module) -> int:
+        return sum(c.macs for c in layer_costs(model.eval(), torch.zeros(1, *IMAGENET)))
+
+    full, low, high = macs(build(1.0)), 0.05, 1.0
+    for _ in range(12):
+        middle = (low + high) / 2
+        low, high = (middle, high) if macs(build(middle)) < target * full else (low, middle)
+    torch.manual_seed(0)
+    return build(high), high
+
+
+def time_pair(original, slim, input_shape, args, row: dict) -> list[dict]:
+    """``row`` once per timing setting and batch, with the measured speedup of ``slim`` beside ``original``."""
+    rows = []
+    for runtime, threads in SETTINGS:
+        timing = compare_latency(original.eval(), slim.eval(), input_shape, batch_sizes=args.batches,
+                                 warmup=args.warmup, repeats=args.repeats, runtimes=(runtime,), threads=threads)
+        rows += [{**row, "macs_kept": 1 / timing.macs_ratio, "runtime": runtime, "threads": threads or "all",
+                  "batch": r.batch, "original_ms": r.original_ms, "slim_ms": r.slim_ms, "speedup": r.speedup,
+                  "macs_ratio": timing.macs_ratio, "efficiency": r.speedup / timing.macs_ratio} for r in timing.rows]
+    return rows
+
+
+def measure(name: str, target: float, args: argparse.Namespace, work: Path) -> list[dict]:
+    """Prune ``name`` to ``target`` of its MACs with the defaults and time it beside the original; for a
+    width-multiplied family, its own narrower variant of the same MACs too."""
+    model_source, original = source(name, work)
+    config = PruneConfig(model_source, parse_budget("macs", str(target)),
                          output=OutputOptions(work / f"{name}-{target}.safetensors", force=True))
     started = time.perf_counter()
     pruned = prune_model(config)
     prune_seconds = time.perf_counter() - started
-    original = getattr(torchvision.models, name)(weights=None)
-    original.load_state_dict(torch.load(checkpoint, weights_only=True))
-    timing = compare_latency(original.eval(), prunecli.load(pruned.output), INPUT_SHAPE, batch_sizes=args.batches,
-                             warmup=args.warmup, repeats=args.repeats, runtimes=("onnxruntime",), threads=args.threads)
-    return [
-        {"model": name, "target": target, "macs_kept": pruned.macs_kept, "original_macs": timing.original_macs,
-         "slim_macs": timing.slim_macs, "macs_ratio": timing.macs_ratio, "batch": row.batch,
-         "original_ms": row.original_ms, "slim_ms": row.slim_ms, "speedup": row.speedup,
-         "efficiency": row.speedup / timing.macs_ratio, "prune_seconds": prune_seconds}
-        for row in timing.rows
-    ]
+    multiple = next((int(m) for note in reversed(pruned.notes)
+                     for m in re.findall(r"multiples of (\d+)", note)[-1:]), 1)
+    rows = time_pair(original, prunecli.load(pruned.output), pruned.model.input_shape, args,
+                     {"model": name, "target": target, "round_to": multiple, "prune_seconds": prune_seconds})
+    if name in WIDTH_MULTIPLIED and args.references:
+        narrow, width = width_multiplied(name, target)
+        rows += time_pair(original, narrow, IMAGENET, args,
+                          {"model": f"{name} width {width:.3f}", "target": target, "round_to": 16})
+    return rows
+
+
+def column(r: dict) -> str:
+    runtime = "ort" if r["runtime"] == "onnxruntime" else "torch"
+    threads = "all" if r["threads"] == "all" else f"{r['threads']}t"
+    return f"{runtime} {threads} b{r['batch']}"
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    """One line per model and target; each timing column is speedup / MACs ratio (the speedup in brackets)."""
+    columns = list(dict.fromkeys(column(r) for r in rows))
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["target"]), {})[column(r)] = r
     lines = [
-        "# Measured speedup vs MACs ratio (onnxruntime, CPU)",
+        f"`python benchmarks/speedup.py {args.command_line}` (onnxruntime {args.ort_version}, torch "
+        f"{torch.__version__}, {args.machine}). Each cell: speedup divided by the MACs ratio (the speedup itself in "
+        f"brackets); \"all\" threads is {os.cpu_count()} here.",
         "",
-        f"`python benchmarks/speedup.py {args.command_line}` — torchvision models with random weights at "
-        f"{'x'.join(map(str, INPUT_SHAPE))}, pruned with `--method l1 --allocation {args.allocation} --round-to 8`, "
-        f"onnxruntime {args.ort_version} CPUExecutionProvider with {args.threads} intra-op thread(s), median of "
-        f"{args.repeats} runs after {args.warmup} warm-up runs, original and slim runs alternating "
-        f"({args.machine}).",
-        "",
-        "| model | MACs target | MACs kept | batch | original ms | slim ms | speedup | MACs ratio | speedup / MACs ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | target | MACs kept | channel multiple | " + " | ".join(columns) + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
     ]
-    return "\n".join([*lines, *map(table_row, rows)]) + "\n"
-
-
-def table_row(r: dict) -> str:
-    return (f"| {r['model']} | {r['target']:g} | {100 * r['macs_kept']:.1f}% | {r['batch']} | {r['original_ms']:.1f} | "
-            f"{r['slim_ms']:.1f} | {r['speedup']:.2f}x | {r['macs_ratio']:.2f}x | {100 * r['efficiency']:.0f}% |")
+    for (model, target), by_column in cells.items():
+        first = next(iter(by_column.values()))
+        lines.append(f"| {model} | {target:g} | {100 * first['macs_kept']:.1f}% | {first['round_to']} | " + " | ".join(
+            f"{100 * by_column[c]['efficiency']:.0f}% ({by_column[c]['speedup']:.2f}x)" if c in by_column else ""
+            for c in columns) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=_csv(str), default=["resnet50", "mobilenet_v2", "vgg16_bn"])
+    parser.add_argument("--models", type=_csv(str), default=["resnet50", "mobilenet_v2", "mobilenet_v3_large",
+                                                             "efficientnet_b0", "convnext_tiny", "regnet_y_800mf",
+                                                             *SAMPLES])
     parser.add_argument("--targets", type=_csv(float), default=[0.3, 0.5, 0.7], help="MACs to keep, e.g. 0.3,0.5")
     parser.add_argument("--batches", type=_csv(int), default=[1, 16])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--allocation", choices=["uniform", "global"], default="uniform")
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "docs", help="where speedup.md and speedup.json go")
+    parser.add_argument("--no-references", dest="references", action="store_false",
+                        help="skip timing MobileNets' own narrower variants (torchvision's width_mult)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON lines here")
     args = parser.parse_args()
     import onnxruntime
 
-    args.command_line = " ".join(
-        f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in (("models", args.models), ("targets", args.targets), ("batches", args.batches),
-                     ("repeats", args.repeats), ("warmup", args.warmup), ("threads", args.threads),
-                     ("allocation", args.allocation))
-    )
+    args.command_line = " ".join(f"--{k} {','.join(map(str, v))}" for k, v in
+                                 (("models", args.models), ("targets", args.targets), ("batches", args.batches)))
     args.ort_version = onnxruntime.__version__
-    args.machine = f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs"
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    args.machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     rows = []
     with tempfile.TemporaryDirectory(prefix="prunecli-speedup-") as folder:
         for name in args.models:
             for target in args.targets:
                 measured = measure(name, target, args, Path(folder))
-                print(*map(table_row, measured), sep="\n", flush=True)
+                for r in measured:
+                    print(json.dumps(r, default=str), flush=True)
+                    if args.output:
+                        with args.output.open("a") as handle:
+                            handle.write(json.dumps(r, default=str) + "\n")
                 rows += measured
-    (args.output_dir / "speedup.json").write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()
-                                                                           if k != "output_dir"}, "rows": rows},
-                                                             indent=2, default=str) + "\n")
-    (args.output_dir / "speedup.md").write_text(markdown(rows, args))
     print(markdown(rows, args))
 
 
