@@ -2,7 +2,8 @@
 CPU, batch 1, every thread, ``--round-to auto``), run ``--runs`` times per target on a torchvision model with random
 weights, in fresh processes sharing one latency-table cache (the first run times the table). Each run's line: the
 ratio of the kept model's second timing to the original's, whether that is within 5% of the target, the MACs kept,
-the slim models measured and the wall time. Run it on a busy machine too: that is what it is for.
+each slim model's first and second timing as a share of the original's (* the one kept) and the wall time. Run it
+on a busy machine too: that is what it is for.
 
     python benchmarks/latency_stability.py --model mobilenet_v2 --targets 0.6,0.7 --runs 5
 """
@@ -33,7 +34,8 @@ def main() -> None:
         checkpoint = Path(tmp) / f"{args.model}.pt"
         torch.save(getattr(torchvision.models, args.model)(weights=None).state_dict(), checkpoint)
         env = {"PRUNECLI_CACHE": str(Path(tmp) / "cache")}
-        print("| target | run | measured (second timing) | within 5% | MACs kept | slim models | wall s |")
+        print("| target | run | measured (second timing) | within 5% | MACs kept | slim models: first / second timing | "
+              "wall s |")
         print("|---|---|---|---|---|---|---|")
         for target in args.targets.split(","):
             for run in range(1, args.runs + 1):
@@ -48,8 +50,10 @@ def main() -> None:
                 out = json.loads(done.stdout)
                 record = out["latency_target"]
                 kept = out["after"]["macs"] / out["before"]["macs"]
+                timings = ", ".join(f"{s['measured_ratio']:.2f}/{s['again_ms'] / record['original_ms']:.2f}"
+                                    + ("*" if i == record["chosen"] else "") for i, s in enumerate(record["iterations"]))
                 print(f"| {target} | {run} | {record['measured_ratio']:.3f} | {'yes' if record['converged'] else 'no'} | "
-                      f"{100 * kept:.1f}% | {len(record['iterations'])} | {wall:.0f} |", flush=True)
+                      f"{100 * kept:.1f}% | {timings} | {wall:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
