@@ -5,12 +5,33 @@ record; and the parent's side, which runs each worker in its own process under a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def saved_models() -> Iterator[list]:
+    """The models handed to ``save_slim`` inside the block (the pruned model as it was written), in order."""
+    import prunecli.io.slim as slim_module
+
+    captured: list = []
+    original_save = slim_module.save_slim
+
+    def spy(model, path, **kwargs):
+        captured.append(model)
+        return original_save(model, path, **kwargs)
+
+    slim_module.save_slim = spy
+    try:
+        yield captured
+    finally:
+        slim_module.save_slim = original_save
 
 
 def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, record: dict,
@@ -20,27 +41,11 @@ def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, re
     ``trust_code``: the slim file names an architecture other than torchvision's or timm's (``--arch`` on reload).
 
     Raises what pruning or reloading raised; ``record["stage"]`` says which it was."""
-    import torch
-
-    import prunecli
-    import prunecli.io.slim as slim_module
     from prunecli.api import prune_model
-    from prunecli.outputs import output_shapes, output_tensors
-    from prunecli.tasks import end_to_end_outputs, prunable_part
 
-    captured = []
-    original_save = slim_module.save_slim
-
-    def spy(model, path, **kwargs):
-        captured.append(model)
-        return original_save(model, path, **kwargs)
-
-    slim_module.save_slim = spy
-    try:
-        record["stage"] = "prune"
+    record["stage"] = "prune"
+    with saved_models() as captured:
         result = prune_model(config)  # a model prunecli cannot run on one batch is refused here
-    finally:
-        slim_module.save_slim = original_save
     record.update(
         macs_before=result.before.macs, macs_after=result.after.macs, params_before=result.before.params,
         params_after=result.after.params, macs_kept=result.macs_kept, channels_removed=result.channels_removed,
@@ -48,9 +53,22 @@ def prune_and_reload(config, shape: tuple[int, ...], reference_shapes: tuple, re
     )
     record["stage"] = "reload"
     config.source.path.unlink()  # the slim file must rebuild on its own
-    loaded = prunecli.load(config.output.path, trust_code=trust_code)
-    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
     (pruned,) = captured
+    check_reload(config.output.path, pruned, shape, reference_shapes, record, trust_code)
+
+
+def check_reload(output: Path, pruned, shape: tuple[int, ...], reference_shapes: tuple, record: dict,
+                 trust_code: bool = False) -> None:
+    """``prunecli.load(output)`` against ``pruned`` (the model written) and the original's output shapes: every
+    tensor and output, and a detector's detections end to end; the verdict goes into ``record``."""
+    import torch
+
+    import prunecli
+    from prunecli.outputs import output_shapes, output_tensors
+    from prunecli.tasks import end_to_end_outputs, prunable_part
+
+    loaded = prunecli.load(output, trust_code=trust_code)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
     pruned.eval()
     with torch.no_grad():
         got, want = prunable_part(loaded)(x), prunable_part(pruned)(x)
