@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import prunecli
 from prunecli.cli import app
+from prunecli.errors import CheckpointError
 from prunecli.io import hf_arch
 from prunecli.io.formats import load_model
 from prunecli.io.formats.hf import HF_FOLDER, HuggingFaceFolder
@@ -364,19 +365,86 @@ def test_a_bad_folder_is_refused_in_one_line_and_nothing_is_written(tmp_path, fo
     assert not (tmp_path / "MARKER").exists()  # the folder's code never ran
 
 
-def test_a_folders_own_code_runs_with_the_trust_flag_and_is_not_written_back(tmp_path):
+def test_a_folders_own_code_is_pruned_only_with_the_trust_flag_into_a_folder_that_keeps_its_code(tmp_path,
+                                                                                                  saved_models):
     folder = custom_code_folder(tmp_path / "custom", tmp_path / "MARKER")
     analyzed = invoke("analyze", folder, "--trust-remote-code", "--json")
     assert analyzed.exit_code == 0, analyzed.output
     report = json.loads(analyzed.stdout)
-    assert report["model"]["input_shape"] == [3, 16, 16] and report["model"]["arch"] is None
+    assert report["model"]["input_shape"] == [3, 16, 16]
+    assert report["model"]["arch"] == "hf-code:TinyForImageClassification"
     assert report["notes"] == ["ran the folder's own code for TinyForImageClassification (--trust-remote-code)"]
     assert (tmp_path / "MARKER").exists()
     (tmp_path / "MARKER").unlink()
-    refused = invoke("prune", folder, "--trust-remote-code", "--ratio", "0.5")
-    assert one_line_error(refused).startswith("a model of the folder's own code (auto_map) cannot be written")
+
+    refused = invoke("prune", folder, "--trust-remote-code", "--ratio", "0.5", "-o", tmp_path / "tiny.safetensors")
+    assert one_line_error(refused).startswith(f"output {tmp_path / 'tiny.safetensors'} is a file, and a model of the "
+                                              "folder's own code (auto_map) is rebuilt only through that code")
     assert not (tmp_path / "MARKER").exists()  # refused before reading
-    assert files_in(tmp_path) == ["custom"]
+    output = tmp_path / "tiny-pruned"
+    pruned = invoke("prune", folder, "--trust-remote-code", "--ratio", "0.5", "-o", output, "-q")
+    assert pruned.exit_code == 0, pruned.output
+    assert files_in(output) == ["config.json", "configuration_tiny.py", "model.safetensors", "modeling_tiny.py"]
+    for name in ("config.json", "configuration_tiny.py", "modeling_tiny.py"):
+        assert (output / name).read_bytes() == (folder / name).read_bytes()
+    (tmp_path / "MARKER").unlink(missing_ok=True)  # this process imported the folder's code: prune may not again
+
+    with pytest.raises(CheckpointError, match="asks to run the folder's own code"):
+        prunecli.load(output)
+    assert "pass --trust-remote-code" in one_line_error(invoke("analyze", output))
+    assert not (tmp_path / "MARKER").exists()  # neither ran the copied code
+    reloaded = prunecli.load(output, trust_code=True)
+    assert (tmp_path / "MARKER").exists()  # the code copied beside the pruned model built it
+    assert (reloaded.conv.out_channels, reloaded.bn.num_features, reloaded.fc.in_features) == (4, 4, 4)
+    x = torch.randn(2, 3, 16, 16)
+    assert_close(logits(reloaded, x), logits(saved_models[0], x), rtol=0, atol=0)
+    exported = invoke("export", output, "--trust-remote-code", "-o", tmp_path / "tiny.onnx", "--json")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["verification"]["passed"]
+
+
+# ----------------------------------------------------------------------------- sharded weights
+
+
+def sharded_folder(folder: Path, pickled: bool = False) -> Path:
+    """The ResNet saved in shards of at most 20KB, as save_pretrained(max_shard_size=...) writes them; ``pickled``:
+    as pytorch_model-0000N-of-0000M.bin beside pytorch_model.bin.index.json, as older transformers wrote them."""
+    from safetensors.torch import load_file
+
+    resnet().save_pretrained(folder, max_shard_size="20KB")
+    if pickled:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        for name in set(index["weight_map"].values()):
+            torch.save(load_file(str(folder / name)), folder / name.replace("model", "pytorch_model").replace(
+                ".safetensors", ".bin"))
+            (folder / name).unlink()
+        index["weight_map"] = {k: v.replace("model", "pytorch_model").replace(".safetensors", ".bin")
+                               for k, v in index["weight_map"].items()}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        (folder / "model.safetensors.index.json").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("pickled", [False, True], ids=["safetensors", "bin"])
+def test_sharded_weights_are_read_from_every_shard_the_index_names(tmp_path, pickled):
+    folder = sharded_folder(tmp_path / "resnet", pickled)
+    suffix = ".bin" if pickled else ".safetensors"
+    shards = sorted(p for p in folder.iterdir() if p.suffix == suffix)
+    assert len(shards) == 4 and shards[0].name == f"{'pytorch_model' if pickled else 'model'}-00001-of-00004{suffix}"
+    loaded = load_model(folder, input_shape=(3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    assert_close(loaded.model(x), logits(resnet(), x), rtol=0, atol=0)
+    assert loaded.sha256 == hashlib.sha256(b"".join(p.read_bytes() for p in shards)).hexdigest()
+
+
+def test_a_missing_shard_is_named_in_one_line_and_nothing_is_written(tmp_path):
+    folder = sharded_folder(tmp_path / "resnet")
+    (folder / "model-00003-of-00004.safetensors").unlink()
+    before = files_in(folder)
+    message = one_line_error(invoke("prune", folder, "--flops-target", "0.5", "--input-shape", "3x64x64"))
+    assert message == (f"{folder}: shard model-00003-of-00004.safetensors, which model.safetensors.index.json names, "
+                       "is missing; copy every file save_pretrained wrote")
+    assert files_in(tmp_path) == ["resnet"] and files_in(folder) == before
 
 
 def test_an_output_folder_is_replaced_only_when_prunecli_wrote_it(tmp_path, folders):

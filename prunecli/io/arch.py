@@ -1,7 +1,8 @@
 """Architecture specs -> freshly initialised ``nn.Module`` (never downloads weights).
 
 Spec forms: ``torchvision:<model>``, ``timm:<model>``, ``sample:<name>``, ``hf:<transformers class>`` (its config as
-the keyword arguments), ``pkg.module:factory``, ``path/to/file.py:factory``.
+the keyword arguments), ``hf-code:<class>`` (a class of a Hugging Face folder's own code: the folder among the import
+paths), ``pkg.module:factory``, ``path/to/file.py:factory``.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def _resolve_factory(spec: str, import_paths: tuple[Path, ...] = ()) -> Callable
         return timm_factory(name)
     if kind == hf_arch.KIND:
         return hf_arch.hf_factory(name)
+    if kind == hf_arch.CODE_KIND:
+        return hf_arch.code_factory(name, import_paths)
     if kind == "sample":
         from prunecli.samples import SAMPLE_ARCHITECTURES
 

@@ -180,9 +180,11 @@ def _umask() -> int:
     return mask
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, *more: Path) -> str:
+    """The SHA-256 of a file's bytes; with ``more``, of the files' bytes one after another (a model in shards)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    for part in (path, *more):
+        with open(part, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()

@@ -1,5 +1,6 @@
 """Hugging Face transformers vision models: ``hf:ClassName`` architectures built from their config, the input a
-folder's config and preprocessor describe, and a folder's own code (``auto_map``) run with the user's consent.
+folder's config and preprocessor describe, and a folder's own code (``auto_map``) run with the user's consent:
+``hf-code:ClassName``, a class of the code in the folder the model was written to.
 
 transformers is optional (``pip install prunecli[hf]``) and imported only here, when a folder or an ``hf:`` spec
 needs it. Nothing downloads: a model is built from its config with random weights, and the weights are the
@@ -20,6 +21,7 @@ from torch import nn
 from prunecli.errors import ArchitectureError, CheckpointError, one_line
 
 KIND = "hf"  # the spec kind: hf:ResNetForImageClassification, its config as the keyword arguments
+CODE_KIND = "hf-code"  # hf-code:TinyForImageClassification: a class of a folder's own code, its config likewise
 INSTALL = "pip install 'prunecli[hf]'"
 
 
@@ -93,6 +95,23 @@ def remote_class(folder: Path, config: Mapping[str, Any], name: str) -> tuple[ty
         raise ArchitectureError(f"importing {name} from the code in {folder} failed ({one_line(exc)})") from exc
     check_vision(cls)
     return cls, hf_config
+
+
+def code_factory(name: str, folders: tuple[Path, ...]) -> Callable[..., nn.Module]:
+    """The factory of the spec ``hf-code:name``: the class of that name in the code of the first of ``folders``
+    (the Hugging Face folder a model is read from) that holds a config.json. Reached only with the user's consent:
+    the spec is no builtin kind, so a file naming it is refused without ``--trust-remote-code``."""
+    folder = next((Path(f) for f in folders if (Path(f) / "config.json").is_file()), None)
+    if folder is None:
+        raise ArchitectureError(f"{CODE_KIND}:{name} is a class of a Hugging Face folder's own code; read the folder "
+                                "the model was written to (with --trust-remote-code), not its model.safetensors alone")
+    return lambda **config: own_model(folder, config, name)
+
+
+def own_model(folder: Path, config: Mapping[str, Any], name: str) -> nn.Module:
+    """The folder's own class ``name`` built from ``config`` (the JSON of its config.json), random weights."""
+    cls, _ = remote_class(folder, config, name)
+    return cls(config_of(cls, config)).eval()
 
 
 def config_of(cls: type, config: Mapping[str, Any]) -> Any:

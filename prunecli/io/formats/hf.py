@@ -1,10 +1,12 @@
 """A Hugging Face folder: what ``save_pretrained`` writes for a transformers vision model (``config.json``, the
-weights in ``model.safetensors`` or ``pytorch_model.bin``, and the image processor's ``preprocessor_config.json``).
+weights in ``model.safetensors`` or ``pytorch_model.bin``, or in shards beside their index, and the image processor's
+``preprocessor_config.json``).
 
 Mine: every directory (a folder is a model only as a Hugging Face folder; one without ``config.json`` is refused,
 saying what it needs). Read: the class that ``architectures`` in config.json names, from the transformers
 package (an image model: its forward takes ``pixel_values``), built from the config with random weights; the
-folder's weights loaded strictly (``pytorch_model.bin`` with ``weights_only=True``). The input is the config's
+folder's weights loaded strictly (``pytorch_model.bin`` with ``weights_only=True``; every shard its index
+names, refused naming the one missing). The input is the config's
 ``num_channels`` at the size the preprocessor crops (else resizes) to, else the config's ``image_size``; the
 normalisation the preprocessor's ``image_mean``/``image_std``. A config whose ``auto_map`` has transformers import
 the folder's own code is refused without ``--trust-remote-code`` (the same consent as ``--trust-pickle``).
@@ -14,7 +16,9 @@ preprocessor_config.json copied as they are, and ``model.safetensors`` a prunecl
 is ``hf:<class>`` with the config as its keyword arguments; or as that slim file alone (``-o x.safetensors``).
 Either rebuilds without pickle, with ``prunecli.load`` and every command: the unpruned model from the config, the
 pruned widths from the stored shapes. transformers' ``from_pretrained`` cannot read a pruned folder, whose config
-still describes the unpruned widths. A model of a folder's own code is not written (it has no ``hf:`` class).
+still describes the unpruned widths. A model of a folder's own code is written only as a folder: its code files
+(``*.py``) copied beside config.json, and the slim file's base architecture ``hf-code:<class>``, which is rebuilt
+through the folder's code, so only with ``--trust-remote-code`` (the config's ``auto_map`` asks it anyway).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from torch import nn
 from prunecli.config import ModelSource
 from prunecli.errors import CheckpointError, ExportError
 from prunecli.io import hf_arch
-from prunecli.io.arch import ArchSpec, InputInfo
-from prunecli.io.files import atomic_folder, check_output_path, check_suffix
+from prunecli.io.arch import ArchSpec, InputInfo, build_skeleton
+from prunecli.io.files import atomic_folder, check_output_path, check_suffix, sha256_file
 from prunecli.io.formats.base import LoadedModel, Probe, input_info, loaded_model
 from prunecli.io.formats.slim import SlimOutput, consents
 from prunecli.io.readers import read_safetensors, torch_load, unwrap_state_dict
@@ -45,7 +49,7 @@ CONFIG = "config.json"
 PREPROCESSOR = "preprocessor_config.json"
 SAFETENSORS = "model.safetensors"
 PICKLE = "pytorch_model.bin"
-SHARDED = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SHARDED = (f"{SAFETENSORS}.index.json", f"{PICKLE}.index.json")  # an index whose weight_map names the shards
 COPIED = (CONFIG, PREPROCESSOR)  # written beside the slim model.safetensors, as they are
 # suffixes of model files that an output folder's name must not end in: -o x.onnx is a mistake, not a folder
 FILE_SUFFIXES = (*SUFFIXES, ".onnx", ".ts", ".ptl", ".bin", ".ckpt", ".json", ".pkl")
@@ -71,15 +75,30 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json(path, "Hugging Face config")
 
 
-def weights_file(folder: Path) -> Path:
+def weight_files(folder: Path) -> list[Path]:
+    """The file the weights are in, or the shards an index names (each once, by name), each one checked to be there."""
     for name in (SAFETENSORS, PICKLE):
         if (folder / name).is_file():
-            return folder / name
-    if any((folder / name).is_file() for name in SHARDED):
-        raise CheckpointError(f"{folder} holds its weights in shards, which prunecli does not read yet; save it again "
-                              "as one file (save_pretrained(..., max_shard_size='100GB'))")
-    raise CheckpointError(f"{folder} has {CONFIG} but no {SAFETENSORS} or {PICKLE}; give the folder "
-                          "save_pretrained wrote")
+            return [folder / name]
+    index = next((folder / name for name in SHARDED if (folder / name).is_file()), None)
+    if index is None:
+        raise CheckpointError(f"{folder} has {CONFIG} but no {SAFETENSORS} or {PICKLE} (nor a shard index); give the "
+                              "folder save_pretrained wrote")
+    weight_map = read_json(index, "shard index").get("weight_map")
+    names = sorted(set(weight_map.values()), key=str) if isinstance(weight_map, dict) else []
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise CheckpointError(f"{index} has no weight_map of tensor names to shard files in the folder; the index is "
+                              "damaged")
+    for name in names:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: shard {name}, which {index.name} names, is missing; copy every file "
+                                  "save_pretrained wrote")
+    return [folder / name for name in names]
+
+
+def code_files(folder: Path) -> list[Path]:
+    """The Python files of a folder's own code (``auto_map`` imports them, and they import each other)."""
+    return sorted(p for p in folder.glob("*.py") if p.is_file())
 
 
 def class_name(config: Mapping[str, Any], folder: Path) -> str:
@@ -114,45 +133,54 @@ class FolderModel:
     prunecli wrote (None for one save_pretrained wrote)."""
 
     model: nn.Module
-    arch: ArchSpec | None  # None: the folder's own code, which no hf: spec builds
+    arch: ArchSpec  # hf:CLASS, or hf-code:CLASS for the folder's own code
     config: dict[str, Any]
-    weights: Path
+    weights: list[Path]  # one file, or the shards
     document: dict[str, Any] | None
     notes: list[str]
+
+
+def read_weights(files: list[Path], source: ModelSource, notes: list[str]) -> dict[str, Any]:
+    """The tensors of every file, merged; safetensors with their header checked first, .bin with weights_only."""
+    state: dict[str, Any] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            state.update(read_safetensors(path))
+        else:
+            state.update(unwrap_state_dict(torch_load(path, source.trust_pickle, source.import_paths), notes))
+    return state
 
 
 def read_folder(folder: Path, source: ModelSource) -> FolderModel:
     config = read_config(folder)
     check_trust(config, folder, source.trust_pickle)
     name = class_name(config, folder)
-    weights = weights_file(folder)
+    weights = weight_files(folder)
     notes: list[str] = []
-    if weights.name == SAFETENSORS:
-        state = read_safetensors(weights)  # its header, size and offsets checked first
-        document = read_slim_metadata(weights)
-    else:
-        state, document = unwrap_state_dict(torch_load(weights, source.trust_pickle, source.import_paths), notes), None
+    state = read_weights(weights, source, notes)
+    document = read_slim_metadata(weights[0]) if weights[0].name == SAFETENSORS else None
     if document is not None:  # a folder prunecli wrote: the pruned widths rebuilt from the stored shapes
         arch = ArchSpec.from_dict(document["arch"])
-        model = rebuild(document, state, consents(document, None, source.trust_pickle), str(weights),
-                        source.import_paths)
+        model = rebuild(document, state, consents(document, None, source.trust_pickle), str(weights[0]),
+                        (folder, *source.import_paths))  # the folder: where hf-code finds its class
         return FolderModel(model, arch, config, weights, document, notes)
     if hf_arch.remote_classes(config):
         cls, hf_config = hf_arch.remote_class(folder, config, name)
         notes.append(f"ran the folder's own code for {name} ({TRUST})")
-        arch = None
+        arch = ArchSpec(f"{hf_arch.CODE_KIND}:{name}", config)
     else:
         cls = hf_arch.model_class(name)
         hf_config, arch = hf_arch.config_of(cls, config), ArchSpec(f"{hf_arch.KIND}:{name}", config)
-    model = hf_arch.pretrained(cls, hf_config, state, str(weights))
+    model = hf_arch.pretrained(cls, hf_config, state, str(weights[0] if len(weights) == 1 else folder))
     return FolderModel(model, arch, config, weights, None, notes)
 
 
 def made_by_prunecli(folder: Path) -> bool:
-    """A folder this adapter wrote (which ``--force`` may replace): only the files it writes, a slim model inside."""
+    """A folder this adapter wrote (which ``--force`` may replace): only the files it writes (a folder's code among
+    them), a slim model inside."""
     try:
         names = {p.name for p in folder.iterdir()}
-        return SAFETENSORS in names and names <= {SAFETENSORS, *COPIED} and \
+        return SAFETENSORS in names and all(n in {SAFETENSORS, *COPIED} or n.endswith(".py") for n in names) and \
             read_slim_metadata(folder / SAFETENSORS) is not None
     except (OSError, CheckpointError):
         return False
@@ -164,7 +192,7 @@ def is_folder_output(output: Path) -> bool:
 
 @dataclass(frozen=True)
 class HuggingFaceFolder(SlimOutput):
-    """``own_code``: the folder's model is of its own code (``auto_map``), which no slim file can name."""
+    """``own_code``: the folder's model is of its own code (``auto_map``): written only as a folder, the code beside."""
 
     own_code: bool = False
     name = "hugging face folder"
@@ -184,11 +212,12 @@ class HuggingFaceFolder(SlimOutput):
         found = read_folder(probe.path, source)
         fallback = None if found.document else folder_input(probe.path, found.config)
         info = input_info(found.document, None, source.input_shape, fallback)
-        kind = "safetensors" if found.weights.name == SAFETENSORS else "zip"
-        adapter = HuggingFaceFolder(found.arch is None)
-        loaded = loaded_model(found.model, found.arch, info, Probe(found.weights, kind), adapter, found.document,
+        kind = "safetensors" if found.weights[0].suffix == ".safetensors" else "zip"
+        adapter = HuggingFaceFolder(found.arch.spec.startswith(f"{hf_arch.CODE_KIND}:"))
+        loaded = loaded_model(found.model, found.arch, info, Probe(found.weights[0], kind), adapter, found.document,
                               found.notes)
-        return dataclasses.replace(loaded, source=probe.path)
+        digest = sha256_file(*found.weights) if len(found.weights) > 1 else loaded.sha256
+        return dataclasses.replace(loaded, source=probe.path, sha256=digest)
 
     def module(self, probe: Probe, trust_code: bool, import_paths: tuple[Path, ...]) -> nn.Module:
         return read_folder(probe.path, ModelSource(probe.path, trust_pickle=trust_code,
@@ -199,11 +228,15 @@ class HuggingFaceFolder(SlimOutput):
         return source_path.with_name(f"{source_path.name}.{tag}")
 
     def check_output(self, output: Path) -> None:
-        if self.own_code:
-            raise ExportError("a model of the folder's own code (auto_map) cannot be written as a pruned model yet; "
-                              "analyze, score, evaluate and export (ONNX, TorchScript) read it")
+        if self.own_code and not is_folder_output(output):
+            raise ExportError(f"output {output} is a file, and a model of the folder's own code (auto_map) is rebuilt "
+                              "only through that code: give -o a folder name, which gets the code beside the model")
         if not is_folder_output(output):
             check_suffix(output, SUFFIXES, "a slim model", " or give a folder name, for a Hugging Face folder")
+
+    def skeleton(self, loaded: LoadedModel) -> nn.Module | None:
+        """The folder's own class is found through the folder (``hf-code``), which the spec alone does not name."""
+        return build_skeleton(loaded.arch, (loaded.source,)) if self.own_code else None
 
     def check_path(self, output: Path, *, force: bool, inputs: tuple[Path, ...]) -> None:
         if is_folder_output(output):
@@ -223,6 +256,8 @@ class HuggingFaceFolder(SlimOutput):
             for name in COPIED:
                 if (loaded.source / name).is_file():
                     shutil.copyfile(loaded.source / name, tmp / name)
+            for path in code_files(loaded.source) if self.own_code else ():
+                shutil.copyfile(path, tmp / path.name)
         return output
 
 

@@ -46,7 +46,12 @@ class SlimOutput(CheckpointFormat):
             raise ExportError(f"output {output} is a slim model, which is rebuilt from its base architecture, and this "
                               "model names none; pass --arch")
         return engine.save_slim(model, output, arch=loaded.arch, input_shape=tuple(loaded.input.shape),
-                                metadata=metadata, force=force, inputs=inputs)
+                                metadata=metadata, base=self.skeleton(loaded), force=force, inputs=inputs)
+
+    def skeleton(self, loaded: LoadedModel) -> nn.Module | None:
+        """The unpruned base the pruned model is described against, when its spec alone cannot build it (a folder's
+        own code, found through the folder); None: the writer builds it from the spec."""
+        return None
 
 
 def consents(document: dict[str, Any], arch: ArchSpec | None, trust_pickle: bool) -> bool:
