@@ -326,7 +326,8 @@ def write_doc() -> None:
             versions.append(f"{label} not installed")
     listed = "\n".join(f"- `{arch}` `{json.dumps(kwargs)}`" for case, (arch, kwargs, _) in cases().items()
                        if case.startswith("monai-") and not case.endswith("-3d"))
-    header = f"""# Third-party coverage: segmentation_models_pytorch and MONAI
+    hf_listed = "\n".join(f"- `{label}`: `{name}` `{json.dumps(fields)}`" for label, (name, fields) in HF_MODELS.items())
+    header = f"""# Third-party coverage: segmentation_models_pytorch, MONAI and transformers
 
 timm: [coverage-timm.md](coverage-timm.md); torchvision: [coverage.md](coverage.md).
 
@@ -339,6 +340,15 @@ onnxruntime). A row passes when the MACs kept are within {100 * TOLERANCE:g} pp 
 same tensors and outputs (max relative difference ≤ 1e-5) as the model pruned in memory, every output keeps its
 shape, and the ONNX file is written and verified. A model prunecli cannot handle must be refused with a one-line
 `PrunecliError`; a crash, a traceback, a hang (over {HARD_LIMIT} s) or a failed export is a failure.
+
+transformers rows go as their users go, through the CLI: the class built from a small config with random weights
+(`num_labels` 10), saved with `save_pretrained` into a folder beside a `ViTImageProcessor` of its
+{HF_SIZE}x{HF_SIZE} size, `prunecli prune ./model/ --flops-target 0.5 -o model.slim --json`, the source folder
+removed, the pruned folder reloaded with `prunecli.load` and compared as above (on the logits), then
+`prunecli export model.slim -o model.onnx`. A refusal is the CLI's one-line error (exit 1); an internal error, any
+other exit or a traceback is a failure. The configs (fields besides each class's defaults):
+
+{hf_listed}
 
 smp: every architecture of the installed version (DPT aside: its encoders are ViTs only) with the encoders
 {', '.join(f'`{e}`' for e in SMP_ENCODERS)}, `classes=2`, at 3x{SMP_SIZE}x{SMP_SIZE}. MONAI: 2-D at
