@@ -301,9 +301,12 @@ def _section(library: str, rows: dict[str, str]) -> str:
         counts["ok" if cell == "ok" else "refused" if cell.startswith("refused") else "fail"] += 1
         if cell.startswith("refused") and case in WHY:
             why.append(f"- `{case}`: {WHY[case]}.")
+    unwalked = [case for case in cases() if case.startswith(f"{library}-") and case not in rows]
     return (
         f"## {LIBRARIES[library]}\n\n**{counts['ok']} of {len(rows)} pass; {counts['refused']} refused with a clear "
         f"error, {counts['fail']} failing.**\n\n"
+        + (f"Not walked yet: {', '.join(f'`{case}`' for case in unwalked)}.\n\n" if unwalked else "")
+        +
         "| model | input | status | MACs before | kept | params | ONNX | seconds | note |\n"
         "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows.values()) + "\n"
         + ("\nWhy refused:\n\n" + "\n".join(why) + "\n" if why else "")
