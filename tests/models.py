@@ -358,28 +358,28 @@ class SharedLayer(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-SPLIT = "split into fixed-size parts (split/chunk/slice/unbind)"
+SLICE = "split into fixed-size parts (slice/unbind)"
 
 
 class ChunkBranches(nn.Module):
     """stem (16 ch) -> chunk(2) -> (left: 8 -> 8, right: 8 -> 12) -> cat -> fc.
 
-    chunk's part sizes are fixed by the forward: removing stem channels unevenly would hand the wrong
-    channels to left and right, so stem's group is not prunable. The branches are ordinary groups.
+    chunk cuts whatever width it is given in two, so stem's channels go in two blocks, the same positions from
+    each half, and left and right each keep reading their own half. The branches are ordinary groups.
     """
 
     INPUT_SHAPE = (3, 16, 16)
     EXPECTED_GROUPS: ClassVar = {
-        "stem": expect(16, "stem bn0", "left right", reason=SPLIT),
+        "stem": expect(16, "stem bn0", "left right", blocks=2),
         "left": expect(8, "left", "fc"),
         "right": expect(12, "right", "fc"),
         "fc": expect(5, "fc", reason=OUTPUT),
     }
     EXPECTED_IN_INDICES: ClassVar = {("left", "fc"): tuple(range(8)), ("right", "fc"): tuple(range(8, 20))}
     EXPECTED_PARTIAL: ClassVar = {("stem", "left"), ("stem", "right")}  # each sees half of stem's channels
-    PLAN: ClassVar = {"left": 2, "right": 5}
+    PLAN: ClassVar = {"stem": 4, "left": 2, "right": 5}
     EXPECTED_SHAPES: ClassVar = {
-        "stem": (16, 3, 3, 3), "bn0": (16,), "left": (6, 8, 3, 3), "right": (7, 8, 1, 1), "fc": (5, 13),
+        "stem": (12, 3, 3, 3), "bn0": (12,), "left": (6, 6, 3, 3), "right": (7, 6, 1, 1), "fc": (5, 13),
     }
 
     def __init__(self):
@@ -397,12 +397,86 @@ class ChunkBranches(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class C2fBlock(nn.Module):
+    """Ultralytics' C2f: cv1 (12 ch) -> chunk(2) -> y0, y1; y2 = y1 + m2(m1(y1)) (a residual bottleneck on the second
+    half); cat(y0, y1, y2) (18 ch) -> cv2 -> fc. The bottleneck's m2 adds into cv1's second half: one group of two
+    blocks, rooted at cv1 (started at m2, the walk would reach only half of cv1). The concat reads both halves of the
+    same split, which Torch-Pruning paired with the wrong parts."""
+
+    INPUT_SHAPE = (3, 12, 12)
+    EXPECTED_GROUPS: ClassVar = {
+        "cv1": expect(12, "cv1 cv1_bn m2 m2_bn", "m1 cv2", blocks=2),
+        "m1": expect(4, "m1 m1_bn", "m2"),
+        "cv2": expect(10, "cv2 cv2_bn", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    # cat(y0, y1, y2): cv1's channels 0..11 are cv2's inputs 0..11, and the bottleneck's sum (y1's roots 6..11) is
+    # inputs 12..17 too, in the order walked
+    EXPECTED_IN_INDICES: ClassVar = {("cv1", "cv2"): (*range(12, 18), *range(6, 12), *range(6))}
+    EXPECTED_PARTIAL: ClassVar = {("cv1", "m1"), ("cv1", "m2"), ("cv1", "m2_bn")}
+    PLAN: ClassVar = {"cv1": 4, "m1": 1, "cv2": 3}
+    EXPECTED_SHAPES: ClassVar = {
+        "cv1": (8, 3, 3, 3), "cv1_bn": (8,), "m1": (3, 4, 3, 3), "m1_bn": (3,), "m2": (4, 3, 3, 3), "m2_bn": (4,),
+        "cv2": (7, 12, 1, 1), "cv2_bn": (7,), "fc": (5, 7),
+    }
+
+    def __init__(self):
+        super().__init__()
+        for name, (c_in, c_out, kernel) in {"cv1": (3, 12, 3), "m1": (6, 4, 3), "m2": (4, 6, 3), "cv2": (18, 10, 1)}.items():
+            setattr(self, name, nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False))
+            setattr(self, f"{name}_bn", nn.BatchNorm2d(c_out))
+        self.fc = nn.Linear(10, 5)
+
+    def conv(self, name: str, x: Tensor) -> Tensor:  # Ultralytics' Conv: conv, batch norm, SiLU
+        return nn.functional.silu(getattr(self, f"{name}_bn")(getattr(self, name)(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = list(self.conv("cv1", x).chunk(2, 1))
+        y.append(y[-1] + self.conv("m2", self.conv("m1", y[-1])))
+        return self.fc(self.conv("cv2", torch.cat(y, 1)).mean((2, 3)))
+
+
+class HeldSplits(nn.Module):
+    """Splits no removal keeps right: split((4, 4)) gives its widths as constants, and split(5) of 8 channels makes
+    parts of 5 and 3. Those groups stay whole; the layers that read the parts prune."""
+
+    INPUT_SHAPE = (3, 8, 8)
+    EXPECTED_GROUPS: ClassVar = {
+        "given": expect(8, "given", "a b", reason="split into parts of widths fixed in the forward (4, 4) "
+                                                  "(split with sizes)"),
+        "uneven": expect(8, "uneven", "c d", reason="split into parts of unequal widths (5, 3)"),
+        "a": expect(2, "a", "fc"), "b": expect(2, "b", "fc"), "c": expect(2, "c", "fc"), "d": expect(2, "d", "fc"),
+        "fc": expect(5, "fc", reason=OUTPUT),
+    }
+    EXPECTED_PARTIAL: ClassVar = {("given", "a"), ("given", "b"), ("uneven", "c"), ("uneven", "d")}
+    EXPECTED_IN_INDICES: ClassVar = {("b", "fc"): (2, 3), ("c", "fc"): (4, 5), ("d", "fc"): (6, 7)}
+    PLAN: ClassVar = {"a": 1, "d": 1}
+    EXPECTED_SHAPES: ClassVar = {
+        "given": (8, 3, 1, 1), "uneven": (8, 3, 1, 1), "a": (1, 4, 1, 1), "b": (2, 4, 1, 1), "c": (2, 5, 1, 1),
+        "d": (1, 3, 1, 1), "fc": (5, 6),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.given = nn.Conv2d(3, 8, 1)
+        self.uneven = nn.Conv2d(3, 8, 1)
+        for name, width in (("a", 4), ("b", 4), ("c", 5), ("d", 3)):
+            setattr(self, name, nn.Conv2d(width, 2, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = torch.relu(self.given(x)).split((4, 4), 1)
+        c, d = torch.relu(self.uneven(x)).split(5, 1)
+        parts = [self.a(a), self.b(b), self.c(c), self.d(d)]
+        return self.fc(torch.cat([p.mean((2, 3)) for p in parts], 1))
+
+
 class ChannelSlice(nn.Module):
     """stem (16 ch) -> x[:, 2:8] -> conv -> fc: the slice bounds are constants, so stem is pinned."""
 
     INPUT_SHAPE = (3, 16, 16)
     EXPECTED_GROUPS: ClassVar = {
-        "stem": expect(16, "stem bn0", "conv", reason=SPLIT),
+        "stem": expect(16, "stem bn0", "conv", reason=SLICE),
         "conv": expect(8, "conv", "fc"),
         "fc": expect(5, "fc", reason=OUTPUT),
     }
@@ -605,6 +679,8 @@ TRICKY_MODELS: tuple[type[nn.Module], ...] = (
     FlattenLinear,
     SharedLayer,
     ChunkBranches,
+    C2fBlock,
+    HeldSplits,
     ChannelSlice,
     FeatureTaps,
     SkipConcatPReLU,

@@ -232,6 +232,11 @@ def test_only_pt_outputs_are_written_naming_one_that_works(zoo, tmp_path):
 
 SLOW = pytest.mark.slow
 
+# (groups, prunable groups) of the traced path. C2f's chunk(2) and C3k2's pass their parts to the readers each part
+# was traced into, so cv1's output prunes in two blocks (49 groups and 39 prunable on YOLOv8n before, 72 and 57 on
+# YOLO11n-seg); C2PSA's split((c, c)) gives its widths as constants, and its cv1 stays.
+GROUPS = {"yolov8n": (53, 51), "yolo11n-seg": (74, 68)}
+
 
 @pytest.mark.parametrize("name", ["yolov8n", "yolo11n-seg", *(pytest.param(n, marks=SLOW) for n in (
     "yolo26n", "yolov8n-pose", "yolo11n-obb", "yolo11n-cls"))])
@@ -249,7 +254,7 @@ def test_zero_filters_pruned_leave_every_output_of_the_whole_model_unchanged(zoo
         if group.prunable and per_block > 1:
             plan[group.index] = M.spread_positions(group.channels, group.blocks, max(1, per_block // 4) * group.blocks,
                                                    seed=group.index)
-    assert len(plan) >= 10
+    assert (len(graph.groups), len(plan)) == GROUPS[name] if name in GROUPS else len(plan) >= 10
     dead_path = M.kill_and_prune(path, graph, plan)
     dead = reassemble(model, dead_path)
     pruned = reassemble(model, graph.model)

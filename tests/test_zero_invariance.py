@@ -195,6 +195,36 @@ def test_real_model_zero_invariance_and_costs(name):
             assert size == group.channels - removed, member.layer
 
 
+def timm_model(name):
+    def build():
+        timm = pytest.importorskip("timm")
+        model = M.randomise_norms(timm.create_model(name, pretrained=False)).eval().to(DTYPE)
+        return model, torch.randn(1, 3, 64, 64, dtype=DTYPE)  # float64: 50 layers deep, float32 drifts by 4e-5
+
+    return build
+
+
+# Models whose groups pass a split or chunk: (build, groups, prunable groups). Before each split's parts were read
+# from the trace (Torch-Pruning guessed them from an autograd attribute that torch 2.x renamed, and paired parts with
+# readers in the order it met them), cspresnet50 pruned 34 of 43 groups, res2net50_26w_4s 17 of 34 and
+# shufflenet_v2_x0_5 18 of 41 (its chunks cut the channel shuffle's output, whose groups stay whole).
+SPLIT_MODELS = {
+    "shufflenet_v2_x0_5": (torchvision_model("shufflenet_v2_x0_5"), 54, 18),
+    "cspresnet50": (timm_model("cspresnet50"), 43, 42),  # CrossStage: conv_exp's output split in two halves
+    "res2net50_26w_4s": (timm_model("res2net50_26w_4s"), 46, 45),  # conv1's output split in 4 parts of 26
+}
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "cspresnet50", pytest.param("res2net50_26w_4s",
+                                                                                     marks=pytest.mark.slow)])
+def test_groups_through_a_split_prune_and_removing_dead_channels_leaves_the_output(name):
+    build, groups, prunable = SPLIT_MODELS[name]
+    model, x = build()
+    _, graph, plan = assert_invariant(model, x, quarter_plan)
+    assert (len(graph.groups), sum(g.prunable for g in graph.groups), len(plan)) == (groups, prunable, prunable)
+    assert_cost_model_exact(model, x, graph, plan)
+
+
 MORE_MODELS = {
     "mobilenet_v3_small": {},  # squeeze-excite with hardsigmoid gates, hardswish
     "efficientnet_b0": {},  # squeeze-excite, stochastic depth (identity in eval)

@@ -24,16 +24,16 @@ from torch import nn
 
 from prunecli.errors import ArchitectureError, first_line
 from prunecli.graph.architectures import ATTRIBUTE_SYNC, refuse_unsupported
-from prunecli.graph.torch_pruning_graph import SpreadTooFar, dependency_graph_type
+from prunecli.graph.torch_pruning_graph import SpreadTooFar, dependency_graph_type, split_parts
 from prunecli.graph.tracing import SHUFFLE, ShuffleStandIn, out_of_place, traceable_shuffles
 from prunecli.layers import CONV_LINEAR
 from prunecli.outputs import output_tensors
 from prunecli.runtime import time_limit
 
-# Torch-Pruning's traced ops that cut a channel dimension into parts. The part sizes are constants in the
-# model's forward, which removal cannot change: a removal that is not spread exactly as they expect
-# breaks the forward or, worse, silently feeds the wrong channels to the consumers.
-SPLIT_OPS = frozenset({"_SplitOp", "_SliceOp", "_UnbindOp"})
+# Torch-Pruning's traced ops that cut a channel dimension into parts whose bounds are constants in the model's
+# forward, which removal cannot change: a removal that is not spread exactly as they expect breaks the forward or,
+# worse, silently feeds the wrong channels to the consumers. (A split or chunk is judged by its traced parts.)
+FIXED_PART_OPS = frozenset({"_SliceOp", "_UnbindOp"})
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,26 @@ def _partial(module: nn.Module, dim: str, indices, blocks: int) -> bool:
     return blocks > 1 and len(set(indices)) != module.in_channels
 
 
+def _split_blocks(item, channels: int) -> tuple[int, str]:
+    """What a split (``split``, ``chunk``) that a group's walk reaches asks of the group: the equal blocks its channels
+    must be removed in (one per part, the same positions from each, so every part keeps the width of the others, as
+    ``chunk`` will cut them) and, where no removal keeps the parts right, why (for the reason "split into ...").
+    (1, "") for any other op, and for a split along another dim, whose every part carries every channel."""
+    if type(item.dep.target.module).__name__ in FIXED_PART_OPS:
+        return 1, "fixed-size parts (slice/unbind)"
+    parts = split_parts(item.dep.target.module)
+    if parts is None or parts.widths is None:
+        return 1, ""
+    if parts.sizes_given:
+        return 1, f"parts of widths fixed in the forward {parts.widths} (split with sizes)"
+    if len(set(parts.widths)) > 1:
+        return 1, f"parts of unequal widths {parts.widths}"
+    if sum(parts.widths) != channels or list(item.idxs) != list(item.root_idxs) \
+            or sorted(item.idxs) != list(range(channels)):
+        return 1, "parts that hold other channels too (the split's input is not this group's channels in order)"
+    return len(parts.widths), ""
+
+
 class DependencyGraph:
     """The channel groups of one model, and removal of channels from that model in place.
 
@@ -164,7 +184,7 @@ class DependencyGraph:
         return output
 
     def _describe(self, index: int, raw, ignore: Sequence[str]) -> ChannelGroup:
-        members, blocks, split, ambiguous = [], 1, False, False
+        members, blocks, split, ambiguous = [], 1, "", False
         is_out = self._graph.is_out_channel_pruning_fn
         feeds_output = shuffled = False
         for item in raw.items:
@@ -175,8 +195,9 @@ class DependencyGraph:
             # those of a conv/linear that only reads the group)
             produces_output = item.dep.target.grad_fn in self._output_grad_fns
             feeds_output = feeds_output or (produces_output and (dim == "out" or not isinstance(module, CONV_LINEAR)))
-            if name is None:  # a traced op (add, concat, reshape) or a shuffle's stand-in, not a layer
-                split = split or type(module).__name__ in SPLIT_OPS
+            if name is None:  # a traced op (add, concat, reshape, split) or a shuffle's stand-in, not a layer
+                parts, held = _split_blocks(item, len(raw[0].idxs))
+                blocks, split = math.lcm(blocks, parts), split or held
                 shuffled = shuffled or isinstance(module, ShuffleStandIn)
                 continue
             members.append(Member(name, dim, tuple(item.idxs), tuple(item.root_idxs)))
@@ -202,7 +223,7 @@ class DependencyGraph:
         elif feeds_output or not consumers:
             reason = "feeds the model output"
         elif split:
-            reason = "split into fixed-size parts (split/chunk/slice/unbind)"
+            reason = f"split into {split}"
         elif ambiguous:
             reason = "a concatenation meets a grouped layer or a flatten; the channel mapping is ambiguous"
         elif channels % blocks:  # NextViT: a concat of branches whose grouped convs split it differently

@@ -39,8 +39,25 @@ def _sync_metaformer_scale(scale: nn.Module) -> None:  # timm's layer and residu
     scale.shape = (scale.scale.shape[0], *scale.shape[1:])
 
 
+def _sync_cross_stage(stage: nn.Module) -> None:  # timm's CSP stages split conv_exp's output by ``expand_chs // 2``
+    stage.expand_chs = stage.conv_exp.conv.out_channels
+
+
+def _sync_res2net(block: nn.Module) -> None:  # timm's Res2Net splits conv1's output into parts of ``width``
+    block.width = block.conv1.out_channels // block.scale
+
+
+def _sync_split_halves(block: nn.Module) -> None:  # Ultralytics' C2f family: chunk(2) runs, but forward_split
+    block.c = block.cv1.conv.out_channels // 2    # (what its exporter switches to) splits by ``(c, c)``
+
+
 ATTRIBUTE_SYNC = {"torchvision.models.vision_transformer.VisionTransformer": _sync_vision_transformer,
-                  "timm.models.metaformer.Scale": _sync_metaformer_scale}
+                  "timm.models.metaformer.Scale": _sync_metaformer_scale,
+                  "timm.models.cspnet.CrossStage": _sync_cross_stage,
+                  "timm.models.cspnet.CrossStage3": _sync_cross_stage,
+                  "timm.models.res2net.Bottle2neck": _sync_res2net,
+                  **{f"ultralytics.nn.modules.block.{name}": _sync_split_halves
+                     for name in ("C2f", "C3k2", "C2fCIB", "C2fPSA", "C2fAttn", "RepNCSPELAN4")}}
 
 
 def failing_module(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, Exception] | None:

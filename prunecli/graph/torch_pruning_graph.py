@@ -7,6 +7,8 @@ linear subclass's own per-channel parameters."""
 from __future__ import annotations
 
 import functools
+import itertools
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -34,12 +36,17 @@ def dependency_graph_type() -> type:
     width it cannot infer, a reshape it reads as a flatten by zero, timm's CoaT, CSPNet's focus, SHViT, Twins), the
     whole trace used to fail. The op is now left unmapped and remembered, and a group whose walk reaches it, or whose
     index mapping fails on the way, carries ``unmapped`` (the op and the error): it is described as unprunable and the
-    rest of the model prunes as before. Its pruners and ``build_dependency`` fix three more things (below)."""
+    rest of the model prunes as before. Its pruners and ``build_dependency`` fix three more things (below).
+
+    A split's parts are mapped by the walk itself (``split_edges``), from the widths the trace recorded and the part
+    each reader took (Torch-Pruning guessed the widths from a saved attribute that torch 2.x renamed, paired parts
+    with readers in the order it met them, and, where a concat reads a part, applied the two ops' mappings in the
+    wrong order)."""
     from numbers import Number
 
     import torch_pruning as tp
     from torch_pruning import _helpers, ops
-    from torch_pruning.dependency import index_mapping, shape_infer
+    from torch_pruning.dependency import index_mapping
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.dependency.group import Group
     from torch_pruning.pruner import function
@@ -48,16 +55,32 @@ def dependency_graph_type() -> type:
         sizes = None
         if node.module.concat_sizes is None:  # once: its pruner keeps them as channels go, and we prune group by group
             sizes = _traced_concat_sizes(node, {id(p) for p, _ in graph.unwrapped_parameters})
-            if sizes is not None:  # a split's part keeps the width its split's mapping was given (one walk agrees)
-                sizes = [shape_infer.infer_channels_between(graph, i, node) if i.type == ops.OPTYPE.SPLIT else size
-                         for i, size in zip(node.inputs, sizes, strict=True)]
             node.module.concat_sizes = sizes  # Torch-Pruning reads these before inferring any width itself
         index_mapping.update_concat_index_mapping(graph, node)
         if sizes is not None and node.module.offsets is None:  # it left the concat unmapped, as if along another dim
             raise TypeError("the width read after it is not its inputs' sum")
 
+    def update_split_index_mapping(graph, node) -> None:
+        """Once per split: its parts as traced (``traced_parts``; ``split_sizes``, the widths its pruner then keeps
+        as channels go) and, for each edge to or from a reader, the part that reader took (``graph.split_edges``)."""
+        if hasattr(node.module, "traced_parts"):
+            return
+        parts = _traced_split(node.grad_fn)
+        if parts.widths is not None:
+            for reader in dict.fromkeys(node.outputs):  # in the trace's order: a reader's autograd inputs
+                taken = [position for fn, position in reader.grad_fn.next_functions if fn is node.grad_fn]
+                edges = [d for d in node.dependencies if d.target is reader]
+                back = [d for d in reader.dependencies if d.target is node]
+                if not len(taken) == len(edges) == len(back):  # a layer called twice: one node, several autograd nodes
+                    raise TypeError("which part each reader takes is not in the trace")
+                for position, edge, back_edge in zip(taken, edges, back, strict=True):
+                    graph.split_edges[id(edge)] = (node, position, False)
+                    graph.split_edges[id(back_edge)] = (node, position, True)
+            node.module.split_sizes = list(parts.widths)
+        node.module.traced_parts = parts
+
     updates = {ops.OPTYPE.CONCAT: update_concat_index_mapping,
-               ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+               ops.OPTYPE.SPLIT: update_split_index_mapping,
                ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
                ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
                ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
@@ -113,6 +136,7 @@ def dependency_graph_type() -> type:
         def __init__(self):
             super().__init__()
             self.unmapped: dict = {}  # op node -> the error that left its index mapping uninferred
+            self.split_edges: dict = {}  # id of an edge between a split and a reader -> (split, part, towards split)
             self.REGISTERED_PRUNERS.update({optype: pruner() for optype, pruner in pruner_types.items()})
             pruners = list(self.REGISTERED_PRUNERS.values())
             self._in_channel_pruning_fn = {p.prune_in_channels for p in pruners if p is not None}
@@ -130,6 +154,14 @@ def dependency_graph_type() -> type:
                                         if id(p) not in owned and p.dim() == 4 and p.shape[0] == 1
                                         and p.shape[2] == p.shape[3] != p.shape[1]]
             return super().build_dependency(model, *args, unwrapped_parameters=unwrapped_parameters, **kwargs)
+
+        def get_all_groups(self, ignored_layers=(), root_module_types=(nn.Conv2d, nn.Linear)):
+            """Torch-Pruning's groups, rooted in trace order (the output's end first), except that a layer whose output
+            a split cuts is a root first: a walk started at a reader of one part (C2f's last bottleneck, which adds
+            into the second half) reaches it partly, and its other parts would be in no group."""
+            cut = {_producer(node, root_module_types) for node in self.module2node.values() if node.type == ops.OPTYPE.SPLIT}
+            self.module2node = {**{m: n for m, n in self.module2node.items() if n in cut}, **self.module2node}
+            return super().get_all_groups(list(ignored_layers), root_module_types)
 
         def get_pruning_group(self, module: nn.Module, pruning_fn, idxs) -> Group:
             if module not in self.module2node:
@@ -150,7 +182,7 @@ def dependency_graph_type() -> type:
                         continue
                     mapped = arrived
                     try:
-                        for mapping in dep.index_mapping:
+                        for mapping in self._index_mappings(dep):
                             if mapping is not None:
                                 mapped = mapping(mapped)
                     except (ArithmeticError, IndexError, TypeError) as exc:
@@ -182,7 +214,69 @@ def dependency_graph_type() -> type:
                     group[-1].shared = _shared_indices(walked, len(idxs))
             return group
 
+        def _index_mappings(self, dep) -> list:
+            """The edge's own mappings, after the split's (into its part) on an edge from a split, before it (back to
+            the split's input) on an edge towards one: a concat reading a part maps its own channels first."""
+            edge = self.split_edges.get(id(dep))
+            if edge is None:
+                return dep.index_mapping
+            split, position, towards_split = edge
+            offsets = [0, *itertools.accumulate(split.module.split_sizes)]
+            part = index_mapping._SplitIndexMapping(offsets[position:position + 2], reverse=towards_split)
+            return [*dep.index_mapping, part] if towards_split else [part, *dep.index_mapping]
+
     return OnceEachDependencyGraph
+
+
+def _producer(split, layer_types: tuple[type, ...]):
+    """The node of the layer whose output ``split`` cuts, through the ops that read one tensor (norms, activations)
+    between them; None where an op reads several (an add)."""
+    node = split
+    while len(node.inputs) == 1:
+        node = node.inputs[0]
+        if isinstance(node.module, tuple(layer_types)):
+            return node
+    return None
+
+
+@dataclass(frozen=True)
+class SplitParts:
+    """A traced split (``split``, ``chunk``): each part's width along the channels, None where it splits another dim
+    (every part then carries every channel); and whether the forward gave the widths as a list (``split_with_sizes``),
+    constants that removal cannot change, rather than one size (``chunk`` computes it from the input's width; a
+    constant ``split(n)`` breaks the forward once the widths change, and the pipeline then holds that module)."""
+
+    widths: tuple[int, ...] | None
+    sizes_given: bool
+
+
+def split_parts(op: nn.Module) -> SplitParts | None:
+    """The parts of a traced split op, None for any other op."""
+    return getattr(op, "traced_parts", None)
+
+
+def _along_channels(fn) -> bool | None:
+    """Whether an autograd concat or split works along dim 1 of a feature map or of flat features; None for tokens
+    (B, N, C), whose channel dim the shape does not tell, or where the trace did not record the dim."""
+    if not hasattr(fn, "_saved_dim") or not getattr(fn, "_input_metadata", None):
+        return None
+    ndim = len(fn._input_metadata[0].shape)
+    dim = fn._saved_dim if fn._saved_dim < 2**63 else fn._saved_dim - 2**64  # a negative dim is saved as unsigned
+    return None if ndim == 3 else (dim if dim >= 0 else dim + ndim) == 1
+
+
+def _traced_width(fn, position: int) -> int:
+    """The channels of output ``position`` of an autograd node, as the trace recorded its shape."""
+    return int(fn._input_metadata[position].shape[1])
+
+
+def _traced_split(fn) -> SplitParts:
+    """A split's parts as the trace recorded them; a split of tokens or of an unrecorded dim raises (TypeError)."""
+    along = _along_channels(fn)
+    if along is None:
+        raise TypeError("the dim it splits is not known to be or not to be the channels")
+    widths = tuple(_traced_width(fn, i) for i in range(len(fn._input_metadata))) if along else None
+    return SplitParts(widths, "WithSizes" in fn.name())
 
 
 def _traced_concat_sizes(node, unwrapped: set[int]) -> list[int] | None:
@@ -197,17 +291,13 @@ def _traced_concat_sizes(node, unwrapped: set[int]) -> list[int] | None:
     it would shift that operand's channels onto its own, so such a concat is reported unmappable (TypeError)."""
     fn = node.grad_fn
     operands = getattr(fn, "next_functions", ())
-    if not operands or not hasattr(fn, "_saved_dim") or not hasattr(fn, "_input_metadata"):
-        return None
-    ndim = len(fn._input_metadata[0].shape)
-    dim = fn._saved_dim if fn._saved_dim < 2**63 else fn._saved_dim - 2**64  # a negative dim is saved as unsigned
-    if ndim == 3 or (dim if dim >= 0 else dim + ndim) != 1:
+    if not operands or not _along_channels(fn):
         return None
     traced = [operand is not None and (not hasattr(operand, "variable") or id(operand.variable) in unwrapped)
               for operand, _ in operands]
     if False in traced and True in traced[traced.index(False):]:
         raise TypeError("an untraced operand (input, constant) precedes a traced one")
-    sizes = [int(operand._input_metadata[position].shape[1])
+    sizes = [_traced_width(operand, position)
              for (operand, position), node_of_graph in zip(operands, traced, strict=True) if node_of_graph]
     return sizes if len(sizes) == len(node.inputs) else None
 
