@@ -247,7 +247,7 @@ def through_cli(arch: str, fields: dict, shape: tuple[int, ...], folder: Path, r
         model.save_pretrained(source)
         transformers.ViTImageProcessor(size={"height": shape[1], "width": shape[2]}).save_pretrained(source)
     with torch.no_grad():
-        reference = output_shapes(model(torch.randn(1, *shape)).logits)
+        reference = output_shapes(model(torch.randn(1, *shape)))  # every tensor of its ModelOutput, logits or not
     del model
     record["stage"] = "prune"
     with saved_models() as captured:

@@ -91,8 +91,8 @@ def test_latency_target_words_and_a_cache_path_that_stays_whole_at_80_columns():
     console.render_latency_target(_latency_record(1, 1, path), Console(file=out, width=80))
     text = out.getvalue()
     assert "latency target (onnxruntime, batch 1, 1 thread)" in text
-    assert ("after 1 slim model (* the one kept, each timed again beside the original) · table of 1 layer at 5 channel counts"
-            in " ".join(text.split()))
+    assert ("after 1 slim model (* the one kept, each timed again beside the original) · table of 1 layer at 5 channel "
+            "counts" in " ".join(text.split()))
     assert path in text.splitlines()[-1]  # on one line, as it can be copied
     many = io.StringIO()
     console.render_latency_target(_latency_record(4, 3, path), Console(file=many, width=200))
