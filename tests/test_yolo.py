@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -442,3 +443,91 @@ def test_the_sample_detector_pruned_to_70_percent_and_recalibrated_still_detects
     assert result.exit_code == 0, result.output
     result = invoke("evaluate", out, "--trust-pickle", "--data", sample_set, "--batch-size", "16", "--json")
     assert json.loads(result.stdout)["metrics"]["mAP50"] > 0.2
+
+
+# ----------------------------------------------------------------------------- distillation inside Ultralytics' trainer
+
+def test_head_distillation_is_the_binary_kl_of_classes_and_the_kl_of_box_bins_by_hand():
+    """One anchor, one class, reg_max 2, T = 2. The teacher's class logit 2 ln 3 is 0.75 at T (the student's 0 is
+    0.5), its top class probability 0.9 weighs the boxes (the divisor is at least 1); each side's bins
+    (2 ln 3, 0) are (0.75, 0.25) at T against the student's uniform bins."""
+    from prunecli.training.yolo import head_distillation
+
+    z = 2 * math.log(3)
+    teacher = {"scores": torch.tensor([[[z]]]), "boxes": torch.tensor([[z, 0.0] * 4]).reshape(1, 8, 1)}
+    student = {"scores": torch.zeros(1, 1, 1), "boxes": torch.zeros(1, 8, 1)}
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    classes, boxes = head_distillation(student, teacher, 2.0)
+    assert classes.item() == pytest.approx(4 * kl, rel=1e-5)
+    assert boxes.item() == pytest.approx(4 * 0.9 * 4 * kl, rel=1e-5)
+    assert [t.item() for t in head_distillation(teacher, teacher, 2.0)] == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+class FixedHead(torch.nn.Module):
+    """A teacher that predicts ``preds`` whatever the images, in eval mode's (decoded, raw) form."""
+
+    def __init__(self, preds):
+        super().__init__()
+        self.preds = preds
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images):
+        return torch.zeros(0), self.preds
+
+
+def test_the_kd_term_enters_ultralytics_loss_weighed_by_alpha_with_its_gains_and_temperature_schedule():
+    from types import SimpleNamespace
+
+    from prunecli.training.yolo import Distillation, DistillingLoss, head_distillation
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = ({"scores": torch.randn(2, 3, 5, generator=generator),
+                         "boxes": torch.randn(2, 16, 5, generator=generator)} for _ in range(2))
+    own = torch.tensor([1.0, 2.0, 3.0])
+    distilling = DistillingLoss(lambda preds, batch: (own * 2, {"box_loss": own[0]}),
+                                Distillation(FixedHead(teacher), "variable", 0.25, 4.0, 1.0, "cosine"), 3,
+                                SimpleNamespace(cls=0.5, dfl=1.5))
+    batch = {"img": torch.zeros(2, 3, 8, 8)}
+    for t in (4.0, 2.5, 1.0):  # the cosine from T_max at the first of 3 batches to T_min at the last
+        classes, boxes = head_distillation(student, teacher, t)
+        kd = 0.5 * classes + 1.5 * boxes
+        total, items = distilling(student, batch)
+        assert_close(total, torch.cat([0.75 * own * 2, (0.25 * kd * 2).reshape(1)]))
+        assert items["kd_loss"].item() == pytest.approx(kd.item()) and kd.item() > 0
+        assert items["box_loss"] == 1.0
+
+
+@pytest.mark.slow
+def test_finetune_distils_from_a_frozen_teacher_at_the_pruned_widths(zoo, tiny_set, tmp_path):
+    from prunecli.training.yolo import Distillation, train
+
+    slim = tmp_path / "slim.pt"
+    assert invoke("prune", zoo["yolov8n"], "--trust-pickle", "--flops-target", "0.5", "--input-shape", "3x64x64",
+                  "-o", slim, "-q").exit_code == 0
+    teacher = torch.load(zoo["yolov8n"], weights_only=False)["model"].float()
+    before = copy.deepcopy(teacher.state_dict())
+    run = train(slim, "detect", tiny_set, {"epochs": 2, "batch": 3, "imgsz": 64, "device": "cpu", "seed": 0},
+                tmp_path / "run", Distillation(teacher, "fixed", 0.5, 2.0, 2.0))
+    results = (tmp_path / "run" / "train" / "results.csv").read_text().splitlines()
+    header, *epochs = [line.split(",") for line in results]
+    assert all(float(row[header.index("train/kd_loss")]) > 0 for row in epochs) and len(epochs) == 2
+    assert_close(teacher.state_dict(), before)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    pruned = torch.load(slim, weights_only=False)["model"].state_dict()
+    tuned = torch.load(run.best, weights_only=False)["model"].state_dict()
+    assert {k: v.shape for k, v in tuned.items()} == {k: v.shape for k, v in pruned.items()}
+
+
+def test_a_teacher_with_another_head_or_class_count_is_refused_in_one_line_writing_nothing(zoo, tiny_set, tmp_path):
+    from ultralytics.nn.tasks import DetectionModel
+
+    two = tmp_path / "two-classes.pt"
+    torch.save({"model": DetectionModel("yolov8n.yaml", nc=2, verbose=False).half(), "ema": None}, two)
+    out = tmp_path / "ft.pt"
+    common = ("finetune", zoo["yolov8n"], "--trust-pickle", "--data", tiny_set, "--input-shape", "3x64x64", "-o", out)
+    message = one_line_error(invoke(*common, "--teacher", two), code=2)
+    assert message.startswith(f"--teacher {two} has a Detect head with 2 classes") and "80 classes" in message
+    message = one_line_error(invoke(*common, "--teacher", zoo["yolo11n-seg"]), code=2)
+    assert "a Segment head" in message and "a Detect head" in message
+    assert "--kd is none" in one_line_error(invoke(*common, "--teacher", zoo["yolov8n"], "--kd", "none"))
+    assert not out.exists()

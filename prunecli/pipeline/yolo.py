@@ -19,7 +19,17 @@ from prunecli.provenance import finetune_metadata
 from prunecli.results import EvaluateResult, FinetuneRunResult, Totals
 from prunecli.runtime import main_process
 from prunecli.tasks import prunable_part
-from prunecli.training.yolo import check_dataset, reported, scratch, train, ultralytics_device, validate
+from prunecli.training.loop import check_kd
+from prunecli.training.yolo import (
+    Distillation,
+    check_dataset,
+    check_teacher,
+    reported,
+    scratch,
+    train,
+    ultralytics_device,
+    validate,
+)
 from prunecli.yolo import is_ultralytics
 
 Say = Callable[[str], None]
@@ -58,9 +68,22 @@ def training_arguments(job: FinetuneJob, loaded: LoadedModel) -> dict[str, Any]:
                  "device": ultralytics_device(training.device), "amp": training.amp != "off"}
     if training.augment == "none":
         arguments.update(NO_AUGMENTATION)
-    if job.teacher is not None:
-        arguments["distill_model"] = str(job.teacher.path)
     return arguments
+
+
+def distillation(job: FinetuneJob, loaded: LoadedModel) -> tuple[Distillation | None, str | None]:
+    """``--teacher`` read like the model and checked against its head, as prunecli's KD options say (``--kd``,
+    ``--kd-alpha``, ``--kd-t-max``, ``--kd-t-min``, ``--kd-schedule``); with its file's sha256."""
+    check_kd(job.training, job.teacher is not None)
+    if job.teacher is None:
+        return None, None
+    teacher = open_model(dataclasses.replace(job.teacher, input_shape=job.teacher.input_shape or
+                                             tuple(loaded.input.shape)))
+    if not is_ultralytics(teacher.deployed):
+        raise OptionError(f"--teacher {job.teacher.path} is no Ultralytics model; distil from the checkpoint the "
+                          "model was pruned from")
+    check_teacher(loaded.deployed, teacher.deployed, str(job.teacher.path))
+    return Distillation.of(teacher.deployed, job.training), teacher.sha256
 
 
 def finetune_yolo(job: FinetuneJob, loaded: LoadedModel, output: Path, say: Say) -> FinetuneRunResult:
@@ -70,6 +93,7 @@ def finetune_yolo(job: FinetuneJob, loaded: LoadedModel, output: Path, say: Say)
     task = task_of(loaded)
     data = check_dataset(job.train.source, task)
     arguments = training_arguments(job, loaded)
+    teacher, teacher_sha256 = distillation(job, loaded)
     check = {k: arguments[k] for k in ("batch", "imgsz", "device")}
     with scratch() as workdir:
         say(f"validating the input on {data}")
@@ -77,7 +101,7 @@ def finetune_yolo(job: FinetuneJob, loaded: LoadedModel, output: Path, say: Say)
             before = validate(job.source.path, task, data, check, workdir).metrics
         say(f"fine-tuning with Ultralytics' {task} trainer for {job.training.epochs} epochs at {arguments['imgsz']}")
         with reported("trainer"):
-            run = train(job.source.path, task, data, arguments, workdir)
+            run = train(job.source.path, task, data, arguments, workdir, teacher)
         checkpoint = read_checkpoint(run.best, True)
         _, model = chosen_model(checkpoint, run.best)
     dtype = next(p.dtype for p in model.parameters())
@@ -85,9 +109,12 @@ def finetune_yolo(job: FinetuneJob, loaded: LoadedModel, output: Path, say: Say)
     part = prunable_part(model)
     costs, _ = costs_and_output(part, example_input(loaded))
     record = {"trainer": "ultralytics", "task": task, "arguments": arguments, "metrics": run.metrics}
+    if teacher is not None:
+        record["distillation"] = {"kd": teacher.kd, "alpha": teacher.alpha, "t_max": teacher.t_max,
+                                  "t_min": teacher.t_min, "schedule": teacher.schedule}
     if main_process():
         container = {k: v for k, v in checkpoint.items() if k not in ("model", "ema")}
-        document = finetune_metadata(job, loaded, record, None, None)
+        document = finetune_metadata(job, loaded, record, teacher_sha256, None)
         UltralyticsFormat(container, dtype).write(loaded, model, output, document, force=job.force,
                                                   inputs=(job.source.path,))
     return FinetuneRunResult(summary(loaded, Totals(count_params(part), sum(c.macs for c in costs))), str(output),

@@ -31,6 +31,14 @@ from prunecli.training.schedules import mix_seed
 from prunecli.training.step import Batches, Schedule, Stepper
 
 
+def check_kd(config: FinetuneConfig, teacher_given: bool) -> None:
+    """``--kd`` and ``--teacher`` go together: distillation without a teacher, or a teacher left unused, is refused."""
+    if config.kd != "none" and not teacher_given:
+        raise PrunecliError(f"--kd {config.kd} needs a --teacher model to distil from")
+    if config.kd == "none" and teacher_given:
+        raise PrunecliError("a teacher was given but --kd is none; pass --kd fixed or --kd variable")
+
+
 def finetune(
     model: nn.Module,
     train: ImageSet,
@@ -67,10 +75,7 @@ def finetune(
         CheckpointError: ``config.resume`` with a missing, unreadable or foreign checkpoint.
         ExportError: the checkpoint exists and neither ``resume`` nor ``force`` was given.
     """
-    if config.kd != "none" and teacher is None:
-        raise PrunecliError(f"--kd {config.kd} needs a --teacher model to distil from")
-    if config.kd == "none" and teacher is not None:
-        raise PrunecliError("a teacher was given but --kd is none; pass --kd fixed or --kd variable")
+    check_kd(config, teacher is not None)
     if baseline is not None and (val is None or baseline.images != len(val)):
         raise PrunecliError(
             f"the baseline was measured on {baseline.images} images, but the validation data holds "

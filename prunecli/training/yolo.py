@@ -6,11 +6,15 @@ its original width, from mostly random weights. :func:`keeping_widths` makes a s
 ``get_model`` returns the model it is given as it is, so the trainer (its losses, augmentation, EMA, mAP
 validation, best.pt) trains the pruned model itself. It is a public extension point of Ultralytics' trainer, not a
 patch: the same four lines work for users who call ``YOLO(...).train(trainer=...)`` themselves (docs/yolo.md).
+
+With a :class:`Distillation`, the trainer also distils from a frozen teacher (prunecli's ``--kd`` semantics, on
+the head's outputs): :class:`DistillingLoss` takes the place of the student's loss once the trainer is set up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import shutil
@@ -20,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from prunecli.config import FinetuneConfig
 from prunecli.errors import DataError, OptionError, PrunecliError, first_line
+from prunecli.training.schedules import temperature
 
 TASKS = ("detect", "segment", "pose", "obb", "classify")
 
@@ -36,14 +44,120 @@ def head_classes(model: nn.Module) -> int | None:
     return int(linear.out_features) if isinstance(linear, nn.Linear) else None
 
 
-def keeping_widths(trainer: type) -> type:
+@dataclass(frozen=True)
+class Distillation:
+    """Distilling from ``teacher`` inside Ultralytics' trainer, as ``prunecli finetune --teacher`` distils:
+    ``(1 - alpha) * Ultralytics' loss + alpha * KD``, at temperature ``t_max`` throughout (``kd="fixed"``) or
+    falling from ``t_max`` to ``t_min`` along ``schedule`` over the run's batches (``kd="variable"``)."""
+
+    teacher: nn.Module
+    kd: str = "variable"
+    alpha: float = 0.7
+    t_max: float = 4.0
+    t_min: float = 1.0
+    schedule: str = "cosine"
+
+    @classmethod
+    def of(cls, teacher: nn.Module, config: FinetuneConfig) -> Distillation:
+        return cls(teacher, config.kd, config.kd_alpha, config.kd_t_max, config.kd_t_min, config.kd_schedule)
+
+    def temperature(self, progress: float) -> float:
+        return self.t_max if self.kd == "fixed" else temperature(progress, self.t_max, self.t_min, self.schedule)
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, name: str) -> None:
+    """The teacher must predict what the student predicts, anchor for anchor: the same head class, classes, box
+    bins (``reg_max``) and strides; a classifier is not distilled here."""
+    if getattr(student, "task", None) == "classify" or not hasattr(student.model[-1], "reg_max"):
+        raise OptionError("--teacher: an Ultralytics classifier is not distilled here; fine-tune it without --teacher")
+
+    def head(model: nn.Module) -> str:
+        layer = model.model[-1]
+        strides = "/".join(str(int(s)) for s in getattr(layer, "stride", torch.zeros(0)).tolist())
+        return (f"a {type(layer).__name__} head with {getattr(layer, 'nc', '?')} classes, "
+                f"reg_max {getattr(layer, 'reg_max', '?')}, strides {strides or '?'}")
+
+    if head(teacher) != head(student):
+        raise OptionError(f"--teacher {name} has {head(teacher)}, the model {head(student)}; distil from the model it "
+                          "was pruned from")
+
+
+def _branches(preds: Any) -> list[dict[str, Tensor]]:
+    """A head's training outputs (its eval output is (decoded, raw)) as dicts of ``boxes`` and ``scores``, one per
+    branch of an end-to-end head."""
+    raw = preds[1] if isinstance(preds, tuple) else preds
+    return [raw[k] for k in ("one2many", "one2one") if k in raw] or [raw]
+
+
+def head_distillation(student: dict[str, Tensor], teacher: dict[str, Tensor], t: float) -> tuple[Tensor, Tensor]:
+    """The KD terms between two heads' raw outputs at temperature ``t``: classes and box distributions.
+
+    Classes: Ultralytics scores each class by its own sigmoid, so the term is the binary KL divergence of
+    ``sigmoid(z_t / t)`` from ``sigmoid(z_s / t)``, summed over classes and anchors. Boxes: the KL divergence of the
+    softmax over each side's ``reg_max`` bins (``boxes`` is (batch, 4 * reg_max, anchors)), summed over the 4
+    sides and weighted per anchor by the teacher's top class probability, so background anchors' boxes count
+    little (zero for a head without bins, ``reg_max`` 1). Both are divided by the sum of those weights (at least
+    1), as Ultralytics divides its own losses by the targets' scores, and scaled by ``t**2`` like prunecli's KD.
+    """
+    s_scores, t_scores = student["scores"].float(), teacher["scores"].float()
+    soft = torch.sigmoid(t_scores / t)
+    binary_kl = (F.binary_cross_entropy_with_logits(s_scores / t, soft, reduction="none")
+                 - F.binary_cross_entropy_with_logits(t_scores / t, soft, reduction="none"))
+    weight = torch.sigmoid(t_scores).amax(1)  # (batch, anchors)
+    norm = weight.sum().clamp(min=1)
+    n, channels, anchors = student["boxes"].shape
+    s_bins, t_bins = (x.float().view(n, 4, channels // 4, anchors) / t for x in (student["boxes"], teacher["boxes"]))
+    box_kl = (F.softmax(t_bins, 2) * (F.log_softmax(t_bins, 2) - F.log_softmax(s_bins, 2))).sum((1, 2))
+    return t * t * binary_kl.sum() / norm, t * t * (box_kl * weight).sum() / norm
+
+
+class DistillingLoss:
+    """The student's Ultralytics loss ``loss`` with the KD term of :func:`head_distillation` added.
+
+    Returns what Ultralytics' losses return: the loss components times the batch size, here the student's own
+    weighted by ``1 - alpha`` and the KD term (the class term at Ultralytics' ``cls`` gain, the box term at its
+    ``dfl`` gain) by ``alpha``; and the detached items, with ``kd_loss`` beside the student's own. The temperature
+    follows the batches: ``total_steps`` calls make the run."""
+
+    def __init__(self, loss: Any, distillation: Distillation, total_steps: int, gains: Any):
+        self.loss, self.distillation, self.total_steps, self.gains = loss, distillation, total_steps, gains
+        self.step = 0
+
+    def __call__(self, preds: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        own, items = self.loss(preds, batch)
+        with torch.no_grad():
+            taught = self.distillation.teacher(batch["img"])
+        t = self.distillation.temperature(self.step / max(self.total_steps - 1, 1))
+        self.step += 1
+        pairs = list(zip(_branches(preds), _branches(taught), strict=True))
+        kd = sum(self.gains.cls * classes + self.gains.dfl * boxes
+                 for classes, boxes in (head_distillation(s, tt, t) for s, tt in pairs)) / len(pairs)
+        alpha = self.distillation.alpha
+        total = torch.cat([(1 - alpha) * own, (alpha * kd * batch["img"].shape[0]).reshape(1)])
+        return total, {**items, "kd_loss": kd.detach()}
+
+    def update(self) -> None:
+        """Ultralytics' per-epoch update of the loss it wraps (end-to-end heads reweigh their branches)."""
+        if hasattr(self.loss, "update"):
+            self.loss.update()
+
+
+def keeping_widths(trainer: type, distillation: Distillation | None = None) -> type:
     """A subclass of the Ultralytics task trainer ``trainer`` that trains the model it is handed, at its widths.
 
     ``get_model(weights=model)`` returns ``model`` itself instead of a model built from ``cfg`` with ``model``'s
     matching weights copied in; a dataset with another number of classes than the model's head is refused (the
-    head cannot be rebuilt without its trained weights)."""
+    head cannot be rebuilt without its trained weights). With ``distillation``, the model's loss becomes a
+    :class:`DistillingLoss` when training starts (after the EMA copy is made, which keeps the plain loss for
+    validation)."""
 
     class KeepingWidths(trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if distillation is not None:  # a copy of the callbacks: the YOLO object's own stay as they were
+                self.callbacks = {event: list(hooks) for event, hooks in self.callbacks.items()}
+                self.add_callback("on_train_start", _distil)
+
         def get_model(self, cfg=None, weights=None, verbose=True):
             if not isinstance(weights, nn.Module):
                 return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
@@ -55,12 +169,20 @@ def keeping_widths(trainer: type) -> type:
                 param.requires_grad_(True)
             return weights
 
+    def _distil(run) -> None:
+        student = getattr(run.model, "module", run.model)  # unwrapped from DDP
+        teacher = distillation.teacher.to(run.device).float().eval().requires_grad_(False)
+        steps = run.epochs * len(run.train_loader)
+        student.criterion = DistillingLoss(student.init_criterion(), dataclasses.replace(distillation, teacher=teacher),
+                                           steps, run.args)
+
     KeepingWidths.__name__ = KeepingWidths.__qualname__ = f"WidthKeeping{trainer.__name__}"
     return KeepingWidths
 
 
-def task_trainer(task: str) -> type:
-    """Ultralytics' trainer of ``task`` (``detect``, ``segment``, ...), keeping the model's widths."""
+def task_trainer(task: str, distillation: Distillation | None = None) -> type:
+    """Ultralytics' trainer of ``task`` (``detect``, ``segment``, ...), keeping the model's widths (and distilling
+    with ``distillation``)."""
     from ultralytics.models import yolo
 
     if task not in TASKS:
@@ -68,7 +190,7 @@ def task_trainer(task: str) -> type:
     trainers = {"detect": yolo.detect.DetectionTrainer, "segment": yolo.segment.SegmentationTrainer,
                 "pose": yolo.pose.PoseTrainer, "obb": yolo.obb.OBBTrainer,
                 "classify": yolo.classify.ClassificationTrainer}
-    return keeping_widths(trainers[task])
+    return keeping_widths(trainers[task], distillation)
 
 
 def check_dataset(data: str | None, task: str) -> Path:
@@ -123,15 +245,17 @@ def _as_pt(path: Path, workdir: Path) -> Path:
     return Path(shutil.copyfile(path, workdir / f"{path.stem}.pt"))
 
 
-def train(path: Path, task: str, data: Path, options: dict[str, Any], workdir: Path) -> YoloRun:
-    """Train the Ultralytics checkpoint ``path`` with its task's trainer, widths kept, on ``data``; the run's files
-    go under ``workdir``. ``options`` are Ultralytics' training arguments (epochs, batch, imgsz, lr0, ...)."""
+def train(path: Path, task: str, data: Path, options: dict[str, Any], workdir: Path,
+          distillation: Distillation | None = None) -> YoloRun:
+    """Train the Ultralytics checkpoint ``path`` with its task's trainer, widths kept, on ``data`` (distilling with
+    ``distillation``); the run's files go under ``workdir``. ``options`` are Ultralytics' training arguments
+    (epochs, batch, imgsz, lr0, ...)."""
     from ultralytics import YOLO
 
     model = YOLO(str(_as_pt(path, workdir)), task=task)
     with quiet():
-        model.train(trainer=task_trainer(task), data=str(data), project=str(workdir), name="train", exist_ok=True,
-                    plots=False, verbose=False, **options)
+        model.train(trainer=task_trainer(task, distillation), data=str(data), project=str(workdir), name="train",
+                    exist_ok=True, plots=False, verbose=False, **options)
     trainer = model.trainer
     return YoloRun(metrics_of(trainer.metrics), trainer.best if trainer.best.exists() else trainer.last)
 
