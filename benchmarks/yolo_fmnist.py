@@ -1,9 +1,10 @@
 """The sample detector (a YOLOv8n trained on Fashion-MNIST items, ``sample_models/fmnist_detection.py``) pruned to
 a few MACs targets through the CLI: mAP50-95 and mAP50 from Ultralytics' validator on the generated val split
 after BN recalibration, after ``--reconstruct`` (with the same recalibration) and after ``--epochs`` of
-``prunecli finetune`` from the reconstructed model; beside each, the MACs kept and the onnxruntime latency ratio of
-the traced path (``prunecli analyze --latency --compare``; ``--no-latency`` skips it). The calibration images are
-the generated training images, unlabelled.
+``prunecli finetune`` from the reconstructed model (alone, and distilling from the unpruned model with
+``--teacher``); beside each, the MACs kept and the onnxruntime latency ratio of the traced path (``prunecli analyze
+--latency --compare``; ``--no-latency`` skips it). The calibration images are the generated training images,
+unlabelled.
 
 For comparison, Torch-Pruning's YOLOv8 recipe (its examples/yolov8/yolov8_pruning.py) on the same model at the MACs
 prunecli reached: C2f's chunked ``cv1`` split into two convs, ``GroupMagnitudeImportance`` (L2), a ``MetaPruner``
@@ -64,6 +65,12 @@ def cli(*args) -> dict:
 
 def evaluate(model: Path, data: Path) -> dict:
     return cli("evaluate", model, "--trust-pickle", "--data", data, "--batch-size", "32")["metrics"]
+
+
+def finetuned(model: Path, data: Path, epochs: int, out: Path, *options) -> Path:
+    """``prunecli finetune`` as every fine-tuned row runs it (batch 16, the defaults otherwise)."""
+    cli("finetune", model, "--trust-pickle", "--data", data, "--epochs", epochs, "--batch-size", 16, "-o", out, *options)
+    return out
 
 
 class SplitC2f(nn.Module):
@@ -144,9 +151,7 @@ def torch_pruning_rows(args, target: float, macs_kept: float, images: Path, data
                               args.calib_images, seed=0)
     recalibrate(again.model, CALIB_BATCHES, calibration, CALIB_BATCH, say=lambda _: None)
     again.format.write(again, again.deployed, tuned_from, {"recipe": "torch-pruning"}, force=True, inputs=(raw,))
-    tuned = folder / f"torch-pruning-finetuned-{target}.pt"
-    cli("finetune", tuned_from, "--trust-pickle", "--data", data, "--epochs", args.epochs, "--batch-size", 16,
-        "-o", tuned)
+    tuned = finetuned(tuned_from, data, args.epochs, folder / f"torch-pruning-finetuned-{target}.pt")
     rows = (("Torch-Pruning recipe", raw), ("Torch-Pruning recipe, recalibrated", tuned_from),
             (f"Torch-Pruning recipe, recalibrated + {args.epochs} epochs", tuned))
     return [{"variant": variant, "target": target, "macs_kept": kept, **evaluate(path, data)} for variant, path in rows]
@@ -190,11 +195,12 @@ def main() -> None:
                      "latency": latency, **evaluate(out, data)})
                 if variant == "recalibrated":
                     add(*torch_pruning_rows(args, target, pruned["macs_kept"], images, data, folder))
-            tuned = folder / f"finetuned-{target}.pt"
-            cli("finetune", folder / f"reconstructed-{target}.pt", "--trust-pickle", "--data", data, "--epochs",
-                args.epochs, "--batch-size", 16, "-o", tuned)
-            add({"variant": f"reconstructed + {args.epochs} epochs", "target": target,
-                 "macs_kept": rows[-1]["macs_kept"], **evaluate(tuned, data)})
+            reconstructed, kept = folder / f"reconstructed-{target}.pt", rows[-1]["macs_kept"]
+            for variant, options in (("", ()), (", distilled from the unpruned", ("--teacher", args.model))):
+                tuned = finetuned(reconstructed, data, args.epochs, folder / f"finetuned{len(options)}-{target}.pt",
+                                  *options)
+                add({"variant": f"reconstructed + {args.epochs} epochs{variant}", "target": target, "macs_kept": kept,
+                     **evaluate(tuned, data)})
     print("| MACs target | variant | MACs kept | mAP50-95 | mAP50 | onnxruntime speedup |")
     print("|---:|---|---:|---:|---:|---:|")
     for row in rows:
