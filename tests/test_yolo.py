@@ -1,7 +1,7 @@
 """Ultralytics YOLO checkpoints (issue 27): read with --trust-pickle (the EMA preferred, fp16 pruned in fp32), pruned
 on backbone, neck and the head's inner layers with every head output at its width, written back as an Ultralytics
 checkpoint that ``YOLO()`` loads, predicts with and exports, and fine-tuned by Ultralytics' own trainer at the pruned
-widths. Skipped without ultralytics (``pip install 'prunecli[yolo]'``).
+widths, distilling from a frozen teacher when given one. Skipped without ultralytics (``pip install 'prunecli[yolo]'``).
 
 The models are built from Ultralytics' yaml files (nothing is downloaded) and run at 64-128 pixels."""
 
