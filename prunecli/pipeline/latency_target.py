@@ -4,6 +4,7 @@ tolerance. The arithmetic is in ``prunecli.latency_model``, the timing in ``prun
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,13 +97,15 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     """Plan to a measured latency on ``graph`` (a trace of the unpruned model; see the module docstring);
     BudgetError when pruning as far as allowed is still slower than the target.
 
-    The correction aims inside half the tolerance: two timings of one slim model differ by a few percent (MobileNetV2
-    at 2 onnxruntime threads: 2-5%), so a model that only just met the tolerance once would often miss it on the
-    next. Every slim model measured is then timed again beside the original, and on that second measurement the
-    one that keeps the most MACs within the tolerance either side of the target is kept, else the one closest to
-    it, either side (said as not within): one lucky or unlucky timing on a busy machine cannot choose a model far
-    more pruned than the target needs (a 0.6 target once kept 9% of the MACs at 0.30: the others measured slower
-    than 0.63, and the rule was "the closest not slower").
+    The correction aims inside half the tolerance: two timings of one slim model differ by a few percent, so a model
+    that only just met the tolerance once would often miss it on the next. Every slim model measured is then timed
+    again beside the original, and a third time where the two disagree by more than the tolerance, their median
+    kept (each timing builds fresh sessions, and on a quiet 2-core machine two of MobileNetV2 differed by up to
+    12%). On that measurement the one that keeps the most MACs within the tolerance either side of the target is
+    kept, else the one closest to it, either side (said as not within): one lucky or unlucky timing cannot choose
+    a model far more pruned than the target needs (a 0.6 target once kept 9% of the MACs at 0.30: the others
+    measured slower than 0.63, and the rule was "the closest not slower").
+
     Each is timed again in its own pair: timed all together, five MobileNetV2s and the original no longer fit the
     CPU's cache as one model does when deployed, and the slim models measured 5-9% faster against the original
     than in pairs (0.64-0.68 of it against 0.71-0.73)."""
@@ -145,7 +148,11 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     candidates = list(tried.values())
     say(f"timing {plural(len(candidates), 'slim model')} again, each side by side with the original")
     for candidate in candidates:  # one pair at a time: a deployed model's weights sit in the CPU's cache
-        (candidate["again"],) = timed(candidate["model"])
+        timings = [candidate["measured"], *timed(candidate["model"])]
+        if abs(timings[1] / timings[0] - 1) > target.tolerance:  # the two disagree: a third decides
+            timings += timed(candidate["model"])
+        candidate["timings"] = len(timings)
+        candidate["again"] = timings[1] if len(timings) == 2 else statistics.median(timings)
     most_pruned = min(candidates, key=lambda c: c["macs"])
     fastest = min(most_pruned["measured"], most_pruned["again"])
     if min(s.requested for s in steps) <= low * (1 + 1e-9) and fastest > limit:
@@ -161,7 +168,8 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
         "tolerance": target.tolerance, "converged": abs(slim_ms / target_ms - 1) <= target.tolerance,
         "chosen": next(i for i, o in enumerate(order) if o is chosen), "floor_ms": floor, "retimed": len(candidates),
         "iterations": [{"requested_ms": s.requested, "predicted_ms": s.predicted, "measured_ms": s.measured,
-                        "measured_ratio": s.measured / original_ms, "macs": o["macs"], "again_ms": o["again"]}
+                        "measured_ratio": s.measured / original_ms, "macs": o["macs"], "again_ms": o["again"],
+                        "timings": o["timings"]}
                        for s, o in zip(steps, order, strict=True)],
         "table": {**model.to_dict(), "grid": target.grid}, "cache": cached.to_dict(),
     }
