@@ -545,3 +545,32 @@ def test_a_chunk_of_a_concat_holds_the_groups_it_cuts(monkeypatch):
                                                         "left": held, "right": held}
     assert {g.root: set(g.layers("in")) for g in graph.groups if g.reason == held} == {"left": {"e", "g"},
                                                                                       "right": {"f", "g"}}
+
+
+class ChunkIntoGroupedConvs(nn.Module):
+    """stem (8 ch) -> chunk(2) -> each half into a conv in two groups of 2 -> concat -> fc: Res2NeXt's block in
+    small (timm res2next50, where removing the stem's channels misplaced positions within the grouped convs)."""
+
+    INPUT_SHAPE = (3, 6, 6)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.ga, self.gb = nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        a, b = torch.relu(self.stem(x)).chunk(2, 1)
+        return self.fc(torch.cat([self.ga(a), self.gb(b)], 1).mean((2, 3)))
+
+
+def test_chunk_parts_that_grouped_convs_read_stay_whole_and_the_rest_prunes_exactly():
+    model, graph = build(ChunkIntoGroupedConvs)
+    stem, ga = M.find_group(graph.groups, "stem"), M.find_group(graph.groups, "ga")
+    assert (stem.prunable, stem.reason) == (False, "split into parts that grouped convolutions read")
+    assert (ga.prunable, ga.channels, ga.blocks) == (True, 4, 2)
+    x = M.example(ChunkIntoGroupedConvs)
+    dead = M.kill_and_prune(model, graph, {ga.index: M.spread_positions(4, 2, 2)})
+    assert tuple(graph.model.ga.weight.shape) == (2, 2, 3, 3) and graph.model.fc.in_features == 6
+    with torch.no_grad():
+        torch.testing.assert_close(graph.model.eval()(x), dead.eval()(x))

@@ -91,6 +91,11 @@ def _channel_blocks(module: nn.Module) -> int:
     return 1
 
 
+def _grouped_conv(module: nn.Module) -> bool:
+    """A conv in groups of several channels (not depthwise)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and _channel_blocks(module) > 1
+
+
 def _partial(module: nn.Module, dim: str, indices, blocks: int) -> bool:
     """A layer that only partly belongs to a group where it must belong whole: a conv/linear producer holds
     all its output channels in one group, and a grouped layer's block structure spans its whole input. Seen
@@ -184,7 +189,7 @@ class DependencyGraph:
         return output
 
     def _describe(self, index: int, raw, ignore: Sequence[str]) -> ChannelGroup:
-        members, blocks, split, ambiguous = [], 1, "", False
+        members, blocks, split, ambiguous, parts_total = [], 1, "", False, 1
         is_out = self._graph.is_out_channel_pruning_fn
         feeds_output = shuffled = False
         for item in raw.items:
@@ -197,7 +202,7 @@ class DependencyGraph:
             feeds_output = feeds_output or (produces_output and (dim == "out" or not isinstance(module, CONV_LINEAR)))
             if name is None:  # a traced op (add, concat, reshape, split) or a shuffle's stand-in, not a layer
                 parts, held = _split_blocks(item, len(raw[0].idxs))
-                blocks, split = math.lcm(blocks, parts), split or held
+                blocks, split, parts_total = math.lcm(blocks, parts), split or held, math.lcm(parts_total, parts)
                 shuffled = shuffled or isinstance(module, ShuffleStandIn)
                 continue
             members.append(Member(name, dim, tuple(item.idxs), tuple(item.root_idxs)))
@@ -224,6 +229,9 @@ class DependencyGraph:
             reason = "feeds the model output"
         elif split:
             reason = f"split into {split}"
+        elif parts_total > 1 and any(_grouped_conv(self.module(m.layer)) for m in members):
+            # Res2NeXt: each part feeds a grouped conv, and the removal misplaces the positions within its groups
+            reason = "split into parts that grouped convolutions read"
         elif ambiguous:
             reason = "a concatenation meets a grouped layer or a flatten; the channel mapping is ambiguous"
         elif channels % blocks:  # NextViT: a concat of branches whose grouped convs split it differently
