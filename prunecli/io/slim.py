@@ -182,16 +182,22 @@ def read_slim_metadata(path: str | Path) -> dict[str, Any] | None:
 
 
 def _checked(document: Any, path: str | Path) -> dict[str, Any]:
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: the metadata is not a prunecli slim document; the file is damaged")
+    return checked_document(document, path, FORMAT, FORMAT_VERSION, f"slim format {FORMAT}",
+                            "the metadata is not a prunecli slim document")
+
+
+def checked_document(document: Any, path: str | Path, expected: str, readable: int, kind: str,
+                     not_ours: str) -> dict[str, Any]:
+    """``document`` if it is a prunecli document of format ``expected`` that this prunecli reads (``format_version``
+    at most ``readable``); else the one-line error: ``not_ours`` (what was found instead), or asking to upgrade
+    for a newer ``kind``."""
+    if not isinstance(document, dict) or document.get("format") != expected:
+        raise CheckpointError(f"{path}: {not_ours}; the file is damaged")
     version = document.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"{path}: the prunecli metadata has no integer format_version; the file is damaged")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: slim format {document.get('format')} v{document.get('format_version')} is not readable by "
-            f"prunecli {__version__}; upgrade prunecli"
-        )
+    if version > readable:
+        raise CheckpointError(f"{path}: {kind} v{version} is not readable by prunecli {__version__}; upgrade prunecli")
     return document
 
 

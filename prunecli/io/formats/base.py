@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from prunecli._version import __version__
 from prunecli.errors import CheckpointError
 from prunecli.io.arch import ArchSpec, InputInfo, default_input
 from prunecli.io.files import check_output_path, sha256_file
 from prunecli.io.readers import check_file, pickled_class, sniff
+from prunecli.io.slim import checked_document
 from prunecli.tasks import prunable_part
 
 if TYPE_CHECKING:
@@ -183,11 +183,4 @@ def json_document(raw: Any, path: Path, where: str, expected: str, readable: int
         document = json.loads(raw) if isinstance(raw, str) else None
     except json.JSONDecodeError:
         document = None
-    if not isinstance(document, dict) or document.get("format") != expected:
-        raise CheckpointError(f"{path}: {where} is not a prunecli document; the file is damaged")
-    version = document.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path}: the prunecli metadata has no integer format_version; the file is damaged")
-    if version > readable:
-        raise CheckpointError(f"{path}: {kind} v{version} is not readable by prunecli {__version__}; upgrade prunecli")
-    return document
+    return checked_document(document, path, expected, readable, kind, f"{where} is not a prunecli document")
