@@ -189,7 +189,7 @@ class DependencyGraph:
         return output
 
     def _describe(self, index: int, raw, ignore: Sequence[str]) -> ChannelGroup:
-        members, blocks, split, ambiguous, parts_total = [], 1, "", False, 1
+        members, blocks, split, ambiguous, through_split = [], 1, "", False, False
         is_out = self._graph.is_out_channel_pruning_fn
         feeds_output = shuffled = False
         for item in raw.items:
@@ -202,7 +202,7 @@ class DependencyGraph:
             feeds_output = feeds_output or (produces_output and (dim == "out" or not isinstance(module, CONV_LINEAR)))
             if name is None:  # a traced op (add, concat, reshape, split) or a shuffle's stand-in, not a layer
                 parts, held = _split_blocks(item, len(raw[0].idxs))
-                blocks, split, parts_total = math.lcm(blocks, parts), split or held, math.lcm(parts_total, parts)
+                blocks, split, through_split = math.lcm(blocks, parts), split or held, through_split or parts > 1
                 shuffled = shuffled or isinstance(module, ShuffleStandIn)
                 continue
             members.append(Member(name, dim, tuple(item.idxs), tuple(item.root_idxs)))
@@ -229,7 +229,7 @@ class DependencyGraph:
             reason = "feeds the model output"
         elif split:
             reason = f"split into {split}"
-        elif parts_total > 1 and any(_grouped_conv(self.module(m.layer)) for m in members):
+        elif through_split and any(_grouped_conv(self.module(m.layer)) for m in members):
             # Res2NeXt: each part feeds a grouped conv, and the removal misplaces the positions within its groups
             reason = "split into parts that grouped convolutions read"
         elif ambiguous:

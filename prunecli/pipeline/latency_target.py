@@ -123,11 +123,14 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     tried: dict[tuple, dict] = {}  # the same plan twice is measured once
     order: list[dict] = []  # the slim model of every attempt
 
-    def timed(*models: nn.Module) -> list[float]:
-        """Milliseconds of each model, timed side by side with the original; for a relative target the original's
+    def time_slim(slim: nn.Module) -> float:
+        """Milliseconds of ``slim``, timed side by side with the original; for a relative target the original's
         drift since it was first timed is taken out (the ratio counts)."""
-        now, *ms = meter(*models)
-        return ms if planner.budget.absolute else [m / now * original_ms for m in ms]
+        now, ms = meter(slim)
+        return ms if planner.budget.absolute else ms / now * original_ms
+
+    def miss(ms: float) -> float:
+        return abs(ms / target_ms - 1)
 
     def attempt(requested: float) -> tuple[float, float]:
         plan, _ = planner.plan(graph, latency=model, target=requested)
@@ -136,7 +139,7 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
             slim = planner.trace()
             slim.prune(plan.removed)
             say(f"timing a slim model planned at {requested:.3g} ms (predicted {plan.cost:.3g} ms)")
-            (measured,) = timed(slim.model)
+            measured = time_slim(slim.model)
             macs = sum(c.macs for c in costs_and_output(slim.model, planner.example)[0])
             tried[kept] = {"plan": plan, "model": slim.model, "measured": measured, "macs": macs}
         order.append(tried[kept])
@@ -148,24 +151,23 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     candidates = list(tried.values())
     say(f"timing {plural(len(candidates), 'slim model')} again, each side by side with the original")
     for candidate in candidates:  # one pair at a time: a deployed model's weights sit in the CPU's cache
-        timings = [candidate["measured"], *timed(candidate["model"])]
+        timings = [candidate["measured"], time_slim(candidate["model"])]
         if abs(timings[1] / timings[0] - 1) > target.tolerance:  # the two disagree: a third decides
-            timings += timed(candidate["model"])
+            timings.append(time_slim(candidate["model"]))
         candidate["timings"] = len(timings)
         candidate["again"] = timings[1] if len(timings) == 2 else statistics.median(timings)
     most_pruned = min(candidates, key=lambda c: c["macs"])
     fastest = min(most_pruned["measured"], most_pruned["again"])
     if min(s.requested for s in steps) <= low * (1 + 1e-9) and fastest > limit:
         raise _out_of_reach(planner, options, fastest, most_pruned["macs"], target_ms, original_ms)
-    within = [c for c in candidates if abs(c["again"] / target_ms - 1) <= target.tolerance]
-    chosen = (max(within, key=lambda c: c["macs"]) if within
-              else min(candidates, key=lambda c: abs(c["again"] / target_ms - 1)))
+    within = [c for c in candidates if miss(c["again"]) <= target.tolerance]
+    chosen = max(within, key=lambda c: c["macs"]) if within else min(candidates, key=lambda c: miss(c["again"]))
     slim_ms = chosen["again"]
     record = {
         "runtime": target.runtime, "runtime_version": key.version, "device": key.device, "batch": options.batch,
         "threads": key.threads, "target": planner.budget.text, "target_ms": target_ms, "original_ms": original_ms,
         "slim_ms": slim_ms, "target_ratio": target_ms / original_ms, "measured_ratio": slim_ms / original_ms,
-        "tolerance": target.tolerance, "converged": abs(slim_ms / target_ms - 1) <= target.tolerance,
+        "tolerance": target.tolerance, "converged": miss(slim_ms) <= target.tolerance,
         "chosen": next(i for i, o in enumerate(order) if o is chosen), "floor_ms": floor, "retimed": len(candidates),
         "iterations": [{"requested_ms": s.requested, "predicted_ms": s.predicted, "measured_ms": s.measured,
                         "measured_ratio": s.measured / original_ms, "macs": o["macs"], "again_ms": o["again"],
