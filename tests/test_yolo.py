@@ -28,7 +28,7 @@ from torch.testing import assert_close
 from typer.testing import CliRunner
 
 from prunecli.cli import app
-from prunecli.config import ModelSource
+from prunecli.config import FinetuneConfig, ModelSource
 from prunecli.errors import CheckpointError, OptionError
 from prunecli.graph import DependencyGraph
 from prunecli.io.formats import claiming, open_checkpoint, probe
@@ -484,9 +484,9 @@ def test_the_kd_term_enters_ultralytics_loss_weighed_by_alpha_with_its_gains_and
     student, teacher = ({"scores": torch.randn(2, 3, 5, generator=generator),
                          "boxes": torch.randn(2, 16, 5, generator=generator)} for _ in range(2))
     own = torch.tensor([1.0, 2.0, 3.0])
+    config = FinetuneConfig(kd="variable", kd_alpha=0.25, kd_t_max=4.0, kd_t_min=1.0, kd_schedule="cosine")
     distilling = DistillingLoss(lambda preds, batch: (own * 2, {"box_loss": own[0]}),
-                                Distillation(FixedHead(teacher), "variable", 0.25, 4.0, 1.0, "cosine"), 3,
-                                SimpleNamespace(cls=0.5, dfl=1.5))
+                                Distillation(FixedHead(teacher), config), 3, SimpleNamespace(cls=0.5, dfl=1.5))
     batch = {"img": torch.zeros(2, 3, 8, 8)}
     for t in (4.0, 2.5, 1.0):  # the cosine from T_max at the first of 3 batches to T_min at the last
         classes, boxes = head_distillation(student, teacher, t)
@@ -506,8 +506,9 @@ def test_finetune_distils_from_a_frozen_teacher_at_the_pruned_widths(zoo, tiny_s
                   "-o", slim, "-q").exit_code == 0
     teacher = torch.load(zoo["yolov8n"], weights_only=False)["model"].float()
     before = copy.deepcopy(teacher.state_dict())
+    config = FinetuneConfig(kd="fixed", kd_alpha=0.5, kd_t_max=2.0, kd_t_min=2.0)
     run = train(slim, "detect", tiny_set, {"epochs": 2, "batch": 3, "imgsz": 64, "device": "cpu", "seed": 0},
-                tmp_path / "run", Distillation(teacher, "fixed", 0.5, 2.0, 2.0))
+                tmp_path / "run", Distillation(teacher, config))
     results = (tmp_path / "run" / "train" / "results.csv").read_text().splitlines()
     header, *epochs = [line.split(",") for line in results]
     assert all(float(row[header.index("train/kd_loss")]) > 0 for row in epochs) and len(epochs) == 2

@@ -83,7 +83,7 @@ def distillation(job: FinetuneJob, loaded: LoadedModel) -> tuple[Distillation | 
         raise OptionError(f"--teacher {job.teacher.path} is no Ultralytics model; distil from the checkpoint the "
                           "model was pruned from")
     check_teacher(loaded.deployed, teacher.deployed, str(job.teacher.path))
-    return Distillation.of(teacher.deployed, job.training), teacher.sha256
+    return Distillation(teacher.deployed, job.training), teacher.sha256
 
 
 def finetune_yolo(job: FinetuneJob, loaded: LoadedModel, output: Path, say: Say) -> FinetuneRunResult:

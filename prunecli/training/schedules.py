@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prunecli.config import KD_SCHEDULES
+from prunecli.config import KD_SCHEDULES, FinetuneConfig
 from prunecli.errors import PrunecliError
 
 STEP_LEVELS = 4  # the "step" temperature schedule falls from T_max to T_min in this many equal levels
@@ -37,6 +37,14 @@ def temperature(progress: float, t_max: float = 4.0, t_min: float = 1.0, schedul
     if schedule == "constant":
         return t_max
     raise PrunecliError(f"--kd-schedule {schedule!r}: choose {', '.join(KD_SCHEDULES)}")
+
+
+def kd_temperature(config: FinetuneConfig, step: int, total_steps: int) -> float:
+    """The distillation temperature at ``step`` (from 0) of a run of ``total_steps``: ``kd_t_max`` throughout with
+    ``--kd fixed``, else from ``kd_t_max`` at the first step to ``kd_t_min`` at the last along ``kd_schedule``."""
+    if config.kd == "fixed":
+        return config.kd_t_max
+    return temperature(step / max(1, total_steps - 1), config.kd_t_max, config.kd_t_min, config.kd_schedule)
 
 
 def kd_loss(

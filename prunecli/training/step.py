@@ -17,7 +17,7 @@ from prunecli.errors import ArchitectureError
 from prunecli.io.data import ImageSet
 from prunecli.training.distributed import Distributed, autocast, grad_scaler
 from prunecli.training.hooks import TrainingHook
-from prunecli.training.schedules import augment_batch, augment_padding, kd_loss, learning_rate, temperature
+from prunecli.training.schedules import augment_batch, augment_padding, kd_loss, kd_temperature, learning_rate
 
 DEVICE_DATA_BYTES = 2 << 30  # training sets up to this size are moved to the GPU once
 
@@ -139,11 +139,7 @@ class Stepper:
         return logits.float(), teacher_logits
 
     def _temperature(self, step: int) -> float:
-        config = self.config
-        if config.kd == "fixed":
-            return config.kd_t_max
-        progress = step / max(1, self.schedule.total_steps - 1)
-        return temperature(progress, config.kd_t_max, config.kd_t_min, config.kd_schedule)
+        return kd_temperature(self.config, step, self.schedule.total_steps)
 
     def _loss(self, logits: Tensor, teacher_logits: Tensor | None, y: Tensor, t: float | None) -> Tensor:
         """Cross-entropy, or the distillation loss at temperature ``t`` when there is a teacher."""

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from prunecli.config import FinetuneConfig
 from prunecli.errors import DataError, OptionError, PrunecliError, first_line
-from prunecli.training.schedules import temperature
+from prunecli.training.schedules import kd_temperature
 
 TASKS = ("detect", "segment", "pose", "obb", "classify")
 
@@ -46,23 +46,12 @@ def head_classes(model: nn.Module) -> int | None:
 
 @dataclass(frozen=True)
 class Distillation:
-    """Distilling from ``teacher`` inside Ultralytics' trainer, as ``prunecli finetune --teacher`` distils:
-    ``(1 - alpha) * Ultralytics' loss + alpha * KD``, at temperature ``t_max`` throughout (``kd="fixed"``) or
-    falling from ``t_max`` to ``t_min`` along ``schedule`` over the run's batches (``kd="variable"``)."""
+    """Distilling from ``teacher`` inside Ultralytics' trainer, as ``prunecli finetune --teacher`` distils with
+    ``config``'s ``--kd`` options: ``(1 - kd_alpha) * Ultralytics' loss + kd_alpha * KD``, at the temperature
+    :func:`~prunecli.training.schedules.kd_temperature` gives over the run's batches."""
 
     teacher: nn.Module
-    kd: str = "variable"
-    alpha: float = 0.7
-    t_max: float = 4.0
-    t_min: float = 1.0
-    schedule: str = "cosine"
-
-    @classmethod
-    def of(cls, teacher: nn.Module, config: FinetuneConfig) -> Distillation:
-        return cls(teacher, config.kd, config.kd_alpha, config.kd_t_max, config.kd_t_min, config.kd_schedule)
-
-    def temperature(self, progress: float) -> float:
-        return self.t_max if self.kd == "fixed" else temperature(progress, self.t_max, self.t_min, self.schedule)
+    config: FinetuneConfig
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module, name: str) -> None:
@@ -127,12 +116,12 @@ class DistillingLoss:
         own, items = self.loss(preds, batch)
         with torch.no_grad():
             taught = self.distillation.teacher(batch["img"])
-        t = self.distillation.temperature(self.step / max(self.total_steps - 1, 1))
+        t = kd_temperature(self.distillation.config, self.step, self.total_steps)
         self.step += 1
         pairs = list(zip(_branches(preds), _branches(taught), strict=True))
         kd = sum(self.gains.cls * classes + self.gains.dfl * boxes
                  for classes, boxes in (head_distillation(s, tt, t) for s, tt in pairs)) / len(pairs)
-        alpha = self.distillation.alpha
+        alpha = self.distillation.config.kd_alpha
         total = torch.cat([(1 - alpha) * own, (alpha * kd * batch["img"].shape[0]).reshape(1)])
         return total, {**items, "kd_loss": kd.detach()}
 
