@@ -109,6 +109,38 @@ def test_plain_state_dict_pt_with_arch(tmp_path, r20, x28):
     assert_close(run(loaded.model, x28), run(r20, x28), rtol=0, atol=0)
 
 
+
+class _RandomProjection(nn.Module):
+    """A layer whose non-persistent buffer comes from torch.nn.init: no checkpoint holds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.register_buffer("projection", nn.init.orthogonal_(torch.empty(3, 3)), persistent=False)
+
+
+def test_parameters_left_to_load_skips_only_parameters_and_restores_torch_init():
+    from prunecli.io.arch import parameters_left_to_load
+
+    original = nn.init.kaiming_uniform_
+    with parameters_left_to_load():
+        assert nn.init.kaiming_uniform_ is not original
+        weight = nn.Parameter(torch.full((3, 4), 7.0))
+        assert nn.init.kaiming_uniform_(weight) is weight
+        assert torch.equal(weight, torch.full((3, 4), 7.0))  # a parameter is left as it was
+        layer = _RandomProjection()
+    assert nn.init.kaiming_uniform_ is original
+    # a buffer the checkpoint does not hold is initialised as usual: orthogonal rows
+    assert_close(layer.projection @ layer.projection.T, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_state_dict_load_gives_every_parameter_the_file_value(tmp_path, r20):
+    path = tmp_path / "r20.pt"
+    torch.save(r20.state_dict(), path)
+    loaded = load_model(path, arch=R20)
+    for name, value in r20.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+
 def _prefixed(state, prefix):
     return {prefix + k: v for k, v in state.items()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -391,4 +392,9 @@ def export(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # The interpreter's teardown collects every object torch and torchvision made at import (330k): 0.4-0.9 s
+        # spent after the command is done. Frozen objects are skipped; the output is written and closed by now.
+        gc.freeze()

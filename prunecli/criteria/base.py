@@ -189,7 +189,8 @@ def _member_rows(weight: Tensor, member: Member) -> tuple[Tensor, tuple[int, ...
     """The member's rows of ``weight`` with their group channels. Where every channel has k rows (a Linear after a
     flatten reads k columns per channel) they are joined into one row per channel, so a channel is scored on
     all its weights at once."""
-    rows = weight.detach()[torch.as_tensor(member.indices, device=weight.device)].float()
+    whole = len(member.indices) == weight.shape[0] and member.indices == tuple(range(weight.shape[0]))
+    rows = (weight.detach() if whole else weight.detach()[torch.as_tensor(member.indices, device=weight.device)]).float()
     roots = torch.as_tensor(member.root_indices, dtype=torch.long)
     channels, counts = roots.unique(return_counts=True)
     if len(channels) == len(roots) or not (counts == counts[0]).all():

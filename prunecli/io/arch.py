@@ -14,13 +14,14 @@ import inspect
 import json
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import init
 
 from prunecli.errors import ArchitectureError, OptionError
 from prunecli.io import hf_arch
@@ -178,6 +179,27 @@ def build_model(arch: ArchSpec, import_paths: tuple[Path, ...] = ()) -> nn.Modul
     if not isinstance(model, nn.Module):
         raise ArchitectureError(f"{arch.spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
+
+
+@contextlib.contextmanager
+def parameters_left_to_load() -> Iterator[None]:
+    """Within the block ``torch.nn.init`` leaves parameters as allocated: for a model whose every parameter a strict
+    load overwrites next (a tenth of a second per 10M parameters). Buffers and plain tensors are initialised as
+    usual, and a factory's own init code (timm's) still runs."""
+    saved = {name: getattr(init, name) for name in dir(init)
+             if name.endswith("_") and not name.startswith("_") and callable(getattr(init, name))}
+
+    def skipping(initialise: Callable) -> Callable:
+        return lambda tensor, *args, **kwargs: (
+            tensor if isinstance(tensor, nn.Parameter) else initialise(tensor, *args, **kwargs))
+
+    for name, initialise in saved.items():
+        setattr(init, name, skipping(initialise))
+    try:
+        yield
+    finally:
+        for name, initialise in saved.items():
+            setattr(init, name, initialise)
 
 
 def build_skeleton(arch: ArchSpec, import_paths: tuple[Path, ...] = ()) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from prunecli.errors import CheckpointError
-from prunecli.io.arch import ArchSpec, build_model, detect_timm_arch, detect_torchvision_arch
+from prunecli.io.arch import ArchSpec, build_model, detect_timm_arch, detect_torchvision_arch, parameters_left_to_load
 from prunecli.io.formats.base import LoadedModel, Probe, arch_of, input_info, loaded_model
 from prunecli.io.formats.slim import SlimOutput
 from prunecli.io.readers import read_safetensors, torch_load, unwrap_state_dict
@@ -42,7 +42,8 @@ def model_from_state(
                 "pass --arch (e.g. torchvision:resnet50, timm:NAME, sample:resnet20, mypkg.models:factory)"
             )
         notes.append(f"recognised the weights as {arch.spec} {dict(arch.kwargs) or ''}".strip())
-    model = build_model(arch, import_paths)
+    with parameters_left_to_load():
+        model = build_model(arch, import_paths)
     load_strict(model, state)
     return model, arch
 
