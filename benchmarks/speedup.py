@@ -37,7 +37,7 @@ IMAGENET = (3, 224, 224)
 SAMPLES = {"sample-resnet20": "resnet20_fmnist.safetensors", "sample-mobilenetv2": "mobilenetv2_fmnist.safetensors"}
 DEPTHWISE = {"mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "sample-mobilenetv2"}
 SETTINGS = (("onnxruntime", 1), ("onnxruntime", None), ("torch", None))  # (runtime, threads): None = all
-WIDTH_MULTIPLIED = ("mobilenet_v2", "mobilenet_v3_large")
+WIDTH_MULTIPLIED = ("mobilenet_v2", "mobilenet_v3_large", "regnet_y_800mf")
 
 
 def _csv(kind):
@@ -58,13 +58,21 @@ def source(name: str, work: Path) -> tuple[ModelSource, torch.nn.Module]:
 
 def width_multiplied(name: str, target: float) -> tuple[torch.nn.Module, float]:
     """The network's own narrower variant keeping about ``target`` of its MACs (torchvision's ``width_mult``,
-    channels in multiples of 16 like ``--round-to auto`` here), and the multiplier: what the architecture's authors
-    would deploy, so its speedup is the ceiling to hold a pruned model of the same MACs against."""
+    channels in multiples of 16 like ``--round-to auto`` here; for RegNet every stage's width scaled in whole groups,
+    16 channels wide as in the original), and the multiplier: what the architecture's authors would
+    deploy, so its speedup is the ceiling to hold a pruned model of the same MACs against."""
     from prunecli.measure import layer_costs
 
     def build(width: float) -> torch.nn.Module:
         if name == "mobilenet_v2":
             return torchvision.models.MobileNetV2(width_mult=width, round_nearest=16)
+        if name == "regnet_y_800mf":  # every stage width scaled, in whole 16-wide groups; depths kept
+            regnet = torchvision.models.regnet
+            full = regnet.BlockParams.from_init_params(depth=14, w_0=56, w_a=38.84, w_m=2.4, group_width=16,
+                                                       se_ratio=0.25)
+            widths = [16 * max(1, round(w * width / 16)) for w in full.widths]
+            return torchvision.models.RegNet(regnet.BlockParams(full.depths, widths, full.group_widths,
+                                                                full.bottleneck_multipliers, full.strides, 0.25))
         setting, last = torchvision.models.mobilenetv3._mobilenet_v3_conf(name, width_mult=width)
         return torchvision.models.MobileNetV3(setting, last)
 

@@ -6,7 +6,8 @@ so tests can hand in a fake timer and check every number. The model, after HALP 
 
 - every conv/linear layer is timed alone at a coarse grid of its input and output channel counts (the counts it
   has when every group keeps the same step of its allowed counts, ``grid`` steps from the floor to full); a
-  depthwise conv, whose in, out and groups move together, is a line rather than a grid;
+  depthwise conv, or a grouped one that loses whole groups, whose in, out and groups move together, is a line
+  rather than a grid;
 - a plan's latency is the sum of its layers' times, interpolated bilinearly between the grid points (clamped at
   the ends), plus a residual: what the whole original takes beyond the sum of its layers at full width (norms,
   activations, pooling, adds, the runtime's per-run overhead and fusions, negative when timing layers one by one
@@ -54,21 +55,23 @@ class LayerSpec:
     dilation: tuple[int, ...] = ()
     groups: int = 1
     bias: bool = False
+    whole_groups: bool = False  # a grouped conv that loses whole groups (``ChannelGroup.grouped_conv``)
 
     @property
-    def depthwise(self) -> bool:
-        return self.groups > 1 and self.groups == self.in_channels
+    def groups_follow(self) -> bool:
+        """In, out and groups move together: a depthwise conv, or a grouped one that loses whole groups."""
+        return self.groups > 1 and (self.whole_groups or self.groups == self.in_channels)
 
     def key(self) -> str:
         """The cache key: every field, in a fixed order."""
         return json.dumps(asdict(self), separators=(",", ":"))
 
     def resized(self, in_channels: int, out_channels: int) -> LayerSpec:
-        """This layer with other channel counts (a depthwise conv keeps one group per input channel)."""
+        """This layer with other channel counts (where groups follow, each keeps its input width)."""
         if self.kind == "linear":
             return replace(self, in_channels=in_channels, out_channels=out_channels,
                            input_shape=(*self.input_shape[:-1], in_channels))
-        groups = in_channels if self.depthwise else self.groups
+        groups = in_channels // (self.in_channels // self.groups) if self.groups_follow else self.groups
         return replace(self, in_channels=in_channels, out_channels=out_channels, groups=groups,
                        input_shape=(in_channels, *self.input_shape[1:]))
 
@@ -131,7 +134,7 @@ def _snap(channels: float, groups: int) -> int:
 
 @dataclass(frozen=True)
 class LayerTable:
-    """The measured times of one layer: a grid over (in, out) channels, or for a depthwise conv (in, out and
+    """The measured times of one layer: a grid over (in, out) channels, or where groups follow (in, out and
     groups move together) a line over its grid steps, ``ins[i]`` with ``outs[i]``."""
 
     name: str
@@ -139,25 +142,25 @@ class LayerTable:
     calls: int
     ins: tuple[int, ...]
     outs: tuple[int, ...]
-    ms: tuple[tuple[float, ...], ...] = ()  # [len(ins)][len(outs)]; one row for a depthwise conv
+    ms: tuple[tuple[float, ...], ...] = ()  # [len(ins)][len(outs)]; one row where groups follow
 
     def points(self) -> list[LayerSpec]:
-        if self.spec.depthwise:
+        if self.spec.groups_follow:
             return [self.spec.resized(i, o) for i, o in zip(self.ins, self.outs, strict=True)]
         return [self.spec.resized(i, o) for i in self.ins for o in self.outs]
 
     def predict(self, cin: float, cout: float) -> float:
         """Milliseconds of all this layer's calls at (cin, cout), interpolated between the grid points."""
         rows = [np.interp(cout, self.outs, row) for row in self.ms]
-        return self.calls * float(rows[0] if self.spec.depthwise else np.interp(cin, self.ins, rows))
+        return self.calls * float(rows[0] if self.spec.groups_follow else np.interp(cin, self.ins, rows))
 
 
 def table_grid(name: str, spec: LayerSpec, calls: int, ins: Sequence[float], outs: Sequence[float]) -> LayerTable:
     """The (not yet timed) table of one layer from its channel counts at the grid steps."""
-    if spec.depthwise:  # its input count follows its output count (the cost model moves only the latter)
-        multiplier = spec.out_channels // spec.in_channels
-        outs_ = tuple(sorted({_snap(o, multiplier) for o in outs}))
-        return LayerTable(name, spec, calls, tuple(o // multiplier for o in outs_), outs_)
+    if spec.groups_follow:  # its input count follows its output count (the cost model moves only the latter)
+        width_out, width_in = spec.out_channels // spec.groups, spec.in_channels // spec.groups
+        outs_ = tuple(sorted({_snap(o, width_out) for o in outs}))
+        return LayerTable(name, spec, calls, tuple(o // width_out * width_in for o in outs_), outs_)
     return LayerTable(name, spec, calls, tuple(sorted({_snap(i, spec.groups) for i in ins})),
                       tuple(sorted({_snap(o, spec.groups) for o in outs})))
 
@@ -166,8 +169,10 @@ def layer_tables(specs: Mapping[str, tuple[LayerSpec, int]], cost_model: CostMod
                  keeps: Sequence[np.ndarray]) -> list[LayerTable]:
     """The (not yet timed) table of every timed layer, at its channel counts under ``keeps`` (the grid steps)."""
     dims = [cost_model.dims(keep) for keep in keeps]
-    return [table_grid(c.name, *specs[c.name], [d[1][row] for d in dims], [d[0][row] for d in dims])
-            for row, c in enumerate(cost_model.costs) if c.name in specs]
+    whole = {g.grouped_conv for g in cost_model.groups if g.grouped_conv}
+    return [table_grid(c.name, replace(spec, whole_groups=c.name in whole), calls, [d[1][row] for d in dims],
+                       [d[0][row] for d in dims])
+            for row, c in enumerate(cost_model.costs) if c.name in specs for spec, calls in [specs[c.name]]]
 
 
 def timed(tables: Sequence[LayerTable], ms: Mapping[str, float]) -> list[LayerTable]:

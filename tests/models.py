@@ -213,22 +213,22 @@ class DepthwiseMultiplier(nn.Module):
 class GroupedConv(nn.Module):
     """conv1 -> grouped conv (groups=4, 16 -> 16, not depthwise) -> conv3 -> fc.
 
-    Both the grouped conv's input group (rooted at conv1) and its output group have 4 blocks of 4.
+    The grouped conv's input group (rooted at conv1) and its output group are one group that loses whole conv groups:
+    4 blocks (the group width), a position taken from every block being one conv group of 4 channels.
     """
 
     INPUT_SHAPE = (3, 16, 16)
     EXPECTED_GROUPS: ClassVar = {
-        "conv1": expect(16, "conv1 bn1", "grouped", blocks=4),
-        "grouped": expect(16, "grouped bn2", "conv3", blocks=4),
+        "conv1": expect(16, "conv1 bn1 grouped bn2", "grouped conv3", blocks=4),
         "conv3": expect(8, "conv3", "fc"),
         "fc": expect(5, "fc", reason=OUTPUT),
     }
-    PLAN: ClassVar = {"conv1": 4, "grouped": 8, "conv3": 2}  # 1 and 2 from each block of 4
+    PLAN: ClassVar = {"conv1": 8, "conv3": 2}  # two of the four conv groups
     EXPECTED_SHAPES: ClassVar = {
-        "conv1": (12, 3, 3, 3), "bn1": (12,), "grouped": (8, 3, 3, 3), "bn2": (8,),
+        "conv1": (8, 3, 3, 3), "bn1": (8,), "grouped": (8, 4, 3, 3), "bn2": (8,),
         "conv3": (6, 8, 1, 1), "fc": (5, 6),
     }
-    EXPECTED_CONV_GROUPS: ClassVar = {"grouped": 4}
+    EXPECTED_CONV_GROUPS: ClassVar = {"grouped": 2}
 
     def __init__(self):
         super().__init__()

@@ -113,7 +113,7 @@ def test_trace_specs_records_every_layer_with_its_input():
     assert specs["7"][0] == LayerSpec("linear", 8, 4, (8,), bias=True)
     assert conv.resized(4, 6).input_shape == (4, 8, 8) and specs["7"][0].resized(6, 4).input_shape == (6,)
     depthwise = LayerSpec("conv", 8, 8, (8, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 8)
-    assert depthwise.depthwise and depthwise.resized(5, 5).groups == 5
+    assert depthwise.groups_follow and depthwise.resized(5, 5).groups == 5
     for spec in (conv.resized(4, 6), specs["7"][0], depthwise.resized(5, 5)):  # the layer alone runs at its shape
         module = layer_module(spec)
         assert module(torch.randn(2, *spec.input_shape)).shape[1] == spec.out_channels
@@ -156,6 +156,34 @@ def test_a_depthwise_conv_is_a_line_over_its_channels():
     assert (multiplier.ins, multiplier.outs) == ((3, 4), (6, 8))  # two outputs per input channel
     assert [(p.in_channels, p.out_channels, p.groups) for p in multiplier.points()] == [(3, 6, 3), (4, 8, 4)]
 
+
+
+def test_a_grouped_conv_losing_whole_groups_is_a_line_of_whole_groups():
+    """RegNet's 3x3 conv, 64 -> 64 in groups of 16, pruned in whole conv groups: groups follow the channels."""
+    conv = nn.Conv2d(64, 64, 3, padding=1, groups=4, bias=False)
+    model = nn.Sequential(nn.Conv2d(3, 64, 1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(64, 8, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    (merged,) = [g for g in graph.groups if g.grouped_conv]
+    assert (merged.grouped_conv, merged.channels, merged.blocks) == ("2", 64, 16)
+    cost_model = CostModel(model, layer_costs(model, x), graph.groups)
+    limits = {g.index: GroupLimits(g.channels, g.blocks, g.prunable, 0.75, 16) for g in graph.groups}
+    keeps = grid_keeps(limits, graph.groups, 3)
+    (table,) = [t for t in layer_tables(trace_specs(model, x), cost_model, keeps) if t.name == "2"]
+    assert table.spec.whole_groups and table.spec.groups_follow
+    assert (table.ins, table.outs) == ((16, 48, 64), (16, 48, 64))  # 1, 3 and 4 groups of 16
+    assert [(p.in_channels, p.out_channels, p.groups) for p in table.points()] == [(16, 16, 1), (48, 48, 3),
+                                                                                  (64, 64, 4)]
+    table = timed([table], {p.key(): 0.01 * p.out_channels for p in table.points()})[0]
+    assert table.predict(32, 32) == pytest.approx(0.32)  # linear in the channels: in/groups stays 16
+    # its MACs, too, fall in proportion: 2 of 4 groups keep half (the cost model holds in/groups at 16)
+    half = np.array([g.channels // 2 if g.grouped_conv else g.channels for g in graph.groups], dtype=float)
+    out, cin = cost_model.dims(half)
+    row = [c.name for c in cost_model.costs].index("2")
+    assert (out[row], cin[row]) == (32, 32)
+    full_macs, _ = cost_model.evaluate(np.array([g.channels for g in graph.groups], dtype=float))
+    half_macs, _ = cost_model.evaluate(half)
+    assert full_macs - half_macs == 32 * 16 * 9 * 64 + 32 * 3 * 64 + 32 * 8 * 64  # conv "2", its reader and writer
 
 # ----------------------------------------------------------------------------- the cache
 

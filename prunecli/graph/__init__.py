@@ -61,6 +61,7 @@ class ChannelGroup:
     members: tuple[Member, ...]
     prunable: bool
     reason: str = ""
+    grouped_conv: str = ""  # a grouped conv this group reads and writes: it loses whole conv groups (its blocks)
 
     def layers(self, dim: str) -> list[str]:
         return list(dict.fromkeys(m.layer for m in self.members if m.dim == dim))
@@ -111,6 +112,31 @@ def _partial(module: nn.Module, dim: str, indices, blocks: int) -> bool:
     if dim == "out":
         return len(set(indices)) != size
     return blocks > 1 and len(set(indices)) != module.in_channels
+
+
+@dataclass(frozen=True)
+class WholeConvGroups:
+    """A grouped conv's input group and output group, pruned as one group in whole conv groups: what removal needs.
+    ``inputs_at``/``outputs_at``: each root position of the two groups -> its position in the merged group."""
+
+    conv: str
+    inputs: ChannelGroup
+    outputs: ChannelGroup
+    inputs_at: dict[int, int]
+    outputs_at: dict[int, int]
+
+
+def _conv_group_positions(group: ChannelGroup, layer: str, dim: str, groups: int) -> dict[int, int] | None:
+    """Each root position of ``group`` -> the merged position of the channel ``layer`` holds it at along ``dim``:
+    channel c of conv group c // width at (c % width) * groups + c // width, so that the allocator's blocks (the same
+    position from each of ``width`` blocks) are whole conv groups. None where the layer does not hold the whole group
+    one channel per position."""
+    (member,) = [m for m in group.members if m.layer == layer and m.dim == dim] or [None]
+    if member is None or sorted(member.indices) != list(range(group.channels)) \
+            or sorted(member.root_indices) != list(range(group.channels)):
+        return None
+    width = group.channels // groups
+    return {root: (c % width) * groups + c // width for c, root in zip(member.indices, member.root_indices, strict=True)}
 
 
 def _split_blocks(item, channels: int) -> tuple[int, str]:
@@ -179,7 +205,45 @@ class DependencyGraph:
             for param in frozen:
                 param.requires_grad_(False)
         self.groups = [self._describe(i, g, ignore) for i, g in enumerate(raw_groups)]
+        self._whole_conv_groups: dict[int, WholeConvGroups] = {}
+        self._merge_conv_groups()
         self._pruned = False
+
+    def _merge_conv_groups(self) -> None:
+        """A grouped conv (not depthwise) that reads one prunable group and writes another loses whole conv groups:
+        the two become one group whose blocks are the conv's group width. Removing the same positions from every
+        conv group instead (what the two groups alone allow) leaves widths that runtimes' grouped kernels handle
+        badly: RegNetY-800MF, 16 channels a group, pruned that way to 0.7 of its MACs ran no faster on onnxruntime,
+        where its own narrower variant (fewer groups of 16) ran 1.35x faster."""
+        of_member = {(m.layer, m.dim): g for g in self.groups if g.prunable for m in g.members}
+        merged: dict[int, ChannelGroup] = {}
+        gone: set[int] = set()
+        for name, conv in self.model.named_modules():
+            if not _grouped_conv(conv) or conv.transposed or conv.in_channels != conv.out_channels:
+                continue
+            inputs, outputs = of_member.get((name, "in")), of_member.get((name, "out"))
+            if inputs is None or outputs is None or inputs is outputs \
+                    or {inputs.index, outputs.index} & (gone | set(merged)):
+                continue
+            members = (*inputs.members, *outputs.members)
+            if inputs.blocks != conv.groups or outputs.blocks != conv.groups \
+                    or any(m.layer != name and _channel_blocks(self.module(m.layer)) > 1 for m in members):
+                continue  # another grouped layer (a GroupNorm, a second grouped conv) has its own blocks
+            inputs_at = _conv_group_positions(inputs, name, "in", conv.groups)
+            outputs_at = _conv_group_positions(outputs, name, "out", conv.groups)
+            if inputs_at is None or outputs_at is None:
+                continue
+            merged[inputs.index] = ChannelGroup(
+                inputs.index, inputs.root, conv.out_channels, conv.out_channels // conv.groups,
+                tuple(Member(m.layer, m.dim, m.indices, tuple(at[r] for r in m.root_indices))
+                      for group, at in ((inputs, inputs_at), (outputs, outputs_at)) for m in group.members),
+                True, grouped_conv=name)
+            gone.add(outputs.index)
+            self._whole_conv_groups[inputs.index] = WholeConvGroups(name, inputs, outputs, inputs_at, outputs_at)
+        kept = [merged.get(g.index, g) for g in self.groups if g.index not in gone]
+        self.groups = [dataclasses.replace(g, index=i) for i, g in enumerate(kept)]  # numbered 0..n-1, as before
+        self._whole_conv_groups = {i: self._whole_conv_groups[g.index] for i, g in enumerate(kept)
+                                   if g.index in self._whole_conv_groups}
 
     def _note_outputs(self, output):
         """Remember where the traced output tensors come from: a group whose channels reach one of them must keep
@@ -278,6 +342,38 @@ class DependencyGraph:
             return self._names.get(consumer)
         return None
 
+    def _remove(self, root_layer: str, positions, keeping_inputs_of: nn.Module | None = None) -> None:
+        """Torch-Pruning's removal of one group's root positions; ``keeping_inputs_of``: a layer whose input channels
+        are left to the caller."""
+        root = self.module(root_layer)
+        pruner = self._graph.get_pruner_of_module(root)
+        items = self._graph.get_pruning_group(root, pruner.prune_out_channels, sorted(int(p) for p in positions))
+        if not self._graph.check_pruning_group(items):
+            raise ArchitectureError(f"removing {len(positions)} channels would empty a layer in group {root_layer}")
+        items._group = [item for item in items._group if item.dep.target.module is not keeping_inputs_of
+                        or self._graph.is_out_channel_pruning_fn(item.dep.handler)]
+        try:
+            items.prune(record_history=False)
+        except Exception as exc:  # a layer type whose removal Torch-Pruning gets wrong
+            raise ArchitectureError(
+                f"Torch-Pruning cannot remove channels of group {root_layer} ({type(exc).__name__}: "
+                f"{first_line(exc, 120)}); this architecture is not supported for pruning"
+            ) from exc
+
+    def _remove_conv_groups(self, whole: WholeConvGroups, positions: set[int]) -> None:
+        """Remove whole conv groups of ``whole.conv`` (merged positions): from the group it reads, all but its own
+        input channels (a conv group's weights read only its own inputs, so its weight's input dim stays); from the
+        group it writes, its output rows with the rest; then its groups and input count."""
+        conv = self.module(whole.conv)
+        groups, width = conv.groups, conv.out_channels // conv.groups
+        lost = {p % groups for p in positions}
+        if positions != {i * groups + q for q in lost for i in range(width)}:
+            raise ArchitectureError(f"{whole.conv} can lose only whole conv groups of {width} channels")
+        self._remove(whole.inputs.root, [r for r, p in whole.inputs_at.items() if p in positions], keeping_inputs_of=conv)
+        self._remove(whole.outputs.root, [r for r, p in whole.outputs_at.items() if p in positions])
+        conv.groups = groups - len(lost)
+        conv.in_channels = conv.groups * (conv.in_channels // groups)
+
     def prune(self, removal: Mapping[int, Sequence[int]]) -> None:
         """Remove the given root-channel positions of each group (by group index), in place.
 
@@ -293,18 +389,10 @@ class DependencyGraph:
             group = by_index[index]
             if not group.prunable:
                 raise ArchitectureError(f"group {group.root} cannot be pruned: {group.reason}")
-            root = self.module(group.root)
-            pruner = self._graph.get_pruner_of_module(root)
-            items = self._graph.get_pruning_group(root, pruner.prune_out_channels, sorted(int(p) for p in positions))
-            if not self._graph.check_pruning_group(items):
-                raise ArchitectureError(f"removing {len(positions)} channels would empty a layer in group {group.root}")
-            try:
-                items.prune()
-            except Exception as exc:  # a layer type whose removal Torch-Pruning gets wrong
-                raise ArchitectureError(
-                    f"Torch-Pruning cannot remove channels of group {group.root} ({type(exc).__name__}: "
-                    f"{first_line(exc, 120)}); this architecture is not supported for pruning"
-                ) from exc
+            if index in self._whole_conv_groups:
+                self._remove_conv_groups(self._whole_conv_groups[index], {int(p) for p in positions})
+            else:
+                self._remove(group.root, positions)
         for module in self.model.modules():
             sync = ATTRIBUTE_SYNC.get(f"{type(module).__module__}.{type(module).__qualname__}")
             if sync is not None:
