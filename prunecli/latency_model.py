@@ -333,14 +333,17 @@ def _next_request(steps: Sequence[Attempt], target: float) -> float:
     return last.requested * target / last.measured
 
 
-def correct_target(target: float, attempt: Callable[[float], tuple[float, float]], start: float, low: float,
-                   high: float, tolerance: float, iterations: int) -> tuple[int, list[Attempt]]:
+def correct_target(target: float, attempt: Callable[[float], tuple[float, float]], start: float | None, low: float,
+                   high: float, tolerance: float, iterations: int,
+                   known: Sequence[Attempt] | None = None) -> tuple[int, list[Attempt]]:
     """Ask the allocator for ``start``, measure, and correct the request until the measurement is within
     ``tolerance`` (a share of ``target``), ``iterations`` slim models were measured, or the next request
-    repeats one (it was clamped to [low, high]). ``high`` is the unpruned model's cost: asked for, it keeps every
-    channel and measures exactly that, a point the corrections use without timing it (a first attempt below the
-    target is bracketed at once, where a step in proportion went back to a nearly unpruned model: MobileNetV2 asked
-    for 0.6 of its time measured 0.35, then 0.98).
+    repeats one (it was clamped to [low, high]).
+
+    ``known``: attempts whose measurements the corrections use without timing them again; ``start`` None asks where
+    they point. By default the unpruned model at ``high``: asked for its own cost, it keeps every channel and
+    measures exactly that (a first attempt below the target is bracketed at once, where a step in proportion went
+    back to a nearly unpruned model: MobileNetV2 asked for 0.6 of its time measured 0.35, then 0.98).
 
     Args:
         attempt: requested cost -> (predicted cost of its plan, measured latency).
@@ -348,13 +351,14 @@ def correct_target(target: float, attempt: Callable[[float], tuple[float, float]
     Returns:
         The index of the attempt closest to the target, and every attempt.
     """
+    known = [Attempt(high, high, high)] if known is None else list(known)
     steps: list[Attempt] = []
-    requested = min(max(start, low), high)
+    requested = min(max(_next_request(known, target) if start is None else start, low), high)
     while True:
         steps.append(Attempt(requested, *attempt(requested)))
         if abs(steps[-1].measured / target - 1) <= tolerance or len(steps) >= iterations:
             break
-        requested = min(max(_next_request([Attempt(high, high, high), *steps], target), low), high)
+        requested = min(max(_next_request([*known, *steps], target), low), high)
         if any(math.isclose(requested, s.requested, rel_tol=1e-9) for s in steps):
             break
     best = min(range(len(steps)), key=lambda i: abs(steps[i].measured / target - 1))

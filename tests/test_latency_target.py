@@ -448,6 +448,30 @@ def test_an_unlucky_first_timing_does_not_keep_a_model_pruned_further_than_the_t
     assert record["slim_ms"] == steps[0]["again_ms"] and record["converged"]
 
 
+@pytest.mark.parametrize(("penalty", "table_attempts"), [(0.2, 5), (1.0, 0)])
+def test_a_table_that_mispredicts_the_model_hands_the_correction_to_macs(tmp_path, monkeypatch, penalty,
+                                                                         table_attempts):
+    """Layers timed alone get slower as they narrow (a tiny model at batch 1: per-layer overhead), while the whole
+    model's time falls with its parameters. A mild penalty: the table's plans measure 0.30-0.85 of the original for
+    requests of 0.62-0.79, none within 5% of 0.62 in five attempts; a strong one: the table sees no plan faster than
+    the original, and no table attempt is made. Either way the loop corrects on MACs, knowing every model timed
+    so far, and meets the target."""
+    import prunecli.pipeline.latency_target as latency_target
+
+    monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
+    _fake_timing(monkeypatch, lambda k, _: 1.0)
+    monkeypatch.setattr(latency_target, "layer_timer",
+                        lambda *args: lambda spec: 0.01 + penalty / (spec.in_channels * spec.out_channels))
+    result = prune_model(_latency_config(tmp_path, "0.62"))
+    record = result.latency_target
+    steps = record["iterations"]
+    on_table = [s for s in steps if s["corrected_on"] == "latency table"]
+    assert len(on_table) == table_attempts and all(abs(s["measured_ratio"] / 0.62 - 1) > 0.05 for s in on_table)
+    assert steps[table_attempts:] and all("requested_macs" in s for s in steps[table_attempts:])
+    assert record["converged"] and abs(record["measured_ratio"] / 0.62 - 1) <= 0.05
+    assert steps[record["chosen"]]["corrected_on"] == "MACs" and result.macs_kept < 0.5
+
+
 def test_the_correction_aims_inside_half_the_tolerance_and_keeps_a_model_within_it_either_side(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
     # the first slim model's first timing lands 4% above the target, inside the tolerance but not half of it; on

@@ -99,6 +99,14 @@ def test_latency_target_words_and_a_cache_path_that_stays_whole_at_80_columns():
     assert "batch 1, 4 threads)" in many.getvalue() and "after 3 slim models" in many.getvalue()
 
 
+def test_latency_target_rows_say_what_each_slim_model_was_planned_on():
+    record = _latency_record(1, 1, "/tmp/cache.json")
+    record["iterations"].append({"corrected_on": "MACs", "requested_macs": 8.35e6, "predicted_macs": 8.34e6,
+                                 "measured_ms": 0.49, "measured_ratio": 0.49, "macs": 8.34e6})
+    assert console.target_rows(record) == [("1 *", "0.500 ms", "0.500 ms", "0.510", "0.510", "15.00M"),
+                                           ("2", "8.35M MACs", "8.34M MACs", "0.490", "0.490", "8.34M")]
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_keeps_the_timm_extra_in_square_brackets(command):
     run = invoke(command, "--help")

@@ -48,11 +48,12 @@ class Planner:
     def cost_model(self, graph: DependencyGraph) -> CostModel:
         return CostModel(self.model, self.costs, graph.groups)
 
-    def plan(self, graph: DependencyGraph, latency: LatencyModel | None = None,
-             target: float | None = None) -> tuple[Plan, float]:
-        """The plan for the budget (or for ``target`` of ``latency``'s predicted ms) and the absolute target."""
-        return plan_pruning(self.budget, self.options, graph, self.cost_model(graph), self.scores, latency=latency,
-                            target=target, sensitivity=self.sensitivity)
+    def plan(self, graph: DependencyGraph, latency: LatencyModel | None = None, target: float | None = None,
+             budget: Budget | None = None) -> tuple[Plan, float]:
+        """The plan for the budget (or for ``target`` of ``latency``'s predicted ms, or of another ``budget``'s
+        cost) and the absolute target."""
+        return plan_pruning(budget or self.budget, self.options, graph, self.cost_model(graph), self.scores,
+                            latency=latency, target=target, sensitivity=self.sensitivity)
 
 
 def plan_rounded(planner: Planner, graph: DependencyGraph, tolerance: float = 0.005) -> tuple[Plan, float, int | None]:

@@ -209,9 +209,16 @@ def render_latency_target(record: dict[str, Any], console: Console) -> None:
 def target_rows(record: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row per slim model ``--latency-target`` measured (``TARGET_HEADER``'s columns), on the console and in
     the report file."""
-    return [(f"{i + 1}{' *' if i == record['chosen'] else ''}", f"{s['requested_ms']:.3f}", f"{s['predicted_ms']:.3f}",
-             f"{s['measured_ms']:.3f}", f"{s['measured_ratio']:.3f}", human(s["macs"]))
+    return [(f"{i + 1}{' *' if i == record['chosen'] else ''}", *_planned(s), f"{s['measured_ms']:.3f}",
+             f"{s['measured_ratio']:.3f}", human(s["macs"]))
             for i, s in enumerate(record["iterations"])]
+
+
+def _planned(step: dict[str, Any]) -> tuple[str, str]:
+    """What a slim model was planned at and its plan's predicted cost: ms on the latency table, else MACs."""
+    if "requested_macs" in step:
+        return f"{human(step['requested_macs'])} MACs", f"{human(step['predicted_macs'])} MACs"
+    return f"{step['requested_ms']:.3f} ms", f"{step['predicted_ms']:.3f} ms"
 
 
 def target_line(record: dict[str, Any]) -> str:
@@ -225,7 +232,7 @@ def target_line(record: dict[str, Any]) -> str:
             f"at {t['points']} channel counts: {c['measured']} timed now, {c['reused']} from the cache {c['path']}")
 
 
-TARGET_HEADER = ("slim model", "requested ms", "predicted ms", "measured ms", "of original", "MACs")
+TARGET_HEADER = ("slim model", "planned at", "predicted", "measured ms", "of original", "MACs")
 
 
 _SPARKS = "▁▂▃▄▅▆▇█"
