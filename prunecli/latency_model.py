@@ -170,9 +170,13 @@ def layer_tables(specs: Mapping[str, tuple[LayerSpec, int]], cost_model: CostMod
     """The (not yet timed) table of every timed layer, at its channel counts under ``keeps`` (the grid steps)."""
     dims = [cost_model.dims(keep) for keep in keeps]
     whole = {g.grouped_conv for g in cost_model.groups if g.grouped_conv}
-    return [table_grid(c.name, replace(spec, whole_groups=c.name in whole), calls, [d[1][row] for d in dims],
-                       [d[0][row] for d in dims])
-            for row, c in enumerate(cost_model.costs) if c.name in specs for spec, calls in [specs[c.name]]]
+    tables = []
+    for row, cost in enumerate(cost_model.costs):
+        if cost.name in specs:
+            spec, calls = specs[cost.name]
+            tables.append(table_grid(cost.name, replace(spec, whole_groups=cost.name in whole), calls,
+                                     [d[1][row] for d in dims], [d[0][row] for d in dims]))
+    return tables
 
 
 def timed(tables: Sequence[LayerTable], ms: Mapping[str, float]) -> list[LayerTable]:
@@ -317,7 +321,7 @@ def _next_request(steps: Sequence[Attempt], target: float) -> float:
     if below and above:
         low, high = max(below, key=lambda s: s.measured), min(above, key=lambda s: s.measured)
         near_low = last.measured < target
-        run = len(steps) - next((i + 1 for i, s in reversed(list(enumerate(steps))) if (s.measured < target) != near_low), 0)
+        run = next((i for i, s in enumerate(reversed(steps)) if (s.measured < target) != near_low), len(steps))
         miss_low, miss_high = target - low.measured, high.measured - target
         if near_low:
             miss_high *= 0.5 ** (run - 1)

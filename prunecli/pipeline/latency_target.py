@@ -66,26 +66,16 @@ def _table(planner: Planner, graph: DependencyGraph, options: LatencyOptions, de
     return timed(tables, cached.ms), keeps, key, cached
 
 
-def _least(planner: Planner, graph: DependencyGraph, budget: Budget) -> float:
-    """The least cost in ``budget``'s unit the allocator can plan: its most pruned plan's."""
+def _least(planner: Planner, graph: DependencyGraph, latency: LatencyModel | None = None,
+           budget: Budget | None = None) -> float | None:
+    """The least cost the allocator can plan (``latency``'s predicted ms, or in ``budget``'s unit): its most pruned
+    plan's (an allocation that weighs damage may stop short of the grid's floor; below it every request would
+    fail); None where the allocator does not say."""
     try:
-        plan, _ = planner.plan(graph, target=0.0, budget=budget)
+        plan, _ = planner.plan(graph, latency=latency, target=0.0, budget=budget)
     except BudgetError as exc:
-        if exc.least is not None:
-            return exc.least
-        raise
+        return exc.least
     return plan.cost
-
-
-def _floor(planner: Planner, graph: DependencyGraph, model: LatencyModel, keeps) -> float:
-    """The least latency the allocator can plan: its most pruned plan's prediction (an allocation that weighs
-    damage may stop short of the grid's floor; below it every request would fail)."""
-    try:
-        planner.plan(graph, latency=model, target=0.0)
-    except BudgetError as exc:
-        if exc.least is not None:
-            return exc.least
-    return model.predict(*planner.cost_model(graph).dims(keeps[-1]))
 
 
 def _out_of_reach(planner: Planner, options: LatencyOptions, ms: float, macs: int, target_ms: float,
@@ -133,7 +123,9 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
     (original_ms,) = meter()
     model = LatencyModel(tables, cost_model.costs, original_ms)
     target_ms = planner.budget.target(original_ms)
-    floor = _floor(planner, graph, model, keeps)
+    floor = _least(planner, graph, latency=model)
+    if floor is None:
+        floor = model.predict(*cost_model.dims(keeps[-1]))
     tried: dict[tuple, dict] = {}  # the same plan twice is measured once
     order: list[dict] = []  # the slim model of every attempt
 
@@ -176,8 +168,8 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
         # whose time does not follow the request): correct on MACs, knowing every model timed so far
         say("no slim model planned on the latency table met the target; correcting on MACs instead")
         macs_budget = Budget("macs", 0.0, absolute=True)
-        least = _least(planner, graph, macs_budget)
-        base = planner.cost_model(graph).base_macs
+        least = _least(planner, graph, budget=macs_budget) or 0.0
+        base = cost_model.base_macs
 
         def on_macs(requested: float) -> tuple[float, float]:
             plan, _ = planner.plan(graph, target=requested, budget=macs_budget)
