@@ -169,13 +169,12 @@ def layer_tables(specs: Mapping[str, tuple[LayerSpec, int]], cost_model: CostMod
                  keeps: Sequence[np.ndarray]) -> list[LayerTable]:
     """The (not yet timed) table of every timed layer, at its channel counts under ``keeps`` (the grid steps)."""
     dims = [cost_model.dims(keep) for keep in keeps]
-    whole = {g.grouped_conv for g in cost_model.groups if g.grouped_conv}
     tables = []
     for row, cost in enumerate(cost_model.costs):
         if cost.name in specs:
             spec, calls = specs[cost.name]
-            tables.append(table_grid(cost.name, replace(spec, whole_groups=cost.name in whole), calls,
-                                     [d[1][row] for d in dims], [d[0][row] for d in dims]))
+            spec = replace(spec, whole_groups=cost.name in cost_model.whole_group_convs)
+            tables.append(table_grid(cost.name, spec, calls, [d[1][row] for d in dims], [d[0][row] for d in dims]))
     return tables
 
 

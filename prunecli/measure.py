@@ -129,8 +129,9 @@ class CostModel:
         self._exact: list[tuple[str, int, int, np.ndarray]] = []  # see removing_in_order
         self._out0 = np.array([c.out_channels for c in costs], dtype=float)
         self._in0 = np.array([c.in_channels for c in costs], dtype=float)
-        whole = {g.grouped_conv for g in groups if g.grouped_conv}  # convs losing whole groups keep their width per group
-        depthwise = np.array([c.depthwise or c.name in whole for c in costs])
+        # grouped convs that lose whole conv groups keep their width per group, as depthwise ones do
+        self.whole_group_convs = {g.grouped_conv for g in groups if g.grouped_conv}
+        groups_follow = np.array([c.depthwise or c.name in self.whole_group_convs for c in costs])
         per_group_in = np.array([c.in_channels // c.groups for c in costs], dtype=float)
         kernel = np.array([math.prod(c.kernel) for c in costs], dtype=float)
         positions = np.array([c.positions for c in costs], dtype=float)
@@ -138,8 +139,8 @@ class CostModel:
         bias = np.array([c.params - c.out_channels * (c.in_channels // c.groups) * math.prod(c.kernel) for c in costs])
         # in/groups is fixed for depthwise convs and whole-group removal (in, out and groups shrink together); else
         # groups is fixed
-        self._in_scale = np.where(depthwise, 0.0, 1.0 / groups_arr)
-        self._in_fixed = np.where(depthwise, per_group_in, 0.0)
+        self._in_scale = np.where(groups_follow, 0.0, 1.0 / groups_arr)
+        self._in_fixed = np.where(groups_follow, per_group_in, 0.0)
         self._kernel_positions = kernel * positions
         self._kernel = kernel
         self._bias_per_out = np.where(self._out0 > 0, bias / self._out0, 0.0)

@@ -109,7 +109,6 @@ def test_plain_state_dict_pt_with_arch(tmp_path, r20, x28):
     assert_close(run(loaded.model, x28), run(r20, x28), rtol=0, atol=0)
 
 
-
 class _RandomProjection(nn.Module):
     """A layer whose non-persistent buffer comes from torch.nn.init: no checkpoint holds it."""
 
@@ -140,6 +139,7 @@ def test_state_dict_load_gives_every_parameter_the_file_value(tmp_path, r20):
     loaded = load_model(path, arch=R20)
     for name, value in r20.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
+
 
 def _prefixed(state, prefix):
     return {prefix + k: v for k, v in state.items()}

@@ -159,7 +159,6 @@ def test_a_depthwise_conv_is_a_line_over_its_channels():
     assert [(p.in_channels, p.out_channels, p.groups) for p in multiplier.points()] == [(3, 6, 3), (4, 8, 4)]
 
 
-
 def test_a_grouped_conv_losing_whole_groups_is_a_line_of_whole_groups():
     """RegNet's 3x3 conv, 64 -> 64 in groups of 16, pruned in whole conv groups: groups follow the channels."""
     conv = nn.Conv2d(64, 64, 3, padding=1, groups=4, bias=False)
@@ -186,6 +185,7 @@ def test_a_grouped_conv_losing_whole_groups_is_a_line_of_whole_groups():
     full_macs, _ = cost_model.evaluate(np.array([g.channels for g in graph.groups], dtype=float))
     half_macs, _ = cost_model.evaluate(half)
     assert full_macs - half_macs == 32 * 16 * 9 * 64 + 32 * 3 * 64 + 32 * 8 * 64  # conv "2", its reader and writer
+
 
 # ----------------------------------------------------------------------------- the cache
 

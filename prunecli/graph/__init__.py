@@ -131,10 +131,11 @@ def _conv_group_positions(group: ChannelGroup, layer: str, dim: str, groups: int
     channel c of conv group c // width at (c % width) * groups + c // width, so that the allocator's blocks (the same
     position from each of ``width`` blocks) are whole conv groups. None where the layer does not hold the whole group
     one channel per position."""
-    (member,) = [m for m in group.members if m.layer == layer and m.dim == dim] or [None]
-    if member is None or sorted(member.indices) != list(range(group.channels)) \
-            or sorted(member.root_indices) != list(range(group.channels)):
+    found = [m for m in group.members if m.layer == layer and m.dim == dim]
+    if len(found) != 1 or sorted(found[0].indices) != list(range(group.channels)) \
+            or sorted(found[0].root_indices) != list(range(group.channels)):
         return None
+    (member,) = found
     width = group.channels // groups
     return {root: (c % width) * groups + c // width for c, root in zip(member.indices, member.root_indices, strict=True)}
 

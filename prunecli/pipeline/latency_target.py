@@ -160,7 +160,12 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
         _, steps = correct_target(target_ms, on_table, target_ms, low, original_ms, target.tolerance / 2,
                                   target.iterations)
     limit = target_ms * (1 + target.tolerance)
-    floored = not steps or min(s.requested for s in steps) <= low * (1 + 1e-9)
+
+    def reached(steps: list[Attempt], floor: float) -> bool:
+        """Whether the corrections asked for the floor: below it every request would fail."""
+        return min(s.requested for s in steps) <= floor * (1 + 1e-9)
+
+    floored = not steps or reached(steps, low)
     corrected_on = ["latency table"] * len(steps)
     if min((miss(s.measured) for s in steps), default=math.inf) > target.tolerance:
         # the table's layers timed alone mispredict this model (a tiny one at batch 1: the sample MobileNetV2's table
@@ -179,7 +184,7 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
         low_macs = least + 0.01 * (base - least)
         _, more = correct_target(target_ms, on_macs, None, low_macs, base, target.tolerance / 2, target.iterations,
                                  known=known)
-        floored = min(s.requested for s in more) <= low_macs * (1 + 1e-9)
+        floored = reached(more, low_macs)
         steps, corrected_on = steps + more, corrected_on + ["MACs"] * len(more)
     candidates = list(tried.values())
     say(f"timing {plural(len(candidates), 'slim model')} again, each side by side with the original")
