@@ -167,7 +167,8 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
 
     floored = not steps or reached(steps, low)
     corrected_on = ["latency table"] * len(steps)
-    if min((miss(s.measured) for s in steps), default=math.inf) > target.tolerance:
+    left = target.iterations - len(steps)  # the slim models the corrections may still measure
+    if left and min((miss(s.measured) for s in steps), default=math.inf) > target.tolerance:
         # the table's layers timed alone mispredict this model (a tiny one at batch 1: the sample MobileNetV2's table
         # floor kept 60% of the MACs and measured 0.87 of the original, where 35% of the MACs measured 0.68; or plans
         # whose time does not follow the request): correct on MACs, knowing every model timed so far
@@ -182,8 +183,7 @@ def latency_plan(planner: Planner, graph: DependencyGraph, input_shape: tuple[in
 
         known = [Attempt(base, base, original_ms), *(Attempt(c["macs"], c["macs"], c["measured"]) for c in tried.values())]
         low_macs = least + 0.01 * (base - least)
-        _, more = correct_target(target_ms, on_macs, None, low_macs, base, target.tolerance / 2, target.iterations,
-                                 known=known)
+        _, more = correct_target(target_ms, on_macs, None, low_macs, base, target.tolerance / 2, left, known=known)
         floored = reached(more, low_macs)
         steps, corrected_on = steps + more, corrected_on + ["MACs"] * len(more)
     candidates = list(tried.values())
