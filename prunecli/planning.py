@@ -20,7 +20,7 @@ from prunecli.criteria.sfp import kernel_dispersion
 from prunecli.errors import BudgetError
 from prunecli.graph import ChannelGroup, DependencyGraph
 from prunecli.latency_model import LatencyModel
-from prunecli.layers import CONV_LINEAR
+from prunecli.layers import CONV_LINEAR, is_depthwise
 from prunecli.measure import CostModel, layer_costs
 from prunecli.runtime import model_device
 
@@ -73,11 +73,18 @@ def cost_function(budget_kind: str, evaluate: Callable[[np.ndarray], tuple[float
 
 def group_limits(options: PlanOptions, graph: DependencyGraph) -> dict[int, GroupLimits]:
     """What the allocator may do to each group under ``options``."""
-    return {
-        g.index: GroupLimits(g.channels, g.blocks, g.prunable, options.max_layer_ratio, options.multiple(g.channels),
-                             g.parts)
-        for g in graph.groups
-    }
+    limits = {}
+    for g in graph.groups:
+        multiple, narrow_step = options.multiple(g.channels)
+        limits[g.index] = GroupLimits(g.channels, g.blocks, g.prunable, options.max_layer_ratio, multiple, g.parts,
+                                      narrow_step, _writers(graph, g))
+    return limits
+
+
+def _writers(graph: DependencyGraph, group) -> int:
+    """The convs and linears that compute a group's channels: one per block adding to a residual stream; depthwise
+    convs and norms only carry them on."""
+    return sum(isinstance(m := graph.module(name), CONV_LINEAR) and not is_depthwise(m) for name in group.layers("out"))
 
 
 def plan_pruning(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunecli.allocate import GroupLimits, _quantise, allocate, lowest_positions, removal_order
+from prunecli.allocate import GroupLimits, _quantise, allocate, lowest_positions, removal_order, rounding_order
 from prunecli.errors import BudgetError
 
 
@@ -32,6 +32,13 @@ def channel_count(weights):
         (GroupLimits(10, round_to=8, max_ratio=0.5), [8, 10]),  # keeping all is always allowed
         (GroupLimits(16, round_to=32), [16]),
         (GroupLimits(16, prunable=False), [16]),
+        # --round-to auto on a 16-channel block: under one block, only counts up to half of it (a 12-channel conv
+        # runs no faster than a 16-channel one under onnxruntime)
+        (GroupLimits(16, round_to=16, narrow_step=4), [4, 8, 16]),
+        (GroupLimits(32, round_to=16, narrow_step=8), [8, 16, 32]),
+        (GroupLimits(48, round_to=16, narrow_step=8), [8, 16, 32, 48]),
+        (GroupLimits(24, round_to=16, narrow_step=4, max_ratio=0.5), [16, 24]),  # 12 would be over half a block
+        (GroupLimits(8, round_to=16, narrow_step=2), [2, 4, 6, 8]),
     ],
 )
 def test_allowed_keeps(limits, expected):
@@ -129,6 +136,19 @@ def test_uniform_reaches_a_linear_target_within_one_channel_step(fraction):
         assert len(removed) == c - plan.keep[g]
         kept = sorted(set(range(c)) - set(removed))
         assert scores[g][list(removed)].max() <= scores[g][kept].min()
+
+
+def test_a_coarse_multiple_rounds_residual_streams_up_and_narrows_single_layer_groups_first():
+    """Uniform at a ratio no multiple of 16 can hold: the stream four blocks write (group 0) keeps the multiple at or
+    above the ratio's width, and the plan reaches the target by narrowing the groups one conv writes."""
+    channels = {0: 32, 1: 32, 2: 32, 3: 32}
+    limits = {g: GroupLimits(c, round_to=16, narrow_step=8, writers=4 if g == 0 else 1) for g, c in channels.items()}
+    assert rounding_order(limits, [3, 0, 2, 1]) == [1, 2, 3, 0]
+    scores = {g: torch.arange(c, dtype=torch.float32) for g, c in channels.items()}
+    cost = channel_count(dict.fromkeys(channels, 1.0))
+    plan = allocate(scores, limits, cost, 0.7 * 128, "uniform")  # 22.4 channels a group
+    assert plan.keep == {0: 32, 1: 8, 2: 16, 3: 32}  # 88 channels, the nearest to 89.6 on the grid
+    assert plan.cost == 88 and plan.removed[1] == tuple(range(24))
 
 
 def test_uniform_respects_blocks_and_round_to():

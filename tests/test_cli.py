@@ -19,6 +19,7 @@ from prunecli.cli import app
 from prunecli.config import FASHION_MNIST_ROOT
 from prunecli.io.slim import load
 from prunecli.measure import totals
+from prunecli.pipeline.removal import ROUNDING_TOLERANCE
 from prunecli.samples import resnet20
 
 # Hand-computed for sample:resnet20 at 1x28x28 (conv + linear MACs, thop convention):
@@ -257,7 +258,7 @@ def test_prune_json(tmp_path, r20):
     result = invoke("prune", r20, "--arch", "sample:resnet20", "--flops-target", "0.5", "-o", output, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert abs(data["macs_kept"] - 0.5) <= 0.005
+    assert abs(data["macs_kept"] - 0.5) <= ROUNDING_TOLERANCE * 0.5  # the runtime's grid is coarse for ResNet-20
     assert data["before"] == {"params": R20_PARAMS, "macs": R20_MACS}
     assert data["after"]["macs"] == pytest.approx(R20_MACS * data["macs_kept"], rel=1e-12)
     assert data["method"] == "l1" and data["budget"]["kind"] == "macs" and data["budget"]["value"] == 0.5
@@ -271,7 +272,7 @@ def test_prune_json(tmp_path, r20):
 
 def test_quiet_prints_only_the_final_summary_line(tmp_path, r20):
     output = tmp_path / "slim.safetensors"
-    result = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "-o", output, "-q")
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "--round-to", "1", "-o", output, "-q")
     assert result.exit_code == 0, result.output
     assert result.stdout.count("\n") == 1 and result.stderr == ""
     assert result.stdout.startswith(f"{r20} -> {output}: MACs 31.02M -> ") and "% kept), params 272.19K -> " in result.stdout
@@ -300,7 +301,7 @@ def test_progress_in_a_pipe_is_one_plain_line_per_stage_and_silent_with_quiet_or
 
 def test_prune_text_then_analyze_the_slim_file(tmp_path, r20):
     output = tmp_path / "slim.safetensors"
-    result = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "-o", output)
+    result = invoke("prune", r20, "--arch", "sample:resnet20", "--ratio", "0.25", "--round-to", "1", "-o", output)
     assert result.exit_code == 0, result.output
     assert "summary" in result.stdout and "method l1" in " ".join(result.stdout.split())
     again = invoke("analyze", output, "--json")
@@ -570,8 +571,8 @@ R20_QUARTER = {
 
 
 def _prune_with_report(folder, model, report, *extra):
-    return invoke("prune", model, "--arch", "sample:resnet20", "--ratio", "0.25", "-o", folder / "slim.safetensors",
-                  "--report", report, *extra)
+    return invoke("prune", model, "--arch", "sample:resnet20", "--ratio", "0.25", "--round-to", "1",
+                  "-o", folder / "slim.safetensors", "--report", report, *extra)
 
 
 def test_json_report_has_the_numbers_of_the_prune_result(tmp_path, r20):

@@ -307,8 +307,8 @@ def test_prune_random_cnn(factory, spec, budget, method, allocation, seed):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
         output = Path(folder) / "slim.safetensors"
         config = PruneConfig(ModelSource(source, factory, {"spec": spec}, INPUT_SHAPE), parse_budget("macs", str(budget)),
-                             scoring=ScoringOptions(method), plan=PlanOptions(allocation), output=OutputOptions(output),
-                             run=RunOptions(seed=seed))
+                             scoring=ScoringOptions(method), plan=PlanOptions(allocation, round_to=1),
+                             output=OutputOptions(output), run=RunOptions(seed=seed))
 
         # what the allocator works from, built independently of prune_model
         loaded = open_model(config.source)

@@ -16,6 +16,7 @@ from prunecli.budget import parse_budget
 from prunecli.config import DataOptions, ModelSource, OutputOptions, PruneConfig, ScoreConfig, ScoringOptions
 from prunecli.criteria import get_criterion, list_criteria
 from prunecli.errors import DataError, OptionError
+from prunecli.pipeline.removal import ROUNDING_TOLERANCE
 from prunecli.samples import resnet20
 
 MODELS = {
@@ -58,7 +59,7 @@ def _config(key: str, files, method: str, tmp_path: Path, **extra) -> PruneConfi
 def test_every_criterion_prunes_to_budget(key, method, files, tmp_path):
     config = _config(key, files, method, tmp_path)
     result = prune_model(config)
-    assert abs(result.macs_kept - 0.5) <= 0.005
+    assert abs(result.macs_kept - 0.5) <= ROUNDING_TOLERANCE * 0.5  # the runtime's grid is coarse for ResNet-20
     assert result.channels_removed > 0
     slim = load(config.output.path)
     shape = MODELS[key][1]

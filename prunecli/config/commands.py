@@ -148,9 +148,10 @@ class PlanOptions(JsonConfig):
         round_to: channel counts kept at multiples of this; None ("auto"): the channel block of the runtime the
             model will run on (``prune`` resolves it, see :func:`prunecli.runtime.channel_block`).
         ignore: globs of layer names whose output channels stay.
-        narrow_groups: with ``round_to`` from "auto", a group narrower than four blocks rounds to the largest
-            power of two up to a quarter of its width instead (a 16-channel group keeps multiples of 4), so the
-            narrow early layers of small models are not left unprunable or cut in halves.
+        narrow_groups: with ``round_to`` from "auto", a group narrower than four blocks may also keep up to half a
+            block in multiples of the largest power of two up to a quarter of its width (a 16-channel group keeps 16,
+            8 or 4), so the narrow early layers of small models are not left unprunable; not 12: a conv with fewer
+            input channels than the block runs on another onnxruntime kernel, 12 channels slower than 16.
     """
 
     allocation: str | None = None
@@ -159,12 +160,13 @@ class PlanOptions(JsonConfig):
     ignore: tuple[str, ...] = ()
     narrow_groups: bool = False
 
-    def multiple(self, channels: int) -> int:
-        """The channel multiple a group of ``channels`` keeps (1 while ``round_to`` is unresolved)."""
+    def multiple(self, channels: int) -> tuple[int, int]:
+        """The channel multiple a group of ``channels`` keeps (1 while ``round_to`` is unresolved), and the finer one
+        its counts up to half of that multiple may take (0: none)."""
         multiple = self.round_to or 1
         if self.narrow_groups and channels < 4 * multiple:
-            return 1 << max(0, (channels // 4).bit_length() - 1)
-        return multiple
+            return multiple, 1 << max(0, (channels // 4).bit_length() - 1)
+        return multiple, 0
 
     def __post_init__(self):
         check([

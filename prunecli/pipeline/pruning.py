@@ -17,6 +17,7 @@ from prunecli.io.formats import LoadedModel
 from prunecli.pipeline.opening import Profile, labelled_images, load_images
 from prunecli.pipeline.recovery import check_recalibration, edp_step, reconstruct_layers, soft_prune_step
 from prunecli.pipeline.removal import (
+    ROUNDING_TOLERANCE,
     Planner,
     Removed,
     measure_sensitivity,
@@ -48,14 +49,14 @@ class Removal:
 
 def resolve_rounding(config: PruneConfig) -> tuple[PruneConfig, str | None]:
     """``--round-to auto``: the channel multiple of the runtime the model will run on (onnxruntime on this CPU, or
-    torch on CUDA for a latency target measured there), narrow groups at a quarter of their width; with the note
-    that says so. A given ``--round-to N`` stays as it is."""
+    torch on CUDA for a latency target measured there), narrow groups also under half of it at a quarter of their
+    width; with the note that says so. A given ``--round-to N`` stays as it is."""
     if config.plan.round_to is not None:
         return config, None
     block, why = channel_block(config.run.device, config.latency.runtime)
     plan = dataclasses.replace(config.plan, round_to=block, narrow_groups=True)
     note = (f"channel counts kept at multiples of {block}: {why} (--round-to auto; --round-to N overrides); groups "
-            f"narrower than {4 * block} channels keep multiples of a quarter of their width")
+            f"narrower than {4 * block} channels may also keep up to {block // 2} in multiples of a quarter of their width")
     return dataclasses.replace(config, plan=plan), note
 
 
@@ -132,7 +133,7 @@ def plan_and_remove(config: PruneConfig, planner: Planner, graph: DependencyGrap
         plan, target, coarser = plan_rounded(planner, graph)
         if coarser:
             records["rounding"] = {"round_to": planner.options.round_to, "instead_of": coarser}
-            notes.append(f"multiples of {coarser} channels could not meet the budget within 0.5%: rounded to multiples of "
-                         f"{planner.options.round_to} instead")
+            notes.append(f"multiples of {coarser} channels could not meet the budget within {ROUNDING_TOLERANCE:.0%}: "
+                         f"rounded to multiples of {planner.options.round_to} instead")
     say("removing channels")
     return remove_until_it_runs(planner, remove(graph, plan, target), say)

@@ -27,6 +27,9 @@ from prunecli.runtime import time_limit
 Say = Callable[[str], None]
 Sensitivity = dict[int, tuple[np.ndarray, np.ndarray]]
 MAX_HOLDS = 8  # module types whose channels may be held before a model that still fails is refused
+# How far from the budget a plan on the runtime's channel multiple may land before the multiple is halved: a
+# multiple that is not the runtime's block costs more time than the MACs it saves (docs/benchmarks.md)
+ROUNDING_TOLERANCE = 0.02
 
 
 @dataclass
@@ -56,14 +59,14 @@ class Planner:
                             latency=latency, target=target, sensitivity=self.sensitivity)
 
 
-def plan_rounded(planner: Planner, graph: DependencyGraph, tolerance: float = 0.005) -> tuple[Plan, float, int | None]:
+def plan_rounded(planner: Planner, graph: DependencyGraph) -> tuple[Plan, float, int | None]:
     """The plan for the budget. With ``--round-to auto``, a channel multiple so coarse that the plan misses the
-    budget by more than ``tolerance`` of the target (the narrow layers of small models) is halved until it does
-    not, down to 1; ``planner.options`` keeps the multiple used. Returns the plan, the target and the multiple
-    given up, if any."""
+    budget by more than ``ROUNDING_TOLERANCE`` of the target is halved until it does not, down to 1;
+    ``planner.options`` keeps the multiple used. Returns the plan, the target and the multiple given up, if any."""
     plan, target = planner.plan(graph)
     coarser = None
-    while planner.options.narrow_groups and planner.options.round_to > 1 and abs(plan.cost - target) > tolerance * target:
+    while (planner.options.narrow_groups and planner.options.round_to > 1
+           and abs(plan.cost - target) > ROUNDING_TOLERANCE * target):
         coarser = coarser or planner.options.round_to
         planner.options = dataclasses.replace(planner.options, round_to=planner.options.round_to // 2)
         plan, target = planner.plan(graph)
