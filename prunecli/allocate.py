@@ -33,7 +33,7 @@ class GroupLimits:
     round_to: int = 1
     parts: tuple[tuple[int, ...], ...] = ()  # positions held by one layer each (ChannelGroup.parts): one stays
     narrow_step: int = 0  # kept counts up to half a ``round_to`` also allowed at multiples of this (0: none)
-    writers: int = 1  # layers that write the group's channels (a residual stream: several); see rounding_order
+    writers: int = 1  # non-depthwise convs and linears writing its channels (a residual stream: several); rounding_order
 
     def allowed_keeps(self) -> np.ndarray:
         """Kept counts this group may end with, ascending."""

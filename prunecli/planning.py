@@ -75,7 +75,7 @@ def group_limits(options: PlanOptions, graph: DependencyGraph) -> dict[int, Grou
     """What the allocator may do to each group under ``options``."""
     limits = {}
     for g in graph.groups:
-        multiple, narrow_step = options.multiple(g.channels)
+        multiple, narrow_step = options.channel_grid(g.channels)
         limits[g.index] = GroupLimits(g.channels, g.blocks, g.prunable, options.max_layer_ratio, multiple, g.parts,
                                       narrow_step, _writers(graph, g))
     return limits

@@ -37,9 +37,9 @@ def test_the_channel_block_is_the_cpu_simd_width_in_floats(monkeypatch, flags, d
 @pytest.mark.parametrize("channels, narrow_step", [(3, 1), (8, 2), (16, 4), (24, 4), (32, 8), (63, 8), (64, 0),
                                                    (96, 0), (320, 0)])
 def test_auto_lets_narrow_groups_go_under_one_block_by_a_quarter_of_their_width(channels, narrow_step):
-    assert PlanOptions(round_to=16, narrow_groups=True).multiple(channels) == (16, narrow_step)
-    assert PlanOptions(round_to=16).multiple(channels) == (16, 0)  # a given --round-to holds for every group
-    assert PlanOptions().multiple(channels) == (1, 0)  # unresolved: no rounding
+    assert PlanOptions(round_to=16, narrow_groups=True).channel_grid(channels) == (16, narrow_step)
+    assert PlanOptions(round_to=16).channel_grid(channels) == (16, 0)  # a given --round-to holds for every group
+    assert PlanOptions().channel_grid(channels) == (1, 0)  # unresolved: no rounding
 
 
 def test_prune_rounds_to_the_runtime_block_by_default_and_records_it(tmp_path, monkeypatch):
@@ -54,7 +54,7 @@ def test_prune_rounds_to_the_runtime_block_by_default_and_records_it(tmp_path, m
     rounded = PlanOptions(round_to=16, narrow_groups=True)
     for layer in result.layers:
         if layer.out_after != layer.out_before:  # a multiple of the block, or up to half a block on a narrow grid
-            _, narrow_step = rounded.multiple(layer.out_before)
+            _, narrow_step = rounded.channel_grid(layer.out_before)
             assert layer.out_after % 16 == 0 or (layer.out_after <= 8 and layer.out_after % narrow_step == 0), layer
     assert abs(result.macs_kept - 0.5) < 0.005
 

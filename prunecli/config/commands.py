@@ -160,7 +160,7 @@ class PlanOptions(JsonConfig):
     ignore: tuple[str, ...] = ()
     narrow_groups: bool = False
 
-    def multiple(self, channels: int) -> tuple[int, int]:
+    def channel_grid(self, channels: int) -> tuple[int, int]:
         """The channel multiple a group of ``channels`` keeps (1 while ``round_to`` is unresolved), and the finer one
         its counts up to half of that multiple may take (0: none)."""
         multiple = self.round_to or 1
