@@ -459,7 +459,7 @@ def test_a_table_that_mispredicts_the_model_hands_the_correction_to_macs(tmp_pat
     model's time falls with its parameters. A strong penalty: the table's fastest plan measures 0.79 of the
     original, the correction asks for it again and stops; a stronger one: the table sees no plan faster than the
     original, and no table attempt is made. Either way the loop corrects on MACs with the slim models left of the
-    five, knowing every model timed so far, and meets the target."""
+    seven, knowing every model timed so far, and meets the target."""
     import prunecli.pipeline.latency_target as latency_target
 
     monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
@@ -472,7 +472,7 @@ def test_a_table_that_mispredicts_the_model_hands_the_correction_to_macs(tmp_pat
     on_table = [s for s in steps if s["corrected_on"] == "latency table"]
     assert len(on_table) == table_attempts and all(abs(s["measured_ratio"] / 0.62 - 1) > 0.05 for s in on_table)
     assert steps[table_attempts:] and all("requested_macs" in s for s in steps[table_attempts:])
-    assert len(steps) <= 5  # LatencyTarget.iterations: whole slim models measured at most, on both
+    assert len(steps) <= LatencyTarget().iterations  # whole slim models measured at most, on both
     assert record["converged"] and abs(record["measured_ratio"] / 0.62 - 1) <= 0.05
     assert steps[record["chosen"]]["corrected_on"] == "MACs" and result.macs_kept < 0.5
 
