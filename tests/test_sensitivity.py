@@ -13,7 +13,7 @@ import torchvision
 from rich.console import Console
 from typer.testing import CliRunner
 
-from prunecli.allocate import GroupLimits, _tradeoff, allocate, lowest_positions
+from prunecli.allocate import GroupLimits, _nudged, _tradeoff, allocate, lowest_positions
 from prunecli.cli import app
 from prunecli.errors import BudgetError
 from prunecli.graph import DependencyGraph
@@ -126,6 +126,23 @@ def test_sensitivity_allocation_minimises_damage_per_unit_of_cost(target, keep):
     plan = allocate(scores, limits, linear_cost({0: 10, 1: 1}), target, "sensitivity", sensitivity=CURVES)
     assert dict(plan.keep) == keep and plan.cost == target
     assert plan.removed.get(0, ()) == tuple(sorted([1, 3, 2, 0][: 4 - keep[0]]))  # lowest scores first
+
+
+@pytest.mark.parametrize(("target", "keep"), [(27, {0: 3, 1: 2}), (23.5, {0: 2, 1: 3})])
+def test_a_plan_off_the_target_moves_only_where_that_adds_no_damage(target, keep):
+    """Between the plans at 32 (3, 2) and 22 (2, 2): for 27 the knob's 32 stays (narrowing group 1 to 31 is nearer
+    but adds 0.03 of damage, which a nudge in group order took); for 23.5 the nearer 22 widens group 1 to 23, which
+    removes 0.01."""
+    limits = {g: GroupLimits(4, max_ratio=0.75) for g in (0, 1)}
+    scores = {g: torch.tensor([0.4, 0.1, 0.3, 0.2]) for g in (0, 1)}
+    cost = linear_cost({0: 10, 1: 1})
+    plan = allocate(scores, limits, cost, target, "sensitivity", sensitivity=CURVES)
+    assert dict(plan.keep) == keep and plan.cost == cost(keep)
+    allowed = {g: np.array([1, 2, 3, 4]) for g in (0, 1)}
+    damage = {g: CURVES[g][1] for g in (0, 1)}
+    assert _nudged(keep, allowed, cost, target, [0, 1], damage) == keep
+    if target == 27:  # without the damage, the same plan is nudged to 31
+        assert _nudged(keep, allowed, cost, target, [0, 1]) == {0: 3, 1: 1}
 
 
 def test_a_group_that_jumps_past_widths_still_meets_the_budget():
