@@ -29,6 +29,7 @@ CALIB = f"{SAMPLES}/fmnist_calib.safetensors"
 # what stands in for the files a reader supplies, per command (keyed by the command's output); the README quotes these
 STAND_INS: dict[str, list[dict[str, str]]] = {
     "resnet50-slim.safetensors": [{"resnet50.pt": "resnet50.pt"}],  # made here: torchvision's, random weights
+    "yolov8n-slim.pt": [{"yolov8n.pt": "yolov8n.pt"}],  # made here: Ultralytics' YOLOv8n from its yaml
     "model-slim.safetensors": [{"model.safetensors": RESNET20, "calibration-images/": "fashion-mnist:train"},
                                {"model.safetensors": MOBILENETV2, "calibration-images/": "fashion-mnist:train"}],
     "model-sensitivity.safetensors": [{"model.safetensors": MOBILENETV2, "calibration-images/": CALIB}],
@@ -91,8 +92,10 @@ def main() -> None:
         (work / SAMPLES).symlink_to(ROOT / SAMPLES)
         import torch
         import torchvision
+        from ultralytics import YOLO  # the [yolo] extra
 
         torch.save(torchvision.models.resnet50(weights=None).state_dict(), work / "resnet50.pt")
+        YOLO("yolov8n.yaml").save(work / "yolov8n.pt")  # as Ultralytics writes it; random weights, nothing downloaded
         print("| example | stand-ins | exit | s | summary | top-1 (Fashion-MNIST test) |")
         print("|---|---|---|---|---|---|")
         for label, command in runnable(readme, args.with_edp):
