@@ -231,17 +231,17 @@ def _nudged(keep: dict[int, int], allowed: Mapping[int, np.ndarray], total, targ
     Where one group's step is coarse (a ViT's embedding width narrows every block at once: 1% of the MACs per channel
     of timm's test_vit), the plan the knob gives can miss by more than the budget's tolerance; the other groups'
     finer steps make up the rest. Each stays within ``NUDGE_REACH`` of its choices (at least one step) of the width
-    the knob gave it, so the allocation keeps its character; groups move in ``order``. With each group's measured
-    ``damage`` at its allowed widths (``sensitivity``), only moves that add none, the one that removes the most
-    first: the knob's plan is the least damage for its cost, and on a channel multiple of 16 any narrowing to land
-    0.5 pp nearer the target cost the sample MobileNetV2 1-5 points of top-1 (docs/benchmarks.md)."""
+    the knob gave it, so the allocation keeps its character; groups move in ``order``. Given each group's measured
+    ``damage`` at its allowed widths (``sensitivity``), a move must add no damage, and the one that removes the most
+    goes first: the knob's plan is the least damage for its cost, and on a channel multiple of 16 any narrowing to
+    land 0.5 pp nearer the target cost the sample MobileNetV2 1-5 points of top-1 (docs/benchmarks.md)."""
     home = {g: int(np.searchsorted(allowed[g], k)) for g, k in keep.items()}
     reach = {g: max(1, int(NUDGE_REACH * len(allowed[g]))) for g in keep}
     best_gap = abs(total(keep) - target)
     improved = True
     while improved:
         improved = False
-        moves = []
+        moves = []  # with damage: every move that nears the target without adding damage
         for g in order:
             position = int(np.searchsorted(allowed[g], keep[g]))
             for step in (position - 1, position + 1):
@@ -249,7 +249,7 @@ def _nudged(keep: dict[int, int], allowed: Mapping[int, np.ndarray], total, targ
                     trial = {**keep, g: int(allowed[g][step])}
                     gap = abs(total(trial) - target)
                     if gap < best_gap * (1 - 1e-9):
-                        if damage is None:
+                        if damage is None:  # the first move in order is taken at once
                             keep, best_gap, improved = trial, gap, True
                         elif damage[g][step] <= damage[g][position]:
                             moves.append((damage[g][step] - damage[g][position], gap, trial))
