@@ -146,6 +146,7 @@ def allocate(
     candidates = [g for g in scores if limits[g].prunable and len(limits[g].allowed_keeps()) > 1]
     allowed = {g: limits[g].allowed_keeps() for g in candidates}
     fixed = {g: lim.channels for g, lim in limits.items()}
+    damage = None  # per group, the measured damage at each allowed width (sensitivity only)
 
     if allocation == "uniform":
         def keep_at(r: float) -> dict[int, int]:
@@ -178,9 +179,10 @@ def allocate(
         if sensitivity is None:
             raise BudgetError("sensitivity allocation needs each group's measured damage: pass --data")
         tradeoffs = {g: _tradeoff(allowed[g], *sensitivity[g], g, fixed, cost) for g in candidates}
+        damage = {g: hurt for g, (hurt, _) in tradeoffs.items()}
 
         def keep_at(rate: float) -> dict[int, int]:
-            return {g: _least_total(allowed[g], damage, spent, rate) for g, (damage, spent) in tradeoffs.items()}
+            return {g: _least_total(allowed[g], hurt, spent, rate) for g, (hurt, spent) in tradeoffs.items()}
         high = max((_steepest(*t) for t in tradeoffs.values()), default=0.0) * (1 + 1e-6) + 1e-12
     else:
         raise BudgetError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
@@ -204,7 +206,6 @@ def allocate(
     order = rounding_order(limits, candidates)
     keep = _closest_between(keep_at(low_knob), keep_at(high_knob), allowed, total, target, order)
     if abs(total(keep) - target) > NUDGE_ABOVE * target:
-        damage = {g: tradeoffs[g][0] for g in candidates} if allocation == "sensitivity" else None
         keep = _nudged(keep, allowed, total, target, order, damage)
     return _plan(keep, scores, limits, total(keep), high_knob)
 
